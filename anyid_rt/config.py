@@ -1,0 +1,180 @@
+"""Typed configuration for every network, with named presets.
+
+`wan2.2-ti2v-5b` is the released model (facts in shared/reference/wan22-ti2v-5b.md); `tiny` uses the same
+classes at small widths with random weights so that everything runs in seconds on a CPU. Each dataclass
+validates itself on construction, so a bad value fails where it is written, not deep inside a forward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+PRESETS = ("wan2.2-ti2v-5b", "tiny")
+
+# Per-channel latent statistics of the Wan2.2 VAE (vae2_2.py; identical in diffusers' vae22 config).
+WAN22_LATENTS_MEAN = (
+    -0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557, -0.1382, 0.0542, 0.2813, 0.0891,
+    0.1570, -0.0098, 0.0375, -0.1825, -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
+    -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230, -0.0313, -0.1649, 0.0117, 0.0723,
+    -0.2839, -0.2083, -0.0520, 0.3748, 0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667,
+)
+WAN22_LATENTS_STD = (
+    0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013, 0.8158, 1.0344, 0.5894, 1.0901,
+    0.6885, 0.6165, 0.8454, 0.4978, 0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+    0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093, 0.5709, 0.6065, 0.6415, 0.4944,
+    0.5726, 1.2042, 0.5458, 1.6887, 0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744,
+)
+
+
+def _check_preset(name: str) -> None:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """The Wan2.2 DiT (`WanModel`, model_type ti2v)."""
+
+    dim: int = 3072
+    ffn_dim: int = 14336
+    freq_dim: int = 256  # width of the sinusoidal timestep embedding
+    num_heads: int = 24
+    num_layers: int = 30
+    in_dim: int = 48  # latent channels
+    out_dim: int = 48
+    patch_size: tuple[int, int, int] = (1, 2, 2)  # (t, h, w)
+    text_len: int = 512  # the context is zero-padded to this many rows
+    text_dim: int = 4096
+    eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_max_positions: int = 1024  # RoPE tables cover positions 0..1023 per axis
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, int) and v <= 0:
+                raise ValueError(f"DiTConfig.{f.name} must be positive, got {v}")
+        if self.dim % self.num_heads:
+            raise ValueError(f"DiTConfig.dim={self.dim} must be divisible by num_heads={self.num_heads}")
+        if self.head_dim % 2 or self.head_dim < 6:
+            raise ValueError(f"head_dim={self.head_dim} must be even and >= 6 for the 3-axis RoPE")
+        if self.freq_dim % 2:
+            raise ValueError(f"DiTConfig.freq_dim={self.freq_dim} must be even")
+        if len(self.patch_size) != 3:
+            raise ValueError(f"DiTConfig.patch_size must be (t, h, w), got {self.patch_size}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def rope_split(self) -> tuple[int, int, int]:
+        """Complex pairs per head for (frame, height, width): [c - 2(c//3), c//3, c//3] with c = head_dim/2."""
+        c = self.head_dim // 2
+        return (c - 2 * (c // 3), c // 3, c // 3)
+
+    @property
+    def patch_numel(self) -> int:
+        return self.patch_size[0] * self.patch_size[1] * self.patch_size[2]
+
+    @classmethod
+    def preset(cls, name: str) -> "DiTConfig":
+        _check_preset(name)
+        if name == "tiny":
+            return cls(dim=64, ffn_dim=128, freq_dim=32, num_heads=2, num_layers=2, text_dim=32)
+        return cls()
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """The Wan2.2 VAE (`Wan2_2_VAE`): 16x spatial, 4x temporal compression, 48 latent channels."""
+
+    z_dim: int = 48
+    base_dim: int = 160  # encoder width; stages use base_dim * dim_mult
+    decoder_base_dim: int = 256
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    temporal_downsample: tuple[bool, ...] = (False, True, True)
+    in_channels: int = 3
+    patch_size: int = 2  # pixel patchify before the encoder (3 -> 12 channels)
+    latents_mean: tuple[float, ...] = WAN22_LATENTS_MEAN
+    latents_std: tuple[float, ...] = WAN22_LATENTS_STD
+
+    def __post_init__(self) -> None:
+        for name in ("z_dim", "base_dim", "decoder_base_dim", "num_res_blocks", "in_channels", "patch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"VAEConfig.{name} must be positive, got {getattr(self, name)}")
+        if len(self.temporal_downsample) != len(self.dim_mult) - 1:
+            raise ValueError(
+                f"VAEConfig.temporal_downsample needs {len(self.dim_mult) - 1} flags (one per down stage), "
+                f"got {len(self.temporal_downsample)}")
+        if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
+            raise ValueError(f"VAEConfig.latents_mean/std need {self.z_dim} values each, got "
+                             f"{len(self.latents_mean)}/{len(self.latents_std)}")
+        if any(s <= 0 for s in self.latents_std):
+            raise ValueError("VAEConfig.latents_std must be positive")
+
+    @property
+    def spatial_compression(self) -> int:
+        return self.patch_size * 2 ** (len(self.dim_mult) - 1)
+
+    @property
+    def temporal_compression(self) -> int:
+        return 2 ** sum(self.temporal_downsample)
+
+    @classmethod
+    def preset(cls, name: str) -> "VAEConfig":
+        _check_preset(name)
+        if name == "tiny":
+            return cls(base_dim=8, decoder_base_dim=16, num_res_blocks=1)
+        return cls()
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    """umT5-XXL encoder (transformers `UMT5EncoderModel`); the tiny preset is a random tiny umT5."""
+
+    vocab_size: int = 256384
+    dim: int = 4096
+    dim_kv: int = 64
+    num_heads: int = 64
+    dim_ffn: int = 10240
+    num_layers: int = 24
+    num_buckets: int = 32
+    max_distance: int = 128
+    text_len: int = 512  # tokenizer max_length; the output is trimmed to the real length
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if getattr(self, f.name) <= 0:
+                raise ValueError(f"TextEncoderConfig.{f.name} must be positive, got {getattr(self, f.name)}")
+
+    @classmethod
+    def preset(cls, name: str) -> "TextEncoderConfig":
+        _check_preset(name)
+        if name == "tiny":
+            return cls(vocab_size=512, dim=32, dim_kv=8, num_heads=4, dim_ffn=64, num_layers=2)
+        return cls()
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """All three networks of one preset; the text encoder's width must feed the DiT's text_dim."""
+
+    dit: DiTConfig = field(default_factory=DiTConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+
+    def __post_init__(self) -> None:
+        if self.text.dim != self.dit.text_dim:
+            raise ValueError(f"text encoder width {self.text.dim} != DiT text_dim {self.dit.text_dim}")
+        if self.vae.z_dim != self.dit.in_dim or self.vae.z_dim != self.dit.out_dim:
+            raise ValueError(f"VAE z_dim {self.vae.z_dim} must equal the DiT in_dim/out_dim "
+                             f"({self.dit.in_dim}/{self.dit.out_dim})")
+
+    @classmethod
+    def preset(cls, name: str) -> "ModelConfig":
+        return cls(DiTConfig.preset(name), VAEConfig.preset(name), TextEncoderConfig.preset(name))
+
+
+__all__ = ["PRESETS", "DiTConfig", "VAEConfig", "TextEncoderConfig", "ModelConfig", "replace",
+           "WAN22_LATENTS_MEAN", "WAN22_LATENTS_STD"]

@@ -1,0 +1,48 @@
+"""Kernels of the DiT, each op file holding its Triton kernel, launcher and plain-PyTorch reference.
+
+The implementation is chosen once, when a model is built (`dit_ops(backend)`), never per call: the torch
+references are the CPU path, the export path and the test oracle; the Triton kernels are the CUDA path.
+An unsupported combination raises an error that names the fix; nothing falls back silently.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def resolve_backend(backend: str, device: torch.device | str | None) -> str:
+    """Map "auto" to "triton" on CUDA and "torch" elsewhere; validate explicit choices."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if backend == "auto":
+        return "triton" if dev.type == "cuda" else "torch"
+    return backend
+
+
+@dataclass(frozen=True)
+class DiTOps:
+    """The ops a DiT forward calls; one instance per model, picked at construction."""
+
+    backend: str
+    attention: Callable  # (q, k, v, rope_q, rope_k) -> out, [B, L, H, D]
+    layernorm_modulate: Callable  # (x, shift, scale, seg_lens, eps, out_dtype) -> [B, L, D]
+    gated_residual: Callable  # (residual, y, gate, seg_lens) -> residual + y * gate (fp32)
+    rms_norm: Callable  # (x, weight, eps) -> x / rms(x) * weight
+    layer_norm: Callable  # (x, weight, bias, eps) -> affine LayerNorm computed in fp32
+
+
+def dit_ops(backend: str) -> DiTOps:
+    from . import attention, modulation, norm
+
+    if backend == "torch":
+        return DiTOps("torch", attention.attention_ref, modulation.layernorm_modulate_ref,
+                      modulation.gated_residual_ref, norm.rms_norm_ref, norm.layer_norm_ref)
+    if backend == "triton":
+        return DiTOps("triton", attention.attention, modulation.layernorm_modulate,
+                      modulation.gated_residual, norm.rms_norm, norm.layer_norm)
+    raise ValueError(f"dit_ops needs a resolved backend ('torch' or 'triton'), got {backend!r}")

@@ -1,0 +1,31 @@
+from setuptools import setup
+
+# One import namespace: kernels/, export/ and trainer/ live at the top of the repo (as the design card
+# fixes) but import as anyid_rt.kernels, anyid_rt.export and anyid_rt.trainer. Generic top-level names
+# such as `kernels` would collide in site-packages.
+setup(
+    name="anyid_rt",
+    version="0.1.0",
+    description="Inference runtime and minimal trainer for identity-preserving video generation (AnyID on Wan2.2-TI2V-5B)",
+    python_requires=">=3.10",
+    packages=["anyid_rt", "anyid_rt.models", "anyid_rt.kernels", "anyid_rt.export", "anyid_rt.trainer"],
+    package_dir={
+        "anyid_rt": "anyid_rt",
+        "anyid_rt.models": "anyid_rt/models",
+        "anyid_rt.kernels": "kernels",
+        "anyid_rt.export": "export",
+        "anyid_rt.trainer": "trainer",
+    },
+    package_data={"anyid_rt": ["assets/*"]},
+    install_requires=["torch>=2.4", "triton>=3.2", "numpy", "safetensors", "tqdm", "pillow", "av"],
+    extras_require={
+        # transformers is needed for the umT5 text encoder; kept optional so the DiT/VAE core stays small.
+        "text": ["transformers>=4.45", "tokenizers", "ftfy", "sentencepiece"],
+        "test": ["pytest", "pytest-benchmark", "diffusers>=0.35", "transformers>=4.45", "tokenizers",
+                 "ftfy", "scikit-image", "opencv-python-headless<5", "matplotlib"],
+        "export": ["onnx", "onnxruntime", "tritonclient[all]", "nvidia-pytriton"],
+        "train": ["opencv-python-headless<5", "tensorboard"],
+        "bench": ["matplotlib", "pytest-benchmark"],
+    },
+    entry_points={"console_scripts": ["anyid-rt=anyid_rt.cli:main"]},
+)
