@@ -1,0 +1,334 @@
+"""The Wan2.2 TI2V-5B diffusion transformer, in plain PyTorch.
+
+Follows `wan/modules/model.py` (facts in shared/reference/wan22-ti2v-5b.md sections 2-6) with two changes
+of representation that keep the maths:
+- Timesteps are *segments*: runs of tokens that share a timestep (`seg_lens`, with values `seg_t` [B, S]).
+  Modulation is computed per segment ([B, S, 6, dim]) instead of per token ([B, L, 6, dim], 4.3 GB of fp32
+  at 58k tokens). A Wan-style [B, L] timestep is run-length encoded into segments.
+- The token sequence is made of *groups*: the target latent first, then extra latents (AnyID references)
+  with RoPE frame indices of their own. Only the first group's velocity is returned.
+
+Numerics follow Wan: the time embedding, modulation, norms, gates and head run in fp32, the residual stream
+is fp32, the large linears run in the weights' dtype. Attention, norms and modulation go through `self.ops`,
+chosen once at construction (torch references or Triton kernels).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import DiTConfig
+from ..kernels import DiTOps, dit_ops
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Token layout: groups, segments, RoPE
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Segments:
+    """Runs of tokens sharing a timestep: `lens` (python ints, same for every sample), `t` [B, S] float."""
+
+    lens: tuple[int, ...]
+    t: torch.Tensor
+
+    @staticmethod
+    def from_timesteps(t: torch.Tensor, num_tokens: int) -> "Segments":
+        """[B] -> one segment; [B, L] -> run-length encoded over the union of every sample's change points."""
+        if t.ndim == 1:
+            return Segments((num_tokens,), t[:, None].float())
+        if t.ndim != 2 or t.shape[1] != num_tokens:
+            raise ValueError(f"timestep must be [B] or [B, L={num_tokens}], got {tuple(t.shape)}")
+        change = (t[:, 1:] != t[:, :-1]).any(0)  # [L-1]
+        starts = [0] + (torch.nonzero(change).flatten() + 1).tolist()
+        lens = tuple(b - a for a, b in zip(starts, starts[1:] + [num_tokens]))
+        return Segments(lens, t[:, starts].float())
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Wan's timestep sinusoid, [cos, sin] on the raw timestep (0..1000), computed in float64. [..., dim] fp32."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = t.to(torch.float64)[..., None] * freqs
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1).float()
+
+
+def rope_angles(positions: torch.Tensor, axis_dim: int, theta: float) -> torch.Tensor:
+    """Angles pos * theta^(-2i/axis_dim), i < axis_dim/2, for one axis (axis_dim real channels). float64."""
+    inv = 1.0 / torch.pow(theta, torch.arange(0, axis_dim, 2, dtype=torch.float64, device=positions.device)
+                          / axis_dim)
+    return positions.to(torch.float64)[:, None] * inv[None, :]
+
+
+def rope_table(grid: tuple[int, int, int], frame_start: int, cfg: DiTConfig,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) [F*H*W, head_dim/2] fp32 for a token grid whose first frame sits at RoPE index frame_start."""
+    f, h, w = grid
+    if frame_start < 0 or frame_start + f > cfg.rope_max_positions or max(h, w) > cfg.rope_max_positions:
+        raise ValueError(f"token grid {grid} at frame {frame_start} exceeds the {cfg.rope_max_positions} RoPE "
+                         "positions per axis; use fewer frames or references, or a smaller size")
+    cf, ch, cw = cfg.rope_split  # complex pairs per axis
+    ang_f = rope_angles(torch.arange(frame_start, frame_start + f, device=device), 2 * cf, cfg.rope_theta)
+    ang_h = rope_angles(torch.arange(h, device=device), 2 * ch, cfg.rope_theta)
+    ang_w = rope_angles(torch.arange(w, device=device), 2 * cw, cfg.rope_theta)
+    ang = torch.cat([
+        ang_f[:, None, None, :].expand(f, h, w, cf),
+        ang_h[None, :, None, :].expand(f, h, w, ch),
+        ang_w[None, None, :, :].expand(f, h, w, cw),
+    ], dim=-1).reshape(f * h * w, cf + ch + cw)  # token order f, h, w (row-major)
+    return torch.cos(ang).float(), torch.sin(ang).float()
+
+
+@dataclass
+class TextKV:
+    """Cross-attention keys and values of an embedded, zero-padded text context, one (k, v) per block.
+
+    Computed once per prompt (`WanDiT.prepare_text`) and reused at every step: k, v are [B, text_len, H, D].
+    """
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def batch(self) -> int:
+        return self.kv[0][0].shape[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Modules (names match the original checkpoint keys, so `WanModel` state dicts load by name)
+# ---------------------------------------------------------------------------------------------------------
+
+class NormWeight(nn.Module):
+    """Holds a norm's parameters; the maths is done by the chosen ops."""
+
+    def __init__(self, dim: int, bias: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: DiTConfig, ops: DiTOps):
+        super().__init__()
+        self.cfg, self.ops = cfg, ops
+        self.q, self.k, self.v, self.o = (nn.Linear(cfg.dim, cfg.dim) for _ in range(4))
+        self.norm_q, self.norm_k = NormWeight(cfg.dim), NormWeight(cfg.dim)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        B, L, _ = x.shape  # x: [B, L, dim] in the compute dtype
+        H, D, eps = self.cfg.num_heads, self.cfg.head_dim, self.cfg.eps
+        q = self.ops.rms_norm(self.q(x), self.norm_q.weight, eps).view(B, L, H, D)  # RMSNorm over all heads
+        k = self.ops.rms_norm(self.k(x), self.norm_k.weight, eps).view(B, L, H, D)
+        v = self.v(x).view(B, L, H, D)
+        out = self.ops.attention(q, k, v, rope, rope)  # [B, L, H, D], RoPE applied to q and k
+        return self.o(out.reshape(B, L, H * D))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, cfg: DiTConfig, ops: DiTOps):
+        super().__init__()
+        self.cfg, self.ops = cfg, ops
+        self.q, self.k, self.v, self.o = (nn.Linear(cfg.dim, cfg.dim) for _ in range(4))
+        self.norm_q, self.norm_k = NormWeight(cfg.dim), NormWeight(cfg.dim)
+
+    def kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, Lt, _ = context.shape  # embedded context [B, text_len, dim]
+        H, D = self.cfg.num_heads, self.cfg.head_dim
+        k = self.ops.rms_norm(self.k(context), self.norm_k.weight, self.cfg.eps).view(B, Lt, H, D)
+        return k, self.v(context).view(B, Lt, H, D)
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        B, L, _ = x.shape
+        H, D = self.cfg.num_heads, self.cfg.head_dim
+        q = self.ops.rms_norm(self.q(x), self.norm_q.weight, self.cfg.eps).view(B, L, H, D)
+        out = self.ops.attention(q, kv[0], kv[1], None, None)  # all text rows, padding included, no mask
+        return self.o(out.reshape(B, L, H * D))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DiTConfig, ops: DiTOps):
+        super().__init__()
+        self.cfg, self.ops = cfg, ops
+        self.self_attn = SelfAttention(cfg, ops)
+        self.norm3 = NormWeight(cfg.dim, bias=True)  # affine LayerNorm before cross-attention
+        self.cross_attn = CrossAttention(cfg, ops)
+        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
+                                 nn.Linear(cfg.ffn_dim, cfg.dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim ** 0.5)
+
+    def forward(self, x: torch.Tensor, e0: torch.Tensor, seg_lens: tuple[int, ...],
+                rope: tuple[torch.Tensor, torch.Tensor], text_kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        # x: [B, L, dim] fp32 residual stream; e0: [B, S, 6, dim] fp32 per-segment modulation
+        ops, eps, cdt = self.ops, self.cfg.eps, self.ffn[0].weight.dtype
+        mod = (self.modulation.float()[:, None] + e0).unbind(2)  # 6 x [B, S, dim]
+        shift_sa, scale_sa, gate_sa, shift_ffn, scale_ffn, gate_ffn = mod
+        h = ops.layernorm_modulate(x, shift_sa, scale_sa, seg_lens, eps, cdt)  # [B, L, dim]
+        x = ops.gated_residual(x, self.self_attn(h, rope), gate_sa, seg_lens)
+        h = ops.layer_norm(x, self.norm3.weight, self.norm3.bias, eps).to(cdt)  # no modulation, no gate
+        x = x + self.cross_attn(h, text_kv).float()
+        h = ops.layernorm_modulate(x, shift_ffn, scale_ffn, seg_lens, eps, cdt)
+        return ops.gated_residual(x, self.ffn(h), gate_ffn, seg_lens)
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: DiTConfig, ops: DiTOps):
+        super().__init__()
+        self.cfg, self.ops = cfg, ops
+        self.head = nn.Linear(cfg.dim, cfg.patch_numel * cfg.out_dim)
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim ** 0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor, seg_lens: tuple[int, ...]) -> torch.Tensor:
+        # x: [B, L, dim] fp32; e: [B, S, dim] fp32, the time embedding before SiLU and projection
+        shift, scale = (self.modulation.float()[:, None] + e[:, :, None]).unbind(2)  # [B, S, dim] each
+        h = self.ops.layernorm_modulate(x, shift, scale, seg_lens, self.cfg.eps, torch.float32)
+        return F.linear(h, self.head.weight.float(), self.head.bias.float())  # fp32 head, as Wan
+
+
+class WanDiT(nn.Module):
+    """Wan2.2 DiT. `forward(latent, timestep, context)` is the Wan call; `forward_groups` the AnyID one."""
+
+    def __init__(self, cfg: DiTConfig, backend: str = "torch"):
+        super().__init__()
+        self.cfg = cfg
+        if backend not in ("torch", "triton"):
+            raise ValueError(f"WanDiT backend must be 'torch' or 'triton' (resolve 'auto' with "
+                             f"anyid_rt.kernels.resolve_backend(backend, device)), got {backend!r}")
+        self.backend = backend
+        self.ops = dit_ops(backend)
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"),
+                                            nn.Linear(cfg.dim, cfg.dim))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
+        self.blocks = nn.ModuleList(Block(cfg, self.ops) for _ in range(cfg.num_layers))
+        self.head = Head(cfg, self.ops)
+        self.gradient_checkpointing = False
+        self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # -- inputs -------------------------------------------------------------------------------------------
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.blocks[0].ffn[0].weight.dtype
+
+    def pad_context(self, context: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        """Zero-pad each prompt's trimmed encoder output [L_i, text_dim] to [B, text_len, text_dim]."""
+        cfg = self.cfg
+        rows = list(context.unbind(0)) if isinstance(context, torch.Tensor) and context.ndim == 3 else list(context)
+        out = []
+        for i, c in enumerate(rows):
+            if c.ndim != 2 or c.shape[1] != cfg.text_dim:
+                raise ValueError(f"context {i} must be [L, text_dim={cfg.text_dim}], got {tuple(c.shape)}")
+            if c.shape[0] > cfg.text_len:
+                raise ValueError(f"context {i} has {c.shape[0]} rows, more than text_len={cfg.text_len}")
+            out.append(F.pad(c, (0, 0, 0, cfg.text_len - c.shape[0])))
+        return torch.stack(out)
+
+    def prepare_text(self, context: torch.Tensor | Sequence[torch.Tensor]) -> TextKV:
+        """Embed the (zero-padded) context and project every block's cross-attention K/V, once per prompt."""
+        ctx = self.pad_context(context).to(self.text_embedding[0].weight)
+        ctx = self.text_embedding(ctx)  # [B, text_len, dim]: padded rows become a constant, not masked
+        return TextKV([blk.cross_attn.kv(ctx) for blk in self.blocks])
+
+    def rope(self, grids: Sequence[tuple[int, int, int]], frame_starts: Sequence[int],
+             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token (cos, sin) for the concatenated groups; cached per layout, never rebuilt in the step loop."""
+        key = (tuple(grids), tuple(frame_starts), str(device))
+        if key not in self._rope_cache:
+            tables = [rope_table(g, s, self.cfg, device) for g, s in zip(grids, frame_starts)]
+            if len(self._rope_cache) > 16:
+                self._rope_cache.clear()
+            self._rope_cache[key] = (torch.cat([c for c, _ in tables]), torch.cat([s for _, s in tables]))
+        return self._rope_cache[key]
+
+    def grid_of(self, latent: torch.Tensor) -> tuple[int, int, int]:
+        cfg = self.cfg
+        if latent.ndim != 5 or latent.shape[1] != cfg.in_dim:
+            raise ValueError(f"latent must be [B, {cfg.in_dim}, F, h, w], got {tuple(latent.shape)}")
+        pt, ph, pw = cfg.patch_size
+        _, _, f, h, w = latent.shape
+        if f % pt or h % ph or w % pw:
+            raise ValueError(f"latent grid (F={f}, h={h}, w={w}) must be divisible by the patch {cfg.patch_size}; "
+                             "the pixel height and width must be multiples of 32")
+        return f // pt, h // ph, w // pw
+
+    # -- forward ------------------------------------------------------------------------------------------
+    def forward(self, latent: torch.Tensor, timestep: torch.Tensor,
+                context: torch.Tensor | Sequence[torch.Tensor] | TextKV) -> torch.Tensor:
+        """Wan call: latent [B, 48, F, h, w], timestep [B] or [B, L] (per token), context [B, Lt, text_dim]
+        or a list of [L_i, text_dim] (or a prepared TextKV). Returns the velocity [B, 48, F, h, w] fp32."""
+        grid = self.grid_of(latent)
+        seg = Segments.from_timesteps(timestep.to(latent.device), grid[0] * grid[1] * grid[2])
+        return self.forward_groups([latent], [0], seg, context)
+
+    def forward_groups(self, latents: Sequence[torch.Tensor], frame_starts: Sequence[int], segments: Segments,
+                       context: torch.Tensor | Sequence[torch.Tensor] | TextKV) -> torch.Tensor:
+        """AnyID call: token groups (target first, then references) with their RoPE frame starts, one
+        sequence through every block; segments cover all tokens in that order. Returns the velocity of
+        the first group [B, 48, F0, h0, w0] fp32."""
+        cfg = self.cfg
+        if len(latents) != len(frame_starts) or not latents:
+            raise ValueError("give one RoPE frame start per latent group (at least the target)")
+        B = latents[0].shape[0]
+        grids = [self.grid_of(z) for z in latents]
+        if any(z.shape[0] != B for z in latents):
+            raise ValueError(f"every group needs batch {B}, got {[z.shape[0] for z in latents]}")
+        num_tokens = sum(f * h * w for f, h, w in grids)
+        if sum(segments.lens) != num_tokens or segments.t.shape != (B, len(segments.lens)):
+            raise ValueError(f"segments {segments.lens} with t {tuple(segments.t.shape)} do not cover "
+                             f"{num_tokens} tokens of batch {B}")
+        text_kv = context if isinstance(context, TextKV) else self.prepare_text(context)
+        if text_kv.batch != B:
+            raise ValueError(f"context batch {text_kv.batch} != latent batch {B}")
+        device = latents[0].device
+        cdt = self.patch_embedding.weight.dtype
+
+        # patch embedding, per group, then one token sequence
+        x = torch.cat([self.patch_embedding(z.to(cdt)).flatten(2).transpose(1, 2) for z in latents], dim=1)
+        x = x.float()  # [B, L, dim] fp32 residual stream
+        rope = self.rope(grids, frame_starts, device)
+
+        # time embedding per segment (fp32): e [B, S, dim], e0 [B, S, 6, dim]
+        sin = sinusoidal_embedding(segments.t.to(device), cfg.freq_dim)  # [B, S, freq_dim]
+        e = _linear_fp32(self.time_embedding[2], F.silu(_linear_fp32(self.time_embedding[0], sin)))
+        e0 = _linear_fp32(self.time_projection[1], F.silu(e)).unflatten(2, (6, cfg.dim))
+
+        for i, block in enumerate(self.blocks):
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, e0, segments.lens, rope, text_kv.kv[i], use_reentrant=False)
+            else:
+                x = block(x, e0, segments.lens, rope, text_kv.kv[i])
+
+        f0, h0, w0 = grids[0]
+        n0 = f0 * h0 * w0
+        out = self.head(x, e, segments.lens)[:, :n0]  # [B, n0, pt*ph*pw*C], target tokens only
+        return self.unpatchify(out, grids[0])
+
+    def unpatchify(self, tokens: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """[B, F*H*W, pt*ph*pw*C] (C fastest) -> [B, C, F*pt, H*ph, W*pw]."""
+        (f, h, w), (pt, ph, pw), C = grid, self.cfg.patch_size, self.cfg.out_dim
+        B = tokens.shape[0]
+        x = tokens.view(B, f, h, w, pt, ph, pw, C)
+        return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(B, C, f * pt, h * ph, w * pw).float()
+
+
+def _linear_fp32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x.float(), layer.weight.float(), layer.bias.float())
+
+
+def count_flops(cfg: DiTConfig, num_tokens: int, kv_tokens: int | None = None) -> float:
+    """FLOPs (2 per multiply-add) of one forward for ONE sample, as ARCHITECTURE.md section 7 counts them.
+
+    num_tokens queries attend to kv_tokens keys (default: the same tokens); the text K/V projections are
+    computed once per prompt and not counted. 27,280 tokens give 517 TFLOP for the 5B.
+    """
+    L, Lk, Lt, d = num_tokens, kv_tokens or num_tokens, cfg.text_len, cfg.dim
+    linears = 2 * L * d * (6 * d + 2 * cfg.ffn_dim)  # self q, k, v, o; cross q, o; ffn up and down
+    attention = 4 * L * Lk * d + 4 * L * Lt * d  # scores and values, self and cross
+    return float(cfg.num_layers * (linears + attention) + 2 * L * d * cfg.patch_numel * (cfg.in_dim + cfg.out_dim))
+
+
+__all__ = ["WanDiT", "Segments", "TextKV", "sinusoidal_embedding", "rope_table", "count_flops"]
