@@ -115,7 +115,8 @@ def _config_from_json(cfg_path: Path, layout: str) -> dict:
     return out
 
 
-def _config_from_shapes(reader: CheckpointReader, to_orig) -> dict:
+def _shape_fields(reader: CheckpointReader, to_orig) -> dict:
+    """Every config field that the tensor shapes determine (all but num_heads)."""
     shape = {to_orig(k): reader.shape(k) for k in reader.keys()}
     need = ["patch_embedding.weight", "blocks.0.ffn.0.weight", "text_embedding.0.weight",
             "time_embedding.0.weight", "head.head.weight"]
@@ -124,19 +125,23 @@ def _config_from_shapes(reader: CheckpointReader, to_orig) -> dict:
         raise CheckpointError(f"{reader.path}: cannot read the DiT config off the tensors, missing {missing}")
     dim, in_dim, pt, ph, pw = shape["patch_embedding.weight"]
     layers = 1 + max(int(m.group(1)) for k in shape if (m := re.match(r"blocks\.(\d+)\.", k)))
-    if dim % WAN_HEAD_DIM:
-        raise CheckpointError(f"{reader.path}: dim {dim} is not a multiple of Wan's head_dim {WAN_HEAD_DIM}; pass "
-                              "config= (a DiTConfig) or put a config.json beside the weights")
-    return dict(dim=dim, in_dim=in_dim, patch_size=(pt, ph, pw), num_heads=dim // WAN_HEAD_DIM,
+    return dict(dim=dim, in_dim=in_dim, patch_size=(pt, ph, pw),
                 ffn_dim=shape["blocks.0.ffn.0.weight"][0], text_dim=shape["text_embedding.0.weight"][1],
                 freq_dim=shape["time_embedding.0.weight"][1], num_layers=layers,
                 out_dim=shape["head.head.weight"][0] // (pt * ph * pw))
 
 
+def _config_from_shapes(reader: CheckpointReader, to_orig) -> dict:
+    fields = _shape_fields(reader, to_orig)
+    if fields["dim"] % WAN_HEAD_DIM:
+        raise CheckpointError(f"{reader.path}: dim {fields['dim']} is not a multiple of Wan's head_dim "
+                              f"{WAN_HEAD_DIM} and there is no config.json; pass config= (a DiTConfig)")
+    return dict(fields, num_heads=fields["dim"] // WAN_HEAD_DIM)
+
+
 def _check_config_against_shapes(cfg: DiTConfig, reader: CheckpointReader, to_orig, path: Path) -> None:
-    got = _config_from_shapes(reader, to_orig)
-    bad = [f"{k}: config {getattr(cfg, k)} vs tensors {v}" for k, v in got.items()
-           if k != "num_heads" and getattr(cfg, k) != v]
+    got = _shape_fields(reader, to_orig)
+    bad = [f"{k}: config {getattr(cfg, k)} vs tensors {v}" for k, v in got.items() if getattr(cfg, k) != v]
     if bad:
         raise CheckpointError(f"{path}: config does not match the tensor shapes (a checkpoint of another model?): "
                               + "; ".join(bad))
