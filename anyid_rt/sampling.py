@@ -37,9 +37,9 @@ Numerics
 --------
 The per-step scalar coefficients are computed in float64 (Python floats) from those float32 σ values; the
 tensor arithmetic is float32. The official schedulers compute the coefficients in float32, which differs from
-this only by float32 rounding of the coefficients (a relative 1e-7 to 1e-5 effect on a trajectory for
-20 to 50 steps; float64 is the more accurate of the two, notably for many steps where the float32 UniC
-coefficients suffer cancellation).
+this only by float32 rounding of the coefficients: trajectories agree to a few 1e-7 relative for 8 to 200
+steps. float64 is the more accurate of the two (the float32 UniC coefficients lose digits to cancellation when
+the steps are small).
 
 Usage
 -----
@@ -120,22 +120,35 @@ def _lambda(sigma: float) -> float:
 # ---------------------------------------------------------------------------------------------------------------
 
 class FlowSampler:
-    """Shared state and checks. Subclasses implement ``_update``.
+    """Shared schedule handling, checks and stepping. Subclasses implement ``_update`` (and keep their multistep
+    state in ``_reset_state``).
 
-    ``sigmas``: float32 [steps + 1] ending in 0; ``timesteps``: [steps] values fed to the DiT. Steps must be taken in
-    order 0, 1, ..., steps - 1, each exactly once.
+    ``FlowX(steps, shift, device)`` builds the official schedule of that sampler; ``FlowX.from_sigmas(sigmas)``
+    runs the same update rule on any σ schedule. ``sigmas``: float32 [steps + 1] ending in 0; ``timesteps``: the
+    [steps] values fed to the DiT. Steps must be taken in order 0, 1, ..., steps - 1, each exactly once.
     """
 
     name = ""
+    schedule = staticmethod(official_unipc_sigmas)  # (steps, shift) -> the official σ values without the final 0
     _allow_sigma_one = True  # whether the first σ may be exactly 1 (pure noise)
 
-    def __init__(self, sigmas: Sequence[float] | np.ndarray | torch.Tensor,
-                 timesteps: Sequence[int] | np.ndarray | torch.Tensor | None = None,
-                 device: str | torch.device | None = None) -> None:
-        """Build from an explicit σ schedule: ``steps + 1`` values, strictly decreasing, in (0, 1], ending in 0.
+    def __init__(self, steps: int, shift: float, device: str | torch.device | None = None) -> None:
+        sig = self.schedule(steps, shift)
+        self._setup(np.append(sig, 0.0), sigmas_to_timesteps(sig), device)
 
-        ``timesteps`` (length ``steps``) defaults to int64 ``trunc(σ·1000)`` of the given σ values.
-        """
+    @classmethod
+    def from_sigmas(cls, sigmas: Sequence[float] | np.ndarray | torch.Tensor,
+                    timesteps: Sequence[int] | np.ndarray | torch.Tensor | None = None,
+                    device: str | torch.device | None = None) -> FlowSampler:
+        """A sampler on an explicit σ schedule, e.g. another library's: ``steps + 1`` values, strictly decreasing,
+        in (0, 1] (UniPC: (0, 1)), ending in 0. ``timesteps`` (``steps`` values) defaults to int64 trunc(σ·1000)."""
+        obj = cls.__new__(cls)
+        obj._setup(sigmas, timesteps, device)
+        return obj
+
+    def _setup(self, sigmas: Sequence[float] | np.ndarray | torch.Tensor,
+               timesteps: Sequence[int] | np.ndarray | torch.Tensor | None,
+               device: str | torch.device | None) -> None:
         if isinstance(sigmas, torch.Tensor):
             sigmas = sigmas.detach().cpu().double().numpy()
         s = np.asarray(sigmas, dtype=np.float64).reshape(-1)
@@ -165,14 +178,10 @@ class FlowSampler:
         self.timesteps: torch.Tensor = ts.to(dev)
         # The float32 σ values as Python floats: the solver works with these (no device sync per step).
         self._sig: list[float] = [float(v) for v in sig32.tolist()]
-        self._next_index = 0
+        self._reset_state()
 
-    @classmethod
-    def from_sigmas(cls, sigmas: Sequence[float] | np.ndarray | torch.Tensor,
-                    timesteps: Sequence[int] | np.ndarray | torch.Tensor | None = None,
-                    device: str | torch.device | None = None) -> FlowSampler:
-        """A sampler on an explicit σ schedule (``steps + 1`` values ending in 0), e.g. another library's."""
-        return cls(sigmas, timesteps=timesteps, device=device)
+    def _reset_state(self) -> None:
+        self._next_index = 0
 
     def __len__(self) -> int:
         return self.num_steps
@@ -181,7 +190,7 @@ class FlowSampler:
         return f"{type(self).__name__}(steps={self.num_steps}, sigma_max={self._sig[0]:.6f})"
 
     def x0_prediction(self, velocity: torch.Tensor, step_index: int, sample: torch.Tensor) -> torch.Tensor:
-        """x0 = x_t - σ·v at step ``step_index`` (fp32)."""
+        """x0 = x_t - σ·v at step ``step_index`` (fp32), e.g. for previews. Does not advance the sampler."""
         return sample.float() - self._sig[step_index] * velocity.float()
 
     def step(self, velocity: torch.Tensor, step_index: int, sample: torch.Tensor) -> torch.Tensor:
@@ -189,9 +198,9 @@ class FlowSampler:
 
         Math is float32; the result has the sample's shape and dtype (keep latents in fp32).
         """
+        if self._next_index >= self.num_steps:
+            raise ValueError(f"all {self.num_steps} steps were already taken; build a new sampler per generation")
         if step_index != self._next_index:
-            if self._next_index >= self.num_steps:
-                raise ValueError(f"all {self.num_steps} steps were already taken; build a new sampler per generation")
             raise ValueError(f"steps must be taken in order: expected step_index {self._next_index}, got {step_index}")
         if velocity.shape != sample.shape:
             raise ValueError(f"velocity shape {tuple(velocity.shape)} != sample shape {tuple(sample.shape)}")
@@ -209,16 +218,7 @@ class FlowEuler(FlowSampler):
     """Plain Euler: x_{i+1} = x_i + (σ_{i+1} - σ_i)·v_i, on the official UniPC σ schedule (see module doc)."""
 
     name = "euler"
-
-    def __init__(self, steps: int, shift: float, device: str | torch.device | None = None) -> None:
-        sig = official_unipc_sigmas(steps, shift)
-        super().__init__(np.append(sig, 0.0), timesteps=sigmas_to_timesteps(sig), device=device)
-
-    @classmethod
-    def from_sigmas(cls, sigmas, timesteps=None, device=None) -> FlowEuler:
-        obj = cls.__new__(cls)
-        FlowSampler.__init__(obj, sigmas, timesteps=timesteps, device=device)
-        return obj
+    schedule = staticmethod(official_unipc_sigmas)
 
     def _update(self, v: torch.Tensor, i: int, x: torch.Tensor) -> torch.Tensor:
         return x + (self._sig[i + 1] - self._sig[i]) * v
@@ -228,24 +228,18 @@ class FlowDPMpp2M(FlowSampler):
     """DPM-Solver++ 2M (data prediction, midpoint form), as the official ``dpm++`` solver.
 
     With λ = log((1-σ)/σ), h = λ_{i+1} - λ_i, m_i = x0 prediction at step i:
-        x_{i+1} = (σ_{i+1}/σ_i)·x_i - (1-σ_{i+1})·(e^{-h} - 1)·(m_i + D/2),   D = (m_i - m_{i-1})·h / (λ_i - λ_{i-1})
+        x_{i+1} = (σ_{i+1}/σ_i)·x_i - (1-σ_{i+1})·(e^{-h} - 1)·(m_i + D/2),
+        D = (m_i - m_{i-1})·h / (λ_i - λ_{i-1}),
     with D = 0 at the first step and at the last step (into σ = 0, where the update returns m_i). When the previous
     σ is 1 (λ = -inf, the official schedule's first point) the ratio is 0, so D = 0 as well.
     """
 
     name = "dpm++"
+    schedule = staticmethod(official_dpmpp_sigmas)
 
-    def __init__(self, steps: int, shift: float, device: str | torch.device | None = None) -> None:
-        sig = official_dpmpp_sigmas(steps, shift)
-        super().__init__(np.append(sig, 0.0), timesteps=sigmas_to_timesteps(sig), device=device)
+    def _reset_state(self) -> None:
+        super()._reset_state()
         self._prev_x0: torch.Tensor | None = None
-
-    @classmethod
-    def from_sigmas(cls, sigmas, timesteps=None, device=None) -> FlowDPMpp2M:
-        obj = cls.__new__(cls)
-        FlowSampler.__init__(obj, sigmas, timesteps=timesteps, device=device)
-        obj._prev_x0 = None
-        return obj
 
     def _update(self, v: torch.Tensor, i: int, x: torch.Tensor) -> torch.Tensor:
         s_cur, s_next = self._sig[i], self._sig[i + 1]
@@ -274,33 +268,24 @@ class FlowUniPC(FlowSampler):
 
     Step i (model output v_i at x_i):
       1. Corrector UniC (i > 0), with the order p used by the previous predictor, a = i-1, b = i:
-         x_i ← x̂ - (1-σ_i)·φ·(ρ_1·D_1 + ρ_c·(m_i - m_{i-1})), where for p = 1: ρ_c = 1/2 and no D_1 term; for p = 2:
-         r = (λ_{i-2} - λ_{i-1})/h, D_1 = (m_{i-2} - m_{i-1})/r, and (ρ_1, ρ_c) solve [[1, 1], [r, 1]]·ρ = g with
-         g_1 = (φ/(-h) - 1)/φ, g_2 = 2·((φ/(-h) - 1)/(-h) - 1/2)/φ.
-         x_{i-1} here is the (corrected) sample that entered step i-1; the corrected x_i is what step i+1 remembers.
+         x_i ← x̂ - (1-σ_i)·φ·(ρ_1·D_1 + ρ_c·(m_i - m_{i-1})), where for p = 1: ρ_c = 1/2 and no D_1 term;
+         for p = 2: r = (λ_{i-2} - λ_{i-1})/h, D_1 = (m_{i-2} - m_{i-1})/r, and (ρ_1, ρ_c) solve
+         [[1, 1], [r, 1]]·ρ = g with g_1 = (φ/(-h) - 1)/φ, g_2 = 2·((φ/(-h) - 1)/(-h) - 1/2)/φ.
+         x_a = x_{i-1} is step i-1's sample after its own correction; the corrected x_i is kept for step i+1.
       2. Predictor UniP, a = i, b = i+1, order p = 1 at the first and last steps, else 2:
-         x_{i+1} = x̂ - (1-σ_{i+1})·φ·(1/2)·D_1 with r = (λ_{i-1} - λ_i)/h, D_1 = (m_{i-1} - m_i)/r (p = 2 only).
+         x_{i+1} = x̂ - (1-σ_{i+1})·φ·(1/2)·D_1, with r = (λ_{i-1} - λ_i)/h and D_1 = (m_{i-1} - m_i)/r
+         (the D_1 term only for p = 2).
          Into σ = 0 (last step) this is x_{i+1} = m_i.
     """
 
     name = "unipc"
+    schedule = staticmethod(official_unipc_sigmas)
     _allow_sigma_one = False
 
-    def __init__(self, steps: int, shift: float, device: str | torch.device | None = None) -> None:
-        sig = official_unipc_sigmas(steps, shift)
-        super().__init__(np.append(sig, 0.0), timesteps=sigmas_to_timesteps(sig), device=device)
-        self._reset_history()
-
-    @classmethod
-    def from_sigmas(cls, sigmas, timesteps=None, device=None) -> FlowUniPC:
-        obj = cls.__new__(cls)
-        FlowSampler.__init__(obj, sigmas, timesteps=timesteps, device=device)
-        obj._reset_history()
-        return obj
-
-    def _reset_history(self) -> None:
+    def _reset_state(self) -> None:
+        super()._reset_state()
         self._x0_hist: list[torch.Tensor] = []  # last two x0 predictions, oldest first
-        self._prev_sample: torch.Tensor | None = None  # the sample that entered the previous step (corrected)
+        self._prev_sample: torch.Tensor | None = None  # the previous step's sample, after its correction
         self._prev_order = 0
 
     def _predictor_order(self, i: int) -> int:
@@ -348,7 +333,7 @@ class FlowUniPC(FlowSampler):
             x = self._corrector(i, x0)
         self._x0_hist = (self._x0_hist + [x0])[-2:]
         order = self._predictor_order(i)
-        self._prev_sample = x
+        self._prev_sample = x if i > 0 else x.clone()  # at i = 0, x may be the caller's tensor: do not alias it
         self._prev_order = order
         return self._predictor(i, x, order)
 

@@ -31,3 +31,36 @@ def diffusers_dit(cfg: DiTConfig, seed: int = 0):
         ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
         eps=cfg.eps, rope_max_seq_len=cfg.rope_max_positions)
     return noisy_(model, seed=seed).eval()
+
+
+def diffusers_vae(cfg, seed: int = 0, scale: float = 0.03):
+    """diffusers' AutoencoderKLWan with the Wan2.2 structure (is_residual) at the widths of a VAEConfig."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    p = cfg.patch_size
+    model = AutoencoderKLWan(
+        base_dim=cfg.base_dim, decoder_base_dim=cfg.decoder_base_dim, z_dim=cfg.z_dim, dim_mult=list(cfg.dim_mult),
+        num_res_blocks=cfg.num_res_blocks, temperal_downsample=list(cfg.temporal_downsample), is_residual=True,
+        in_channels=cfg.in_channels * p * p, out_channels=cfg.in_channels * p * p, patch_size=p,
+        scale_factor_temporal=cfg.temporal_compression, scale_factor_spatial=cfg.spatial_compression,
+        latents_mean=list(cfg.latents_mean), latents_std=list(cfg.latents_std))
+    # small noise keeps most decoded pixels inside the [-1, 1] clamp, so comparisons mean something
+    return noisy_(model, scale=scale, seed=seed).eval()
+
+
+def diffusers_pipeline_folder(folder, seed: int = 0):
+    """A whole tiny Wan2.2 pipeline in the diffusers layout (WanPipeline, expand_timesteps=True)."""
+    from diffusers import UniPCMultistepScheduler, WanPipeline
+
+    from anyid_rt.config import ModelConfig
+    from anyid_rt.models.text_encoder import TextEncoder
+
+    cfg = ModelConfig.preset("tiny")
+    te = TextEncoder.tiny(seed=seed)
+    pipe = WanPipeline(tokenizer=te.tokenizer, text_encoder=te.model, vae=diffusers_vae(cfg.vae, seed),
+                       transformer=diffusers_dit(cfg.dit, seed),
+                       scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                         flow_shift=5.0), expand_timesteps=True)
+    pipe.save_pretrained(folder)
+    return pipe
