@@ -27,7 +27,7 @@ from .models.checkpoint import CheckpointError
 from .models.dit import WanDiT
 from .models.dit_loader import _parse_dtype, load_dit, save_dit
 from .models.text_encoder import TextEncoder
-from .models.vae import WanVAE, load_vae, save_vae_original
+from .models.vae import VAETiling, WanVAE, load_vae, random_vae, save_vae_original
 from .sampling import SAMPLERS, make_sampler
 
 
@@ -70,12 +70,13 @@ VAE_STRIDE = 16  # pixels per latent cell; the DiT's 2x2 patch makes sizes multi
 class Engine:
     def __init__(self, dit: WanDiT, vae: WanVAE, text_encoder: TextEncoder, *,
                  layout: ConditioningLayout | None = None, defaults: Defaults = Defaults(),
-                 device: torch.device | str = "cpu", vae_tile: Any = None, cache_size: int = 32):
+                 device: torch.device | str = "cpu", vae_tile: VAETiling | tuple | None = None,
+                 cache_size: int = 32):
         self.dit, self.vae, self.text_encoder = dit, vae, text_encoder
         self.layout = layout or ConditioningLayout()
         self.defaults = defaults
         self.device = torch.device(device)
-        self.vae_tile = vae_tile
+        self.vae_tile = VAETiling.of(vae_tile) if vae_tile is not None else None  # spatial decode tiles
         self.reference_cache = LatentCache(cache_size)  # reference and null latents, by content / shape
 
     # -- construction ---------------------------------------------------------------------------------------
@@ -84,7 +85,8 @@ class Engine:
                         dtype: str | torch.dtype = "bf16", backend: str = "auto", quant: str | None = None,
                         device: str | torch.device | None = None, text_encoder_device: str | None = None,
                         vae_dtype: str | torch.dtype = "fp32", lora_strength: float = 1.0,
-                        layout: ConditioningLayout | None = None, vae_tile: Any = None) -> "Engine":
+                        layout: ConditioningLayout | None = None,
+                        vae_tile: VAETiling | tuple | None = None) -> "Engine":
         """Load Wan2.2-TI2V-5B (or a smaller model of the same family) from a folder in the diffusers layout
         (`transformer/`, `vae/`, `text_encoder/`, `tokenizer/`) or the original layout (DiT shards + index +
         config.json, `Wan2.2_VAE.pth`, `models_t5_umt5-xxl-enc-bf16.pth`, `google/umt5-xxl/`).
@@ -134,8 +136,7 @@ class Engine:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             dit = WanDiT(cfg.dit, backend=resolve_backend(backend, device)).to(device).eval().requires_grad_(False)
-            vae = WanVAE(cfg.vae).to(device).eval().requires_grad_(False)
-            _randomize_vae_(vae, seed)
+        vae = random_vae(cfg.vae, seed=seed, device=device)
         te = TextEncoder.tiny(seed=seed, device=device)
         return cls(dit, vae, te, layout=layout, defaults=TINY_DEFAULTS, device=device)
 
@@ -183,10 +184,10 @@ class Engine:
         `seed`). The unconditional pass uses the empty prompt unless `negative_prompt` is given.
         """
         d = self.defaults
-        height, width = height or d.height, width or d.width
-        num_frames, steps = num_frames or d.num_frames, steps or d.steps
-        guidance = d.guidance if guidance is None else guidance
-        shift, sampler = shift or d.shift, sampler or d.sampler
+        pick = lambda value, default: default if value is None else value  # noqa: E731
+        height, width, num_frames = pick(height, d.height), pick(width, d.width), pick(num_frames, d.num_frames)
+        steps, guidance, shift = pick(steps, d.steps), pick(guidance, d.guidance), pick(shift, d.shift)
+        sampler = pick(sampler, d.sampler)
         _check_request(prompt, prompt_embeds, negative_prompt, height, width, num_frames, steps, guidance, shift,
                        sampler, seed, output)
         # every input is read and checked before any compute: bad media fails without partial output
@@ -230,8 +231,7 @@ class Engine:
                     x[:, :, :1] = image_latent
         with clock("vae_decode"):
             vae_dtype = next(self.vae.parameters()).dtype
-            pixels = self.vae.decode(x.to(vae_dtype), tile=self.vae_tile) if self.vae_tile else \
-                self.vae.decode(x.to(vae_dtype))
+            pixels = self.vae.decode(x.to(vae_dtype), tile=self.vae_tile)  # [1, 3, T, H, W] in [-1, 1]
             frames = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [3, T, H, W]
             frames = frames.permute(1, 2, 3, 0).contiguous().cpu()  # [T, H, W, 3]
         timings["total"] = sum(timings.values())
@@ -280,7 +280,7 @@ class Engine:
         if frames.shape[0] != 1:
             raise ValueError(f"image= takes one image, got {frames.shape[0]} frames; use references= for clips")
         # resize by the larger scale and centre-crop to H x W, as the official i2v preprocessing
-        return media.crop_center_to(frames[0], width, height)  # [3, 1, H, W] in [-1, 1]
+        return media.to_model_range(media.crop_center_to(frames, width, height))  # [3, 1, H, W] in [-1, 1]
 
 
 class _Clock:
@@ -343,17 +343,6 @@ def _initial_noise(latents: torch.Tensor | None, seed: int, shape: tuple[int, ..
         return latents.float()
     # drawn on the CPU so that a seed gives the same video on every device
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-
-
-def _randomize_vae_(vae: WanVAE, seed: int) -> None:
-    """Random tiny VAE weights with every tensor non-zero (norm gains stay near 1)."""
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in vae.named_parameters():
-            if name.endswith("gamma"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            elif name.endswith("bias"):
-                p.copy_(0.02 * torch.randn(p.shape, generator=g))
 
 
 __all__ = ["Engine", "Video", "Defaults", "TINY_DEFAULTS"]
