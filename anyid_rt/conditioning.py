@@ -99,7 +99,7 @@ class PreparedReference:
     def content_key(self) -> str:
         h = hashlib.sha1()
         h.update(str(tuple(self.pixels.shape)).encode())
-        h.update(self.pixels.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
+        h.update(memoryview(self.pixels.detach().to(torch.float32).contiguous().cpu().numpy()).cast("B"))
         return h.hexdigest()
 
 

@@ -153,9 +153,10 @@ class Engine:
 
     # -- the work done once ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        """VAE latent of [3, T, H, W] pixels in [-1, 1], cached by content: [1, 48, 1 + (T-1)/4, H/16, W/16]."""
-        key = PreparedReference(pixels, "").content_key()
+    def encode_pixels(self, pixels: torch.Tensor, key: str | None = None) -> torch.Tensor:
+        """VAE latent of [3, T, H, W] pixels in [-1, 1], cached by content (or by `key`):
+        [1, 48, 1 + (T-1)/4, H/16, W/16]."""
+        key = key or PreparedReference(pixels, "").content_key()
         latent = self.reference_cache.get(key)
         if latent is None:
             vae_dtype = next(self.vae.parameters()).dtype
@@ -165,7 +166,7 @@ class Engine:
 
     def null_latent(self, shape: torch.Size) -> torch.Tensor:
         """The null reference of a shape: the latent of black pixels (cached, by shape)."""
-        return self.encode_pixels(torch.full(tuple(shape), -1.0))
+        return self.encode_pixels(torch.full(tuple(shape), -1.0), key=f"null:{tuple(shape)}")
 
     # -- generation -----------------------------------------------------------------------------------------
     @torch.inference_mode()
