@@ -28,7 +28,10 @@ from .models.dit import WanDiT
 from .models.dit_loader import _parse_dtype, load_dit, save_dit
 from .models.text_encoder import TextEncoder
 from .models.vae import VAETiling, WanVAE, load_vae, random_vae, save_vae_original
+from .quant import check_fp8_device, quantize_dit_fp8_
 from .sampling import SAMPLERS, make_sampler
+
+QUANT_MODES = (None, "fp8")  # fp8: E4M3 linear layers in the DiT blocks (anyid_rt.quant)
 
 
 @dataclass
@@ -93,10 +96,11 @@ class Engine:
 
         `lora`: one or more LoRA files (ComfyUI keys) merged into the DiT at load; the conditioning layout
         in their metadata is used unless `layout` is given. `backend`: "auto" (Triton on CUDA), "torch" or
-        "triton". `text_encoder_device="cpu"` keeps the 11 GB encoder off the GPU.
+        "triton". `text_encoder_device="cpu"` keeps the 11 GB encoder off the GPU. `quant="fp8"`
+        quantises the DiT blocks' linear layers to E4M3 (after the LoRA merge; needs sm89+).
         """
-        if quant is not None:
-            raise ValueError(f"quant={quant!r} is not supported by this build; use quant=None (bf16)")
+        if quant not in QUANT_MODES:
+            raise ValueError(f"quant={quant!r} is not one of {QUANT_MODES}")
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"model folder not found: {path}")
@@ -121,6 +125,9 @@ class Engine:
                     raise CheckpointError(f"LoRA {f} was trained with layout {found}, another LoRA with "
                                           f"{lora_layout}; merge LoRAs trained with the same layout")
                 lora_layout = found
+        if quant == "fp8":  # after the LoRA merge: quantised weights take no delta
+            check_fp8_device(device)
+            quantize_dit_fp8_(dit)
         vae = load_vae(vae_path, dtype=_parse_dtype(vae_dtype), device=device)
         te = TextEncoder.from_pretrained(te_path, dtype=_parse_dtype(dtype), device=text_encoder_device or device)
         defaults = Defaults() if dit.cfg.dim >= 1024 else TINY_DEFAULTS
@@ -128,7 +135,7 @@ class Engine:
 
     @classmethod
     def tiny(cls, seed: int = 0, device: str | torch.device = "cpu", backend: str = "torch",
-             layout: ConditioningLayout | None = None) -> "Engine":
+             layout: ConditioningLayout | None = None, quant: str | None = None) -> "Engine":
         """The same classes at tiny widths with random weights (fp32): runs end to end on a CPU in seconds.
         Its output is noise: the weights are random."""
         cfg = ModelConfig.preset("tiny")
@@ -136,6 +143,11 @@ class Engine:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             dit = WanDiT(cfg.dit, backend=resolve_backend(backend, device)).to(device).eval().requires_grad_(False)
+        if quant not in QUANT_MODES:
+            raise ValueError(f"quant={quant!r} is not one of {QUANT_MODES}")
+        if quant == "fp8":
+            check_fp8_device(device)
+            quantize_dit_fp8_(dit)
         vae = random_vae(cfg.vae, seed=seed, device=device)
         te = TextEncoder.tiny(seed=seed, device=device)
         return cls(dit, vae, te, layout=layout, defaults=TINY_DEFAULTS, device=device)

@@ -246,6 +246,6 @@ def test_unreadable_reference_leaves_no_output(tiny, tmp_path):
 
 def test_quant_and_missing_folder(tmp_path):
     with pytest.raises(ValueError, match="quant"):
-        Engine.from_pretrained(tmp_path, quant="fp8")
+        Engine.from_pretrained(tmp_path, quant="int4")
     with pytest.raises(FileNotFoundError, match="neither a diffusers"):
         Engine.from_pretrained(tmp_path)

@@ -163,7 +163,7 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, e0: torch.Tensor, seg_lens: tuple[int, ...],
                 rope: tuple[torch.Tensor, torch.Tensor], text_kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         # x: [B, L, dim] fp32 residual stream; e0: [B, S, 6, dim] fp32 per-segment modulation
-        ops, eps, cdt = self.ops, self.cfg.eps, self.ffn[0].weight.dtype
+        ops, eps, cdt = self.ops, self.cfg.eps, self.cross_attn.k.weight.dtype  # text k/v: never quantised
         mod = (self.modulation.float()[:, None] + e0).unbind(2)  # 6 x [B, S, dim]
         shift_sa, scale_sa, gate_sa, shift_ffn, scale_ffn, gate_ffn = mod
         h = ops.layernorm_modulate(x, shift_sa, scale_sa, seg_lens, eps, cdt)  # [B, L, dim]
@@ -212,7 +212,7 @@ class WanDiT(nn.Module):
     # -- inputs -------------------------------------------------------------------------------------------
     @property
     def compute_dtype(self) -> torch.dtype:
-        return self.blocks[0].ffn[0].weight.dtype
+        return self.text_embedding[0].weight.dtype
 
     def pad_context(self, context: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         """Zero-pad each prompt's trimmed encoder output [L_i, text_dim] to [B, text_len, text_dim]."""
