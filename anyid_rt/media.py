@@ -1,0 +1,487 @@
+"""Media I/O for references and outputs: load images / clips, fit-and-pad, 4n+1 clips, H.264 mp4, Wan i2v crop.
+
+Conventions
+-----------
+* Frames are `torch.uint8` tensors [T, H, W, 3] (RGB, channel-last, CPU). An image is a 1-frame clip.
+* Model-space pixels are float32 [3, T, H, W] in [-1, 1], computed as `(x / 255 - 0.5) / 0.5`, exactly the
+  official `TF.to_tensor(img).sub_(0.5).div_(0.5)` (`to_model_range`).
+
+`load_media(x)` input rules
+---------------------------
+* a path (str / Path): images `.png .jpg .jpeg .webp .bmp` through PIL (first frame of an animated file; EXIF
+  orientation applied), videos `.mp4 .mov .webm .mkv .avi .gif` through PyAV (all frames, or the first
+  `max_frames`). Anything else is a `MediaError`, as is a missing, unreadable or corrupt file or a clip with no
+  frames.
+* a `PIL.Image.Image`.
+* a numpy array or torch tensor. dtype: uint8 ([0, 255]) or floating point in [0, 1] (a tolerance of 1e-3 is
+  clamped). Floats outside [0, 1] are rejected, never guessed: [-1, 1] data (our model range) must be mapped with
+  `(x + 1) / 2` first, 0..255 floats cast to uint8. Other dtypes (bool, uint16, int64, ...) are rejected.
+  Accepted layouts, with C in {1, 3, 4} unless stated:
+      [H, W] (grayscale)   [H, W, C]   [C, H, W]   [T, H, W, C]   [3, T, H, W] (this library's model layout)
+  A shape that fits more than one layout (e.g. [3, 64, 3] or [3, H, W, 3]) is rejected as ambiguous; pass
+  `layout=` ("HW", "HWC", "CHW", "THWC", "CTHW") to say which. torchvision's [T, C, H, W] is not accepted
+  (permute it to [T, H, W, C]). CUDA tensors are copied to the CPU.
+* Grayscale is repeated to RGB; an alpha channel (RGBA, LA, palette transparency, 4-channel arrays) is composited
+  over black, the default padding colour; 16-bit grayscale images are scaled to 8 bits.
+A Python object of another type raises TypeError.
+"""
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import torch
+
+ASSET_DIR = Path(__file__).resolve().parent / "assets"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".webm", ".mkv", ".avi", ".gif")
+LAYOUTS = ("HW", "HWC", "CHW", "THWC", "CTHW")
+H264_ENCODERS = ("libx264", "h264", "libopenh264")
+_FLOAT_TOL = 1e-3
+
+
+class MediaError(ValueError):
+    """A reference or output file / array could not be used; the message says what was wrong and what works."""
+
+
+def _supported() -> str:
+    return f"images {' '.join(IMAGE_EXTENSIONS)}; videos {' '.join(VIDEO_EXTENSIONS)}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------------
+
+def _pil_to_rgb_array(img) -> np.ndarray:
+    """A PIL image -> uint8 [H, W, 3]; EXIF orientation applied, alpha composited over black."""
+    from PIL import Image, ImageOps
+
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # malformed EXIF must not make an otherwise good image unusable
+        pass
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        a = np.asarray(img).astype(np.float64)
+        a = np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8)
+        return np.repeat(a[..., None], 3, axis=-1)
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(black, rgba)
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return np.array(img, dtype=np.uint8)  # a writable copy
+
+
+def _load_image(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return _pil_to_rgb_array(img)[None]
+    except Image.DecompressionBombError as e:
+        raise MediaError(f"{path}: image too large to load safely ({e})") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise MediaError(f"{path}: not a readable image ({type(e).__name__}: {e}); supported: {_supported()}") from e
+
+
+class VideoData(NamedTuple):
+    frames: torch.Tensor  # uint8 [T, H, W, 3]
+    fps: float | None
+    codec: str
+
+
+def _decode_video(path: Path, max_frames: int | None) -> VideoData:
+    import av
+
+    try:
+        container = av.open(str(path))
+    except (av.FFmpegError, OSError, ValueError) as e:
+        raise MediaError(f"{path}: not a readable video ({type(e).__name__}: {e}); supported: {_supported()}") from e
+    with container:
+        if not container.streams.video:
+            raise MediaError(f"{path}: the file has no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        frames: list[np.ndarray] = []
+        try:
+            for frame in container.decode(stream):
+                frames.append(frame.to_ndarray(format="rgb24"))
+                if max_frames is not None and len(frames) >= max_frames:
+                    break
+        except (av.FFmpegError, OSError, ValueError) as e:
+            raise MediaError(f"{path}: decoding failed after {len(frames)} frame(s) ({type(e).__name__}: {e})") from e
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        fps = float(rate) if rate else None
+        codec = stream.codec_context.name
+    if not frames:
+        raise MediaError(f"{path}: the video has zero frames")
+    if len({f.shape for f in frames}) != 1:
+        raise MediaError(f"{path}: the frame size changes inside the clip ({sorted({f.shape for f in frames})})")
+    return VideoData(torch.from_numpy(np.stack(frames)), fps, codec)
+
+
+def read_video(path: str | Path, max_frames: int | None = None) -> VideoData:
+    """Decode a video file: (frames uint8 [T, H, W, 3], fps, codec name as FFmpeg reports it, e.g. "h264")."""
+    path = _check_path(path)
+    _check_max_frames(max_frames)
+    return _decode_video(path, max_frames)
+
+
+def _check_path(path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise MediaError(f"{path}: file not found")
+    if path.is_dir():
+        raise MediaError(f"{path}: is a directory, not an image or video file")
+    return path
+
+
+def _check_max_frames(max_frames) -> None:
+    if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, int)
+                                   or max_frames < 1):
+        raise ValueError(f"max_frames must be a positive int or None, got {max_frames!r}")
+
+
+def _writable(a: np.ndarray) -> np.ndarray:
+    """Contiguous and writable (torch warns on read-only numpy memory such as np.asarray(PIL image))."""
+    return np.ascontiguousarray(a) if a.flags.writeable else np.array(a, order="C")
+
+
+def _match_layouts(shape: tuple) -> list[str]:
+    nd, ch = len(shape), (1, 3, 4)
+    out = []
+    if nd == 2:
+        out.append("HW")
+    elif nd == 3:
+        if shape[-1] in ch:
+            out.append("HWC")
+        if shape[0] in ch:
+            out.append("CHW")
+    elif nd == 4:
+        if shape[-1] in ch:
+            out.append("THWC")
+        if shape[0] == 3:
+            out.append("CTHW")
+    return out
+
+
+def _array_to_frames(a, what: str, layout: str | None) -> torch.Tensor:
+    if isinstance(a, np.ndarray):
+        if a.dtype.kind not in "uif":
+            raise MediaError(f"{what} has dtype {a.dtype}; use uint8 in [0, 255] or float in [0, 1]")
+        t = torch.from_numpy(_writable(a))
+    else:
+        t = a.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+    shape = tuple(t.shape)
+    if t.dtype == torch.uint8:
+        pass
+    elif t.is_floating_point():
+        if t.numel() and not torch.isfinite(t).all():
+            raise MediaError(f"{what} holds NaN or inf values")
+        if t.numel():
+            lo, hi = t.min().item(), t.max().item()
+            if lo < -_FLOAT_TOL or hi > 1 + _FLOAT_TOL:
+                hint = ("data in [-1, 1] (model range) must be mapped with (x + 1) / 2" if lo < 0
+                        else "0..255 data must be cast to uint8")
+                raise MediaError(f"{what}: float values must lie in [0, 1], got [{lo:.4g}, {hi:.4g}]; {hint}")
+        t = (t.float().clamp(0, 1) * 255).round().to(torch.uint8)
+    else:
+        raise MediaError(f"{what} has dtype {str(t.dtype).replace('torch.', '')}; use uint8 in [0, 255] "
+                         f"or float in [0, 1]")
+
+    if layout is not None:
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if len(layout) != len(shape) or (layout != "HW" and shape[layout.index("C")] not in (1, 3, 4)):
+            raise MediaError(f"{what} of shape {list(shape)} does not fit layout {layout!r}")
+        chosen = layout
+    else:
+        fits = _match_layouts(shape)
+        if not fits:
+            raise MediaError(
+                f"{what} has shape {list(shape)}; supported layouts are [H, W], [H, W, C], [C, H, W], "
+                f"[T, H, W, C] with C in 1/3/4, and [3, T, H, W] (torchvision's [T, C, H, W] must be permuted "
+                f"to [T, H, W, C])")
+        if len(fits) > 1:
+            raise MediaError(f"{what} of shape {list(shape)} is ambiguous: it fits layouts {fits}; "
+                             f"pass layout= to choose")
+        chosen = fits[0]
+    perm = {"HW": None, "HWC": (0, 1, 2), "CHW": (1, 2, 0), "THWC": (0, 1, 2, 3), "CTHW": (1, 2, 3, 0)}[chosen]
+    if chosen == "HW":
+        t = t[None, :, :, None]
+    else:
+        t = t.permute(*perm)
+        if t.ndim == 3:
+            t = t[None]
+    if 0 in t.shape:
+        what_zero = "zero frames" if t.shape[0] == 0 else "an empty frame size"
+        raise MediaError(f"{what} of shape {list(shape)} has {what_zero}")
+    return _to_rgb(t)
+
+
+def _to_rgb(t: torch.Tensor) -> torch.Tensor:
+    c = t.shape[-1]
+    if c == 1:
+        t = t.expand(*t.shape[:-1], 3)
+    elif c == 4:  # composite over black
+        a = t[..., 3:].float() / 255
+        t = (t[..., :3].float() * a).round().to(torch.uint8)
+    return t.contiguous()
+
+
+def load_media(x, max_frames: int | None = None, *, layout: str | None = None) -> torch.Tensor:
+    """Load an image or clip (path, PIL image, numpy array or torch tensor) as uint8 [T, H, W, 3].
+
+    `max_frames` keeps the first `max_frames` frames (a video stops decoding there). See the module docstring
+    for the accepted forms; errors are `MediaError` (a ValueError) except for unsupported Python types
+    (TypeError)."""
+    _check_max_frames(max_frames)
+    if isinstance(x, (str, Path)):
+        path = _check_path(x)
+        ext = path.suffix.lower()
+        if ext in IMAGE_EXTENSIONS:
+            frames = torch.from_numpy(_load_image(path))
+        elif ext in VIDEO_EXTENSIONS:
+            frames = _decode_video(path, max_frames).frames
+        else:
+            raise MediaError(f"{path}: unsupported file type {ext or '(no extension)'!r}; supported: {_supported()}")
+    else:
+        try:
+            from PIL import Image
+            is_pil = isinstance(x, Image.Image)
+        except ImportError:  # pragma: no cover
+            is_pil = False
+        if is_pil:
+            frames = torch.from_numpy(_pil_to_rgb_array(x))[None]
+        elif isinstance(x, (np.ndarray, torch.Tensor)):
+            frames = _array_to_frames(x, f"{type(x).__name__}", layout)
+        else:
+            raise TypeError(f"cannot load media from a {type(x).__name__}; pass a file path, a PIL image, a numpy "
+                            f"array or a torch tensor")
+    if max_frames is not None:
+        frames = frames[:max_frames]
+    return frames.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Geometry
+# ---------------------------------------------------------------------------------------------------------------
+
+def _check_frames(frames, what: str = "frames") -> torch.Tensor:
+    if isinstance(frames, np.ndarray):
+        frames = torch.from_numpy(_writable(frames))
+    if not isinstance(frames, torch.Tensor):
+        raise TypeError(f"{what} must be a uint8 tensor [T, H, W, 3], got {type(frames).__name__}")
+    if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise MediaError(f"{what} must be uint8 [T, H, W, 3], got {str(frames.dtype).replace('torch.', '')} "
+                         f"{list(frames.shape)} (load_media converts other forms)")
+    if 0 in frames.shape:
+        raise MediaError(f"{what} of shape {list(frames.shape)} is empty")
+    return frames.cpu()
+
+
+def to_model_range(frames) -> torch.Tensor:
+    """uint8 [T, H, W, 3] -> float32 [3, T, H, W] in [-1, 1], as `TF.to_tensor(x).sub_(0.5).div_(0.5)`."""
+    frames = _check_frames(frames)
+    return frames.permute(3, 0, 1, 2).float().div(255).sub_(0.5).div_(0.5)
+
+
+def _resize(frame: np.ndarray, width: int, height: int) -> np.ndarray:
+    from PIL import Image
+
+    if frame.shape[0] == height and frame.shape[1] == width:
+        return frame
+    return np.array(Image.fromarray(frame).resize((width, height), Image.LANCZOS))
+
+
+def fit_box(h: int, w: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """Where an h x w frame lands when fitted inside height x width with its aspect ratio kept:
+    (top, left, new_h, new_w). The scale is min(height / h, width / w); sizes are rounded, at least 1."""
+    scale = min(height / h, width / w)
+    nh = min(height, max(1, round(h * scale)))
+    nw = min(width, max(1, round(w * scale)))
+    return (height - nh) // 2, (width - nw) // 2, nh, nw
+
+
+def fit_and_pad(frames, height: int, width: int, pad_value: int | Sequence[int] = (0, 0, 0)) -> torch.Tensor:
+    """Fit a clip inside height x width keeping its aspect ratio, centre it, pad with `pad_value` (RGB, 0..255).
+
+    Input uint8 [T, H, W, 3]; output float32 [3, T, height, width] in [-1, 1] (`to_model_range`). Resizing is
+    PIL LANCZOS per frame (antialiased; the filter the official Wan i2v preprocessing uses); a frame already at the
+    target size is copied unchanged. Placement is `fit_box` (an odd leftover puts the extra padding row/column
+    at the bottom/right)."""
+    frames = _check_frames(frames)
+    if not (isinstance(height, int) and isinstance(width, int)) or height < 1 or width < 1:
+        raise ValueError(f"height and width must be positive ints, got {height!r} x {width!r}")
+    if isinstance(pad_value, (int, np.integer)):
+        pad_value = (int(pad_value),) * 3
+    pad = tuple(pad_value)
+    if len(pad) != 3 or not all(isinstance(v, (int, np.integer)) and 0 <= v <= 255 for v in pad):
+        raise ValueError(f"pad_value must be an int or 3 ints in [0, 255], got {pad_value!r}")
+    t, h, w, _ = frames.shape
+    top, left, nh, nw = fit_box(h, w, height, width)
+    out = torch.empty(t, height, width, 3, dtype=torch.uint8)
+    out[:] = torch.tensor(pad, dtype=torch.uint8)
+    src = frames.numpy()
+    for i in range(t):
+        out[i, top:top + nh, left:left + nw] = torch.from_numpy(_resize(src[i], nw, nh))
+    return to_model_range(out)
+
+
+def to_4n_plus_1(frames, max_frames: int):
+    """Make a clip 4n+1 frames long with at most `max_frames` frames (time is dim 0; tensor or numpy array).
+
+    Rule: let m be the largest 4n+1 <= max_frames. If the clip has T <= max_frames frames, keep its first
+    4*floor((T-1)/4)+1 frames (drops at most 3 frames from the end; the frame rate is kept). If T > max_frames,
+    subsample it uniformly to m frames, indices round(linspace(0, T-1, m)) (first and last frame kept). A 1-frame
+    clip stays 1 frame."""
+    _check_max_frames(max_frames)
+    if max_frames is None:
+        raise ValueError("max_frames is required")
+    if not isinstance(frames, (torch.Tensor, np.ndarray)):
+        raise TypeError(f"frames must be a tensor or numpy array, got {type(frames).__name__}")
+    t = frames.shape[0] if frames.ndim else 0
+    if t == 0:
+        raise MediaError("the clip has zero frames")
+    if t <= max_frames:
+        return frames[:(t - 1) // 4 * 4 + 1]
+    m = (max_frames - 1) // 4 * 4 + 1
+    idx = np.round(np.linspace(0, t - 1, m)).astype(np.int64)
+    return frames[torch.from_numpy(idx)] if isinstance(frames, torch.Tensor) else frames[idx]
+
+
+def best_output_size(w: int, h: int, dw: int = 32, dh: int = 32, max_area: int = 1280 * 704) -> tuple[int, int]:
+    """Official Wan2.2 `best_output_size`: (ow, oh), multiples of (dw, dh) with ow * oh <= max_area and the
+    aspect ratio closest to w / h (width-first candidate wins only when strictly closer). For extreme aspect
+    ratios where a candidate rounds to zero (the official code divides by zero) the other candidate is used, and if
+    both do, one block high (wide input) or one block wide (tall input)."""
+    for name, v in (("w", w), ("h", h), ("dw", dw), ("dh", dh), ("max_area", max_area)):
+        if not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"best_output_size: {name} must be a positive int, got {v!r}")
+    ratio = w / h
+    ow = (max_area * ratio) ** 0.5
+    oh = max_area / ow
+    cands = []
+    ow1 = int(ow // dw * dw)  # width first
+    if ow1 > 0:
+        oh1 = int(max_area / ow1 // dh * dh)
+        if oh1 > 0:
+            cands.append((ow1, oh1))
+    oh2 = int(oh // dh * dh)  # height first
+    if oh2 > 0:
+        ow2 = int(max_area / oh2 // dw * dw)
+        if ow2 > 0:
+            cands.append((ow2, oh2))
+    if not cands:  # extreme aspect ratio: one block high (wide input) or one block wide (tall input)
+        size = (max_area // dh // dw * dw, dh) if w > h else (dw, max_area // dw // dh * dh)
+        if 0 in size:
+            raise ValueError(f"no {dw}x{dh}-aligned size fits in area {max_area}")
+        return size
+    if len(cands) == 1:
+        return cands[0]
+    (a_w, a_h), (b_w, b_h) = cands
+    r1, r2 = a_w / a_h, b_w / b_h
+    return cands[0] if max(ratio / r1, r1 / ratio) < max(ratio / r2, r2 / ratio) else cands[1]
+
+
+def crop_center_to(image, width: int, height: int) -> torch.Tensor:
+    """Official Wan i2v resize-and-crop: scale = max(width / iw, height / ih), resize to (round(iw * scale),
+    round(ih * scale)) with LANCZOS, centre-crop to width x height (offsets floor((rw - width) / 2), ...).
+
+    `image`: anything `load_media` accepts (every frame is processed). Returns uint8 [T, height, width, 3]; use
+    `to_model_range` for the [-1, 1] tensor the VAE takes."""
+    from PIL import Image
+
+    if not (isinstance(width, int) and isinstance(height, int)) or width < 1 or height < 1:
+        raise ValueError(f"width and height must be positive ints, got {width!r} x {height!r}")
+    frames = image if (isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and image.ndim == 4
+                       and image.shape[-1] == 3) else load_media(image)
+    frames = _check_frames(frames)
+    _, ih, iw, _ = frames.shape
+    scale = max(width / iw, height / ih)
+    rw, rh = round(iw * scale), round(ih * scale)
+    x1, y1 = (rw - width) // 2, (rh - height) // 2
+    out = []
+    for f in frames.numpy():
+        img = Image.fromarray(f).resize((rw, rh), Image.LANCZOS).crop((x1, y1, x1 + width, y1 + height))
+        out.append(np.asarray(img))
+    return torch.from_numpy(np.stack(out))
+
+
+def wan_i2v_image(image, max_area: int = 1280 * 704, dw: int = 32, dh: int = 32) -> torch.Tensor:
+    """The whole official TI2V image preprocessing: best_output_size, crop_center_to, [-1, 1].
+    Returns float32 [3, 1, oh, ow] (first frame of a clip)."""
+    frames = load_media(image, max_frames=1)
+    ow, oh = best_output_size(frames.shape[2], frames.shape[1], dw, dh, max_area)
+    return to_model_range(crop_center_to(frames, ow, oh))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------------------------
+
+def h264_encoder() -> str:
+    """Name of the first H.264 encoder this PyAV build has (libx264, h264, libopenh264); MediaError if none."""
+    import av
+
+    for name in H264_ENCODERS:
+        try:
+            av.codec.Codec(name, "w")
+            return name
+        except Exception:
+            continue
+    raise MediaError(f"this PyAV/FFmpeg build has no H.264 encoder (tried {', '.join(H264_ENCODERS)}); install a "
+                     f"PyAV wheel built with libx264")
+
+
+def write_mp4(frames, path: str | Path, fps: float = 24, *, crf: int = 18, preset: str = "medium") -> Path:
+    """Write uint8 [T, H, W, 3] frames as H.264 (yuv420p) mp4 at `fps`; returns the path.
+
+    yuv420p needs even sizes: an odd height / width is padded by repeating the last row / column (the file is
+    then one pixel larger in that direction). libx264 gets `crf` (0 lossless .. 51; 18 is visually lossless) and
+    `preset`; the moov atom is written first (`+faststart`) so the file streams. Colour conversion is FFmpeg's
+    default (BT.601, limited range), as in the official Wan `cache_video` path."""
+    import av
+
+    frames = _check_frames(frames)
+    if isinstance(fps, bool) or not isinstance(fps, (int, float, Fraction)) or not math.isfinite(fps) or fps <= 0:
+        raise ValueError(f"fps must be a positive number, got {fps!r}")
+    rate = Fraction(fps).limit_denominator(1001)
+    t, h, w, _ = frames.shape
+    arr = frames.numpy()
+    if h % 2 or w % 2:
+        arr = np.pad(arr, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+        h, w = h + h % 2, w + w % 2
+    codec = h264_encoder()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with av.open(str(path), "w", options={"movflags": "+faststart"}) as container:
+            stream = container.add_stream(codec, rate=rate)
+            stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+            if codec in ("libx264", "h264"):
+                stream.options = {"crf": str(int(crf)), "preset": preset}
+            else:
+                stream.bit_rate = int(0.15 * w * h * float(rate))
+            for i in range(t):
+                frame = av.VideoFrame.from_ndarray(arr[i], format="rgb24")
+                frame.pts = i
+                frame.time_base = 1 / rate
+                container.mux(stream.encode(frame))
+            container.mux(stream.encode(None))
+    except (av.FFmpegError, OSError, ValueError) as e:
+        path.unlink(missing_ok=True)
+        raise MediaError(f"could not write {path}: {type(e).__name__}: {e}") from e
+    return path
+
+
+__all__ = ["MediaError", "VideoData", "load_media", "read_video", "fit_and_pad", "fit_box", "to_model_range",
+           "to_4n_plus_1", "write_mp4", "h264_encoder", "crop_center_to", "best_output_size", "wan_i2v_image",
+           "IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "LAYOUTS", "ASSET_DIR"]
