@@ -93,6 +93,10 @@ class CheckpointReader:
         if file.suffix in (".pth", ".pt", ".bin", ".ckpt"):
             try:
                 sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):  # only the legacy (pre-zip) format cannot be memory-mapped
+                    raise CheckpointError(f"{file}: cannot be read with torch.load(weights_only=True): {e}") from e
+                sd = _load_legacy(file)
             except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad checkpoint
                 raise CheckpointError(f"{file}: cannot be read with torch.load(weights_only=True): {e}") from e
             if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
@@ -184,6 +188,14 @@ def load_into(module: nn.Module, reader: CheckpointReader, key_map: Callable[[st
         _assign(module, name, t)
     if current is not None:
         reader.close(current)
+
+
+def _load_legacy(file: Path) -> dict:
+    """A .pth in torch's legacy (non-zip) format cannot be memory-mapped: it is read whole, once."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{file}: cannot be read with torch.load(weights_only=True): {e}") from e
 
 
 def _assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
