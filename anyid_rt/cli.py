@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_demo)
+
+    from .benchmark import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
     return ap
 
 
