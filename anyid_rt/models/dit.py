@@ -238,7 +238,8 @@ class WanDiT(nn.Module):
         """Per-token (cos, sin) for the concatenated groups; cached per layout, never rebuilt in the step loop."""
         key = (tuple(grids), tuple(frame_starts), str(device))
         if key not in self._rope_cache:
-            tables = [rope_table(g, s, self.cfg, device) for g, s in zip(grids, frame_starts)]
+            with torch.inference_mode(False):  # normal tensors, so a later training forward can save them
+                tables = [rope_table(g, s, self.cfg, device) for g, s in zip(grids, frame_starts)]
             if len(self._rope_cache) > 16:
                 self._rope_cache.clear()
             self._rope_cache[key] = (torch.cat([c for c, _ in tables]), torch.cat([s for _, s in tables]))

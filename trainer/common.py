@@ -1,0 +1,384 @@
+"""What SFT and Flow-DPO share: the model, the optimizer, the loop, checkpoints, logs and validation.
+
+The loop (`run_loop`) is the same for both: it walks a `BatchPlan` of global micro-batches from a saved
+position, takes this process's slice, calls the stage's `micro_step` (which returns a loss and detached
+metrics), accumulates gradients (DDP syncs on the last micro-batch only), clips, steps AdamW and the
+scheduler, logs, writes atomic checkpoints and validation videos.
+
+Exact resume. Every random draw of a sample (timestep, noise, null condition) comes from a generator seeded
+by (seed, stage, step, micro-batch, position in the global batch), and the data order is a pure function of
+(seed, epoch). A checkpoint holds the LoRA, AdamW and scheduler state, the RNG states (torch, CUDA, numpy,
+python) and the data position, so a run interrupted after checkpoint k and resumed computes bit for bit what
+the uninterrupted run computes (on a CPU; GPU kernels may not be deterministic).
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..conditioning import ConditioningLayout, StepLayout, step_layout
+from ..engine import Engine
+from ..models.dit import Segments, WanDiT
+from ..models.dit_loader import keep_fp32
+from . import dist as dist_utils
+from .config import ModelSource, OptimConfig, RunConfig, ValidationConfig
+from .data import BatchPlan
+from .lora import load_lora_state_dict_, lora_parameters, lora_state_dict
+
+CHECKPOINT_DIR = "checkpoints"
+LATEST_FILE = "latest"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------------------
+
+def check_precision(mixed_precision: str, device: torch.device) -> torch.dtype:
+    """The base weights' dtype for a run; bf16 needs CUDA (no silent fp32 fallback)."""
+    if mixed_precision == "bf16":
+        if device.type != "cuda":
+            raise ValueError(f"mixed_precision = \"bf16\" needs a CUDA device (the run is on {device}); "
+                             "set mixed_precision = \"fp32\" to train on the CPU")
+        return torch.bfloat16
+    return torch.float32
+
+
+def build_engine(src: ModelSource, dtype: torch.dtype, device: torch.device,
+                 layout: ConditioningLayout | None) -> Engine:
+    """The engine (DiT + VAE + text encoder) a run trains on: a preset with random weights or a model folder.
+    Base weights are stored in `dtype` except the layers Wan keeps in fp32 (norms, modulation, time embedding,
+    head)."""
+    if src.preset is not None:
+        engine = Engine.tiny(seed=src.seed, device=device, backend=src.backend, layout=layout)
+        if dtype != torch.float32:
+            with torch.no_grad():
+                for name, p in engine.dit.named_parameters():
+                    if not keep_fp32(name):
+                        p.data = p.data.to(dtype)
+        return engine
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+    return Engine.from_pretrained(src.path, dtype=name, backend=src.backend, device=device,
+                                  text_encoder_device=src.text_encoder_device, layout=layout)
+
+
+class GroupsForward(nn.Module):
+    """`dit.forward_groups` as a module's forward, so that DistributedDataParallel can wrap it."""
+
+    def __init__(self, dit: WanDiT):
+        super().__init__()
+        self.dit = dit
+
+    def forward(self, latents: list[torch.Tensor], frame_starts: list[int], segments: Segments,
+                context: list[torch.Tensor]) -> torch.Tensor:
+        return self.dit.forward_groups(latents, frame_starts, segments, context)
+
+
+def target_layout(layout: ConditioningLayout, target: torch.Tensor, refs: list[torch.Tensor]) -> StepLayout:
+    """Token layout of [noisy target, references...] (no image-to-video frame)."""
+    _, _, f, h, w = target.shape
+    return step_layout(layout, (f, h // 2, w // 2), [r.shape[2] for r in refs], (h // 2) * (w // 2), False)
+
+
+def train_segments(sl: StepLayout, t: torch.Tensor) -> Segments:
+    """Per-sample timesteps: the target's t [B], the references' 0 (AnyID section 4.2)."""
+    cols = [t.float()] + ([torch.zeros_like(t, dtype=torch.float32)] if sl.ref_tokens else [])
+    return Segments(sl.seg_lens, torch.stack(cols, dim=1))
+
+
+def sample_seed(*parts) -> int:
+    """A 63-bit seed from any hashable description (e.g. seed, stage, step, micro-batch, position)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+def add_noise(x0: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The rectified-flow forward process x_t = (1 - sigma) x0 + sigma eps (sigma [B], broadcast)."""
+    s = sigma.view(-1, *([1] * (x0.ndim - 1))).to(x0)
+    return (1 - s) * x0 + s * eps
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Optimizer, RNG, checkpoints, logs
+# ---------------------------------------------------------------------------------------------------------
+
+def make_optimizer(params: list[nn.Parameter], cfg: OptimConfig):
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    warm = cfg.warmup_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    return opt, sched
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                       "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached": float(np_state[4])}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Checkpoints:
+    """`OUTPUT/checkpoints/step_00000100/{state.pt, lora.safetensors}`; `OUTPUT/checkpoints/latest` names the
+    newest. A checkpoint folder is written under a temporary name and renamed into place (os.replace), and
+    `latest` is replaced atomically, so a crash mid-write never leaves a half checkpoint that resume picks."""
+
+    def __init__(self, output_dir: str | Path, keep: int = 3):
+        self.dir = Path(output_dir) / CHECKPOINT_DIR
+        self.keep = keep
+
+    def save(self, step: int, state: dict, write_lora: Callable[[Path], None]) -> Path:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        final = self.dir / f"step_{step:08d}"
+        tmp = self.dir / f".step_{step:08d}.tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        torch.save(state, tmp / "state.pt")
+        write_lora(tmp / "lora.safetensors")
+        if final.exists():  # the same step again (a resumed run re-saving): replace it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        latest_tmp = self.dir / f".{LATEST_FILE}.tmp-{os.getpid()}"
+        latest_tmp.write_text(final.name + "\n")
+        os.replace(latest_tmp, self.dir / LATEST_FILE)
+        done = sorted(p for p in self.dir.glob("step_*") if p.is_dir())
+        for old in done[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def latest(self) -> Path | None:
+        f = self.dir / LATEST_FILE
+        if f.is_file():
+            p = self.dir / f.read_text().strip()
+            if (p / "state.pt").is_file():
+                return p
+        done = sorted(p for p in self.dir.glob("step_*") if (p / "state.pt").is_file())
+        return done[-1] if done else None
+
+    @staticmethod
+    def load(path: str | Path) -> dict:
+        path = Path(path)
+        f = path / "state.pt" if path.is_dir() else path
+        if not f.is_file():
+            raise FileNotFoundError(f"no checkpoint state at {f}")
+        return torch.load(f, map_location="cpu", weights_only=True)
+
+
+class MetricLog:
+    """CSV log (`OUTPUT/log.csv`, one row per logged step) and, optionally, TensorBoard (`OUTPUT/tb`).
+    On resume, rows after the resumed step (written before the interruption) are dropped."""
+
+    def __init__(self, output_dir: str | Path, fields: list[str], resume_step: int | None, tensorboard: bool):
+        self.path = Path(output_dir) / "log.csv"
+        self.fields = ["step", "epoch", "lr", "grad_norm", "seconds"] + fields
+        rows = []
+        if resume_step is not None and self.path.is_file():
+            with open(self.path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "w", newline="")
+        self._w = csv.DictWriter(self._f, fieldnames=self.fields, extrasaction="ignore")
+        self._w.writeheader()
+        self._w.writerows(rows)
+        self._f.flush()
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ImportError("tensorboard = true needs the tensorboard package (pip install tensorboard); "
+                                  "the CSV log needs nothing") from e
+            self.tb = SummaryWriter(str(Path(output_dir) / "tb"))
+
+    def write(self, row: dict) -> None:
+        self._w.writerow(row)
+        self._f.flush()
+        if self.tb is not None:
+            for k, v in row.items():
+                if k not in ("step", "epoch") and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        self._f.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_log(output_dir: str | Path) -> list[dict]:
+    with open(Path(output_dir) / "log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------------------
+
+def validate(engine: Engine, dit: WanDiT, layout: ConditioningLayout, cfg: ValidationConfig,
+             default_size: tuple[int, int, int], path: Path) -> Path:
+    """A video from the in-memory model (LoRA active) through the engine, written to `path`."""
+    f, h, w = default_size
+    val = Engine(dit, engine.vae, engine.text_encoder, layout=layout, defaults=engine.defaults, device=engine.device)
+    was_training = dit.training
+    dit.eval()
+    try:
+        val.generate(cfg.prompt, references=list(cfg.references), primary=cfg.primary,
+                     height=cfg.height or h, width=cfg.width or w, num_frames=cfg.num_frames or f,
+                     steps=cfg.steps, guidance=cfg.guidance, shift=cfg.shift, seed=cfg.seed, output=path,
+                     progress=False)
+    finally:
+        dit.train(was_training)  # the DiT builds its RoPE tables outside inference mode, so reuse is safe
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class LoopResult:
+    """What a run returns: final step, per-step metrics (this process's view, averaged over processes),
+    the output folder and the final LoRA file (None when the run stopped early)."""
+
+    step: int
+    history: list[dict] = field(default_factory=list)
+    output_dir: Path | None = None
+    lora_path: Path | None = None
+    checkpoint: Path | None = None
+    lora_state: dict[str, torch.Tensor] = field(default_factory=dict)  # final LoRA tensors (CPU copies)
+
+
+MicroStep = Callable[[list[int], list[int], int, int, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def run_loop(*, cfg: RunConfig, info: dist_utils.DistInfo, dit: WanDiT, model: nn.Module, plan: BatchPlan,
+             micro_step: MicroStep, optimizer, scheduler, metric_names: list[str],
+             write_lora: Callable[[Path], None], final_lora: Path, resume_state: dict | None,
+             validation: Callable[[int], None] | None, validate_every: int, max_grad_norm: float, config_json: str,
+             stop_after: int | None = None, progress_desc: str = "train") -> LoopResult:
+    """The shared training loop. `micro_step(indices, positions, step, micro, epoch)` computes the mean loss
+    of this process's slice of a global micro-batch (positions: each sample's place in the global batch)."""
+    params = lora_parameters(dit)
+    step, epoch, index = 0, 0, 0
+    if resume_state is not None:
+        step, (epoch, index) = resume_state["step"], resume_state["position"]
+    ckpt = Checkpoints(cfg.output_dir, cfg.keep_checkpoints)
+    log = MetricLog(cfg.output_dir, metric_names, step if resume_state else None, cfg.tensorboard) \
+        if info.is_main else None
+    result = LoopResult(step, output_dir=Path(cfg.output_dir))
+    it = plan.iterate(epoch, index)
+    per_rank = cfg.batch_size
+    window: list[dict] = []
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=progress_desc, disable=not (cfg.progress and info.is_main))
+    t0 = time.perf_counter()
+    try:
+        while step < cfg.max_steps:
+            sums: dict[str, float] = {}
+            for micro in range(cfg.grad_accum):
+                epoch, index, batch = next(it)
+                lo = info.rank * per_rank
+                mine, positions = batch[lo:lo + per_rank], list(range(lo, lo + per_rank))
+                with dist_utils.no_sync(model, sync=micro == cfg.grad_accum - 1):
+                    loss, metrics = micro_step(mine, positions, step, micro, epoch)
+                    (loss / cfg.grad_accum).backward()
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum
+            if max_grad_norm > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+            else:
+                grad_norm = float(torch.linalg.vector_norm(
+                    torch.stack([torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None])))
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            names = sorted(sums)
+            avg = dist_utils.mean_over_ranks(torch.tensor([sums[k] for k in names], dtype=torch.float64), info)
+            row = {"step": step, "epoch": epoch, "lr": lr, "grad_norm": grad_norm,
+                   **{k: float(v) for k, v in zip(names, avg.tolist())}}
+            result.history.append(row)
+            window.append(row)
+            bar.update(1)
+            bar.set_postfix({k: f"{row[k]:.4g}" for k in metric_names[:3] if k in row})
+            if log is not None and (step % cfg.log_every == 0 or step == cfg.max_steps):
+                agg = {k: sum(r[k] for r in window) / len(window) for k in metric_names if k in row}
+                log.write({**row, **agg, "seconds": round(time.perf_counter() - t0, 3)})
+                window = []
+            if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.max_steps):
+                if info.is_main:
+                    state = {"step": step, "position": (epoch, index + 1), "lora": {k: v.detach().cpu().clone()
+                             for k, v in lora_state_dict(dit).items()}, "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "rng": rng_state(), "config": config_json}
+                    result.checkpoint = ckpt.save(step, state, write_lora)
+                dist_utils.barrier(info)
+            if validation is not None and validate_every and step % validate_every == 0:
+                if info.is_main:
+                    validation(step)
+                dist_utils.barrier(info)
+            if stop_after is not None and step >= stop_after and step < cfg.max_steps:
+                result.step = step
+                result.lora_state = {k: v.cpu().clone() for k, v in lora_state_dict(dit).items()}
+                return result  # a simulated interruption: no final LoRA
+        if info.is_main:
+            final_lora.parent.mkdir(parents=True, exist_ok=True)
+            write_lora(final_lora)
+            result.lora_path = final_lora
+        dist_utils.barrier(info)
+        result.step = step
+        result.lora_state = {k: v.cpu().clone() for k, v in lora_state_dict(dit).items()}
+        return result
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+
+
+def restore(state: dict, dit: nn.Module, optimizer, scheduler) -> None:
+    """Load a checkpoint's LoRA, AdamW, scheduler and RNG states into a freshly built run."""
+    load_lora_state_dict_(dit, state["lora"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+
+
+def find_resume(cfg: RunConfig) -> dict | None:
+    """The checkpoint state a run resumes from: `resume = "auto"` (the latest in output_dir, or none),
+    "none", or a checkpoint folder / state.pt path."""
+    if cfg.resume == "none":
+        return None
+    if cfg.resume == "auto":
+        p = Checkpoints(cfg.output_dir).latest()
+        return Checkpoints.load(p) if p is not None else None
+    return Checkpoints.load(cfg.resume)
+
+
+def stack_refs(per_sample: Iterable[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """[[ref_0, ref_1, ...] per sample] -> [ref_0 batch, ref_1 batch, ...] (every sample the same shapes)."""
+    rows = list(per_sample)
+    return [torch.cat([r[j] for r in rows]) for j in range(len(rows[0]))] if rows and rows[0] else []
+
+
+__all__ = ["build_engine", "check_precision", "GroupsForward", "target_layout", "train_segments", "sample_seed",
+           "add_noise", "make_optimizer", "rng_state", "set_rng_state", "Checkpoints", "MetricLog", "read_log",
+           "validate", "LoopResult", "run_loop", "restore", "find_resume", "stack_refs"]
