@@ -5,28 +5,39 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-STAMP := $(VENV)/.installed
+CORE := $(VENV)/.installed-core
+TESTDEPS := $(VENV)/.installed-test
 
 .PHONY: demo test bench gpu-suite clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): setup.py | $(PY)
+# the runtime: torch, triton, safetensors, PyAV, and transformers for the umT5 text encoder
+$(CORE): setup.py | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "torch==2.13.0"
-	$(PIP) install -q -e ".[test,text]"
-	touch $(STAMP)
+	$(PIP) install -q -e ".[text]"
+	touch $(CORE)
 
-demo: $(STAMP)
+# the test oracles (diffusers, transformers), export (onnx, onnxruntime, tritonclient) and the Triton server
+# (nvidia-pytriton, --no-deps: its numpy<2 pin would downgrade numpy; the server's Python stub gets a
+# numpy<2 of its own inside .venv)
+$(TESTDEPS): $(CORE)
+	$(PIP) install -q -e ".[text,test,export]"
+	$(PIP) install -q --no-deps "nvidia-pytriton==0.7.0"
+	$(PY) -c "from anyid_rt.export.serve import prepare_stub_site; prepare_stub_site()"
+	touch $(TESTDEPS)
+
+demo: $(CORE)
 	$(VENV)/bin/anyid-rt demo --out out/demo.mp4
 
-test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider tests --benchmark-disable
+test: $(TESTDEPS)
+	$(PY) -m pytest -q tests --benchmark-disable
 
-bench: $(STAMP)
+bench: $(TESTDEPS)
 	$(PY) -m pytest -q tests/test_bench_cpu.py --benchmark-only
 
-gpu-suite: $(STAMP)
+gpu-suite: $(CORE)
 	bash bench/gpu_suite.sh
 
 clean:

@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .trainer.cli import add_parser as add_train_parser
 
     add_train_parser(sub)
+    from .export.cli import add_parser as add_export_parser, add_serve_parser
+
+    add_export_parser(sub)
+    add_serve_parser(sub)
     return ap
 
 

@@ -1,0 +1,56 @@
+"""The command line: generate, demo, errors, and --help of every command."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from anyid_rt import media
+from anyid_rt.cli import ASSETS, main
+
+
+def test_generate_tiny_with_references(tmp_path, capsys):
+    out = tmp_path / "v.mp4"
+    rc = main(["generate", "--tiny", "--prompt", "Expression: smiling.", "--ref", str(ASSETS / "astronaut.png"),
+               "--ref", str(ASSETS / "astronaut_clip.mp4"), "--primary", "1", "--steps", "2", "--out", str(out),
+               "--no-progress", "--timings-json", str(tmp_path / "t.json")])
+    assert rc == 0
+    frames, fps, codec = media.read_video(out)
+    assert frames.shape == (9, 64, 64, 3) and fps == 24 and codec == "h264"
+    text = capsys.readouterr().out
+    assert f"wrote {out}" in text and "denoise" in text
+    assert (tmp_path / "t.json").exists()
+
+
+def test_demo_writes_the_video_and_says_it_is_noise(tmp_path, capsys):
+    out = tmp_path / "demo.mp4"
+    assert main(["demo", "--out", str(out), "--no-progress"]) == 0
+    assert media.read_video(out).frames.shape[0] == 9
+    text = capsys.readouterr().out
+    assert "random weights" in text and "--model" in text and str(out) in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--frames", "8"], "4n+1"),
+    (["--height", "100"], "multiple of 32"),
+    (["--ref", "/nonexistent.png"], "reference 0"),
+])
+def test_generate_bad_input_exits_2_with_the_reason(tmp_path, capsys, args, message):
+    rc = main(["generate", "--tiny", "--prompt", "p", "--out", str(tmp_path / "x.mp4"), "--no-progress", *args])
+    assert rc == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def test_generate_needs_a_model_or_tiny():
+    with pytest.raises(SystemExit, match="--model"):
+        main(["generate", "--prompt", "p"])
+
+
+@pytest.mark.parametrize("command", [[], ["generate"], ["demo"], ["bench"], ["train"], ["train", "sft"],
+                                     ["export"], ["serve"]])
+def test_help(command):
+    r = subprocess.run([sys.executable, "-m", "anyid_rt.cli", *command, "--help"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "usage: anyid-rt" in r.stdout
