@@ -1,8 +1,18 @@
-"""Norms of the DiT: RMSNorm over the full width (q/k norms) and the affine LayerNorm before cross-attention."""
+"""Norms of the DiT: RMSNorm over the full width (q/k norms) and the affine LayerNorm before cross-attention.
+
+`*_ref` are the spec, the CPU / export path and the test oracle; `rms_norm` and `layer_norm` are the Triton
+kernels with the same contracts: x [..., N] of any float dtype, weight/bias [N] of any float dtype, math in
+fp32 over the full last dim (any width up to 64K columns, e.g. 3072 or 3000), result in x.dtype. Backward
+(autograd) is a Triton kernel for dx with per-program partial sums for dweight / dbias, reduced by torch.
+"""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._utils import check_triton_device, flat_rows, num_sms, row_tiling
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -17,9 +27,189 @@ def layer_norm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ep
     return F.layer_norm(x.float(), (x.shape[-1],), weight.float(), bias.float(), eps).to(x.dtype)
 
 
-def rms_norm(*args, **kwargs):
-    raise NotImplementedError("the Triton RMSNorm kernel is not built yet; use backend='torch'")
+# ----------------------------------------------------------------------------------------------------------
+# Triton kernels: one kernel per direction for both norms, IS_RMS a compile-time switch. Tiles of
+# [BLOCK_R rows, BLOCK_N columns] of x viewed as [M, N] with unit column stride.
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _norm_fwd_kernel(X, W, Bias, Y, M, N, stride_xm, stride_ym, EPS: tl.constexpr, IS_RMS: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """RMS: y = x * rstd * w, rstd = rsqrt(mean(x^2) + eps). LN: y = (x - mean) * rstd * w + b."""
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    mask = (rows < M)[:, None] & cmask[None, :]
+    x = tl.load(X + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if IS_RMS:
+        xc = x
+    else:
+        xc = tl.where(mask, x - (tl.sum(x, 1) / N)[:, None], 0.0)
+    rstd = tl.rsqrt(tl.sum(xc * xc, 1) / N + EPS)
+    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    y = xc * rstd[:, None] * w[None, :]
+    if not IS_RMS:
+        y += tl.load(Bias + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + rows[:, None] * stride_ym + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
-def layer_norm(*args, **kwargs):
-    raise NotImplementedError("the Triton LayerNorm kernel is not built yet; use backend='torch'")
+@triton.jit
+def _norm_bwd_kernel(X, W, DY, DX, DWPart, DBPart, M, N, stride_xm, stride_dym, stride_dxm, EPS: tl.constexpr,
+                     IS_RMS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dx per row and this program's partial sums of dw = sum dy * xhat (and db = sum dy for LN).
+
+    With g = dy * w and xhat the normalised row: RMS dx = rstd * (g - xhat * mean(g * xhat));
+    LN dx = rstd * (g - mean(g) - xhat * mean(g * xhat)). Programs stride over row blocks; partials go to
+    [programs, N] and are summed by the launcher.
+    """
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_N], tl.float32)
+    db = tl.zeros([BLOCK_N], tl.float32)
+    for r0 in range(pid * BLOCK_R, M, n_prog * BLOCK_R):
+        rows = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
+        mask = (rows < M)[:, None] & cmask[None, :]
+        x = tl.load(X + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows[:, None] * stride_dym + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if IS_RMS:
+            xc = x
+        else:
+            xc = tl.where(mask, x - (tl.sum(x, 1) / N)[:, None], 0.0)
+        rstd = tl.rsqrt(tl.sum(xc * xc, 1) / N + EPS)
+        xhat = xc * rstd[:, None]
+        g = dy * w[None, :]
+        dx = g - xhat * (tl.sum(g * xhat, 1) / N)[:, None]
+        if not IS_RMS:
+            dx -= (tl.sum(g, 1) / N)[:, None]
+            db += tl.sum(dy, 0)
+        dx = dx * rstd[:, None]
+        tl.store(DX + rows[:, None] * stride_dxm + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        dw += tl.sum(dy * xhat, 0)
+    tl.store(DWPart + pid * N + cols, dw, mask=cmask)
+    if not IS_RMS:
+        tl.store(DBPart + pid * N + cols, db, mask=cmask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launchers and operators (torch.library.custom_op with fake functions and autograd; see attention.py)
+# ----------------------------------------------------------------------------------------------------------
+def _norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    x2 = flat_rows(x)
+    M, N = x2.shape
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M:
+        block_r, block_n, warps = row_tiling(N)
+        _norm_fwd_kernel[(triton.cdiv(M, block_r),)](
+            x2, weight, weight if bias is None else bias, y, M, N, x2.stride(0), y.stride(0),
+            EPS=eps, IS_RMS=bias is None, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps)
+    return y.view(x.shape)
+
+
+def _norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float, is_rms: bool):
+    x2, dy2 = flat_rows(x), flat_rows(dy)
+    M, N = x2.shape
+    block_r, block_n, warps = row_tiling(N)
+    P = max(1, min(triton.cdiv(M, block_r), 4 * num_sms(x.device)))
+    dx = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    dw_part = torch.zeros((P, N), dtype=torch.float32, device=x.device)
+    db_part = dw_part if is_rms else torch.zeros((P, N), dtype=torch.float32, device=x.device)
+    if M:
+        _norm_bwd_kernel[(P,)](
+            x2, weight, dy2, dx, dw_part, db_part, M, N, x2.stride(0), dy2.stride(0), dx.stride(0),
+            EPS=eps, IS_RMS=is_rms, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps)
+    return dx.view(x.shape), dw_part.sum(0).to(weight.dtype), db_part.sum(0)
+
+
+@torch.library.custom_op("anyid_rt::rms_norm", mutates_args=())
+def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _norm_fwd(x, weight, None, eps)
+
+
+@torch.library.custom_op("anyid_rt::rms_norm_bwd", mutates_args=())
+def _rms_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    dx, dw, _ = _norm_bwd(dy, x, weight, eps, True)
+    return dx, dw
+
+
+@torch.library.custom_op("anyid_rt::layer_norm", mutates_args=())
+def _layer_norm_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    return _norm_fwd(x, weight, bias, eps)
+
+
+@torch.library.custom_op("anyid_rt::layer_norm_bwd", mutates_args=())
+def _layer_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, dw, db = _norm_bwd(dy, x, weight, eps, False)
+    return dx, dw, db.to(bias.dtype)
+
+
+@_rms_norm_op.register_fake
+def _(x, weight, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@_layer_norm_op.register_fake
+def _(x, weight, bias, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@_rms_norm_bwd_op.register_fake
+def _(dy, x, weight, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight)
+
+
+@_layer_norm_bwd_op.register_fake
+def _(dy, x, weight, bias, eps):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight),
+            torch.empty_like(bias))
+
+
+def _rms_norm_setup(ctx, inputs, output) -> None:
+    x, weight, eps = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.eps = eps
+
+
+def _rms_norm_backward(ctx, dy):
+    x, weight = ctx.saved_tensors
+    dx, dw = _rms_norm_bwd_op(dy, x, weight, ctx.eps)
+    return dx, dw, None
+
+
+def _layer_norm_setup(ctx, inputs, output) -> None:
+    x, weight, bias, eps = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.eps = eps
+
+
+def _layer_norm_backward(ctx, dy):
+    x, weight, bias = ctx.saved_tensors
+    dx, dw, db = _layer_norm_bwd_op(dy, x, weight, bias, ctx.eps)
+    return dx, dw, db, None
+
+
+_rms_norm_op.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)
+_layer_norm_op.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup)
+
+
+def _check(x: torch.Tensor, params: tuple[torch.Tensor, ...], what: str) -> None:
+    for p in params:
+        if p.shape != (x.shape[-1],):
+            raise ValueError(f"{what}: parameters must be [{x.shape[-1]}] for x {tuple(x.shape)}, got {tuple(p.shape)}")
+    for t in (x, *params):
+        check_triton_device(t)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Triton `rms_norm_ref` (op anyid_rt::rms_norm, Triton backward): fp32 math, result in x.dtype."""
+    _check(x, (weight,), "rms_norm")
+    return _rms_norm_op(x, weight, float(eps))
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Triton `layer_norm_ref` (op anyid_rt::layer_norm, Triton backward): fp32 math, result in x.dtype."""
+    _check(x, (weight, bias), "layer_norm")
+    return _layer_norm_op(x, weight, bias, float(eps))

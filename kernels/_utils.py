@@ -1,0 +1,90 @@
+"""Helpers shared by the Triton kernels: interpreter detection, device-family config choice, row tiling."""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+# Read once, at import: TRITON_INTERPRET must be set before triton is imported (tests/conftest.py does so on
+# machines without CUDA), and the kernels pick a single small config under the interpreter because it runs
+# every program in Python (autotuning there would take minutes and measure nothing).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def is_sm90_or_newer(device: torch.device) -> bool:
+    """True for Hopper and later CUDA devices; the sm80 configs serve Ampere/Ada, CPU (interpreter) and fakes."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (programs for persistent reductions); 2 under the interpreter."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return 2
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def row_tiling(n_cols: int, elem_budget: int | None = None) -> tuple[int, int, int]:
+    """(BLOCK_R rows, BLOCK_N cols, num_warps) for a row-wise kernel holding whole rows in registers.
+
+    BLOCK_N is the next power of two of the width (masked tail), so the width is limited to 64K columns.
+    Narrow rows are packed several to a program so that each program still moves about `elem_budget`
+    elements: 4K on a GPU (one 3072-wide DiT row per program, 8 warps), 16K under the interpreter, where
+    a program's fixed cost is Python overhead rather than latency.
+    """
+    block_n = triton.next_power_of_2(n_cols)
+    if block_n > 65536:
+        raise ValueError(f"row width {n_cols} is above the 65536 columns a row-wise kernel holds in registers")
+    budget = elem_budget or (16384 if INTERPRET else 4096)
+    block_r = max(1, min(64, budget // block_n))
+    num_warps = 4 if block_n * block_r <= 2048 else 8 if block_n * block_r <= 8192 else 16
+    return block_r, block_n, num_warps
+
+
+def flat_rows(x: torch.Tensor) -> torch.Tensor:
+    """View x [..., N] as [M, N] with a unit column stride; copies only when no such view exists."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def check_triton_device(t: torch.Tensor) -> None:
+    """Triton kernels take CUDA tensors; CPU tensors only under the interpreter (tests)."""
+    if t.device.type != "cuda" and not INTERPRET:
+        raise RuntimeError(f"the Triton kernels need CUDA tensors, got one on {t.device}; use backend='torch' "
+                           "(or set TRITON_INTERPRET=1 before importing triton, for tests)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Test helpers (tests/test_<op>.py): fresh random seeds and tolerances that calibrate themselves.
+# ----------------------------------------------------------------------------------------------------------
+def fresh_seed() -> int:
+    """Seed torch's RNG from ANYID_TEST_SEED if set, else randomly; return the seed for failure messages."""
+    seed = int(os.environ.get("ANYID_TEST_SEED", torch.seed() % 2**31))
+    torch.manual_seed(seed)
+    return seed
+
+
+def assert_calibrated(out: torch.Tensor, out_ref: torch.Tensor, out_pt: torch.Tensor, what: str,
+                      factor: float = 2.0, rel_floor: float = 1e-5) -> None:
+    """Flash-attention's rule: max|out - ref| <= factor * max|pt - ref| + atol.
+
+    out_ref is the reference in fp32, out_pt the same reference at the kernel's precision. atol is the
+    rounding noise of a trivial fp32 operation on the reference ((ref + 0.3 - 0.3) - ref) or, if larger,
+    rel_floor * max(1, max|ref|): the fp32 accumulation-order floor, which governs only where out_pt is
+    itself exact (fp32 runs, fp32 outputs), since the low-precision error is orders of magnitude above it.
+    """
+    ref = out_ref.double()
+    err = (out.double() - ref).abs()
+    pt_err = (out_pt.double() - ref).abs().max().item() if out_pt.numel() else 0.0
+    noise = ((out_ref.float() + 0.3 - 0.3).double() - ref).abs().max().item() if ref.numel() else 0.0
+    atol = max(noise, rel_floor * max(1.0, ref.abs().max().item() if ref.numel() else 0.0))
+    bound = factor * pt_err + atol
+    worst = err.max().item() if err.numel() else 0.0
+    if not worst <= bound:  # also fails on NaN
+        idx = tuple(int(i) for i in torch.unravel_index(torch.nan_to_num(err, nan=float("inf")).argmax(), err.shape))
+        n_bad = int((~(err <= bound)).sum())
+        raise AssertionError(f"{what}: max error {worst:.3e} > bound {bound:.3e} (= {factor} x torch low-precision "
+                             f"error {pt_err:.3e} + atol {atol:.3e}); {n_bad}/{err.numel()} elements over, worst at "
+                             f"{idx}: got {out[idx].item():.6g}, reference {out_ref[idx].item():.6g}")
