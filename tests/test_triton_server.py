@@ -253,9 +253,16 @@ def test_serve_cli_stops_on_sigterm(repo):
                 pytest.skip(f"tritonserver cannot run on this machine: {out[-500:]}")
             pytest.fail(f"`anyid-rt serve` did not become ready:\n{out[-3000:]}")
         assert httpclient.InferenceServerClient(f"127.0.0.1:{http_port}").is_model_ready("anyid")
+        # the port answers before `serve` has printed its ready line; SIGTERM only after that line, or a
+        # loaded machine races the signal against serve's own readiness wait
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if "tritonserver ready" in line:
+                break
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
-        out = proc.stdout.read()
+        out = "".join(seen) + proc.stdout.read()
         assert "tritonserver ready" in out and "stopping tritonserver" in out
         assert not _listening(http_port) and not _listening(grpc_port)
     finally:
