@@ -1332,7 +1332,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `bench` on the `anyid-rt` subcommand parser."""
-    p = subparsers.add_parser("bench", help="end-to-end benchmark against diffusers (see docs/bench.md)",
+    p = subparsers.add_parser("bench", help="end-to-end benchmark against diffusers (see README.md, Benchmarks)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     p.set_defaults(func=cmd_bench)

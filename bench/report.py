@@ -117,7 +117,7 @@ def markdown(records: list[dict], other: int = 0) -> str:
            "the latest measurement of each case and variant. All variants of a run use the same random weights and "
            "inputs; the diffusers baseline and the ceiling come from the same run as the numbers beside them. "
            "Timings are medians of CUDA-event-timed repetitions after an untimed first call (`first call s`: "
-           "compilation, autotuning). FLOPs per guided step = 2 x `count_flops` (see docs/bench.md); MFU (peak) is "
+           "compilation, autotuning). FLOPs per guided step = 2 x `count_flops` (see README.md, Benchmarks); MFU (peak) is "
            "against the dense bf16 datasheet peak, MFU (ceiling) against the bf16 matmul rate measured in the run. "
            "s/video = steps x step latency + text encode + reference encode + VAE decode, composed from parts "
            "measured in the same run.", ""]

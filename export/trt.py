@@ -26,7 +26,7 @@ from .qdq import MissingDependency
 
 PRECISIONS = ("bf16", "fp8", "fp32")
 TRT_INSTALL = ("TensorRT is not installed: pip install tensorrt (TensorRT 10.2 or newer for FP8; the wheel must "
-               "match the CUDA driver), or build with trtexec from the TensorRT container: see docs/export.md")
+               "match the CUDA driver), or build with trtexec from the TensorRT container: see the README, Export and serving")
 
 
 def require_tensorrt():

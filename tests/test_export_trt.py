@@ -3,7 +3,7 @@ the build orchestration against a recording stand-in of the tensorrt API, and th
 in onnxruntime against fake quantisation in PyTorch, and against fp32 with a measured tolerance).
 
 TensorRT itself is not installed here (its wheels are too large for this environment): building and
-running a real engine is left to a GPU machine (docs/export.md).
+running a real engine is left to a GPU machine (README.md, Export and serving).
 """
 from __future__ import annotations
 

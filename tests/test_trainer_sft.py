@@ -200,13 +200,13 @@ def test_cli_registers_train_and_runs_sft(root, tmp_path):
 
 
 def test_documented_configs_parse():
-    """The TOML examples in docs/training.md load into the typed configs (no stale keys in the docs)."""
+    """The TOML examples in the README (Training) load into the typed configs (no stale keys in the docs)."""
     import re
     import tomllib
 
     from anyid_rt.trainer.config import DPOConfig, from_dict
 
-    text = (ROOT / "docs" / "training.md").read_text()
+    text = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```toml\n(.*?)```", text, re.S)
     kinds = {b.splitlines()[0].strip(): b for b in blocks}
     sft = from_dict(SFTConfig, tomllib.loads(kinds["# sft.toml"]))
