@@ -89,7 +89,7 @@ class Engine:
                         device: str | torch.device | None = None, text_encoder_device: str | None = None,
                         vae_dtype: str | torch.dtype = "fp32", lora_strength: float = 1.0,
                         layout: ConditioningLayout | None = None,
-                        vae_tile: VAETiling | tuple | None = None) -> "Engine":
+                        vae_tile: VAETiling | tuple | None = None, attention_quant: str | None = None) -> "Engine":
         """Load Wan2.2-TI2V-5B (or a smaller model of the same family) from a folder in the diffusers layout
         (`transformer/`, `vae/`, `text_encoder/`, `tokenizer/`) or the original layout (DiT shards + index +
         config.json, `Wan2.2_VAE.pth`, `models_t5_umt5-xxl-enc-bf16.pth`, `google/umt5-xxl/`).
@@ -97,7 +97,8 @@ class Engine:
         `lora`: one or more LoRA files (ComfyUI keys) merged into the DiT at load; the conditioning layout
         in their metadata is used unless `layout` is given. `backend`: "auto" (Triton on CUDA), "torch" or
         "triton". `text_encoder_device="cpu"` keeps the 11 GB encoder off the GPU. `quant="fp8"`
-        quantises the DiT blocks' linear layers to E4M3 (after the LoRA merge; needs sm89+).
+        quantises the DiT blocks' linear layers to E4M3 (after the LoRA merge; needs sm89+);
+        `attention_quant="int8"` / `"int8-fp8"` selects 8-bit attention on its own (kernels/attention_8bit.py).
         """
         if quant not in QUANT_MODES:
             raise ValueError(f"quant={quant!r} is not one of {QUANT_MODES}")
@@ -114,7 +115,7 @@ class Engine:
             raise FileNotFoundError(f"{path} is neither a diffusers pipeline folder (transformer/, vae/, "
                                     "text_encoder/, tokenizer/) nor an original Wan2.2 folder (Wan2.2_VAE.pth, "
                                     "models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl/, DiT shards)")
-        dit = load_dit(path, dtype=dtype, device=device, backend=backend)
+        dit = load_dit(path, dtype=dtype, device=device, backend=backend, attention_quant=attention_quant)
         lora_layout = None
         for f in ([lora] if isinstance(lora, (str, Path)) else list(lora or [])):
             weights = read_lora(f)
@@ -135,14 +136,16 @@ class Engine:
 
     @classmethod
     def tiny(cls, seed: int = 0, device: str | torch.device = "cpu", backend: str = "torch",
-             layout: ConditioningLayout | None = None, quant: str | None = None) -> "Engine":
+             layout: ConditioningLayout | None = None, quant: str | None = None,
+             attention_quant: str | None = None) -> "Engine":
         """The same classes at tiny widths with random weights (fp32): runs end to end on a CPU in seconds.
         Its output is noise: the weights are random."""
         cfg = ModelConfig.preset("tiny")
         device = torch.device(device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            dit = WanDiT(cfg.dit, backend=resolve_backend(backend, device)).to(device).eval().requires_grad_(False)
+            dit = WanDiT(cfg.dit, backend=resolve_backend(backend, device), attention_quant=attention_quant)
+            dit = dit.to(device).eval().requires_grad_(False)
         if quant not in QUANT_MODES:
             raise ValueError(f"quant={quant!r} is not one of {QUANT_MODES}")
         if quant == "fp8":

@@ -68,20 +68,24 @@ def layer_quality(device: str) -> None:
 
 def run_quality(device: str) -> None:
     layer_quality(device)
-    for name, make in (("tiny", lambda q: Engine.tiny(seed=0, device=device, quant=q)),
-                       ("mid", lambda q: _mid_engine(device, q))):
-        kw = dict(steps=8, seed=3, progress=False)
-        a, b = make(None).generate("a woman smiles", **kw), make("fp8").generate("a woman smiles", **kw)
-        record(dict(bench="fp8_sampling", model=name, steps=8, latent_cos=round(cosine(a.latents, b.latents), 6),
-                    frames_psnr_db=round(psnr(a.frames, b.frames), 2)))
+    kw = dict(steps=8, seed=3, progress=False)
+    for name in ("tiny", "mid"):
+        make = (lambda q, a: Engine.tiny(seed=0, device=device, quant=q, attention_quant=a)) if name == "tiny" \
+            else (lambda q, a: _mid_engine(device, q, a))
+        base = make(None, None).generate("a woman smiles", **kw)
+        for quant, attn in (("fp8", None), (None, "int8"), (None, "int8-fp8"), ("fp8", "int8-fp8")):
+            other = make(quant, attn).generate("a woman smiles", **kw)
+            record(dict(bench="fp8_sampling", model=name, steps=8, quant=quant, attention_quant=attn,
+                        latent_cos=round(cosine(base.latents, other.latents), 6),
+                        frames_psnr_db=round(psnr(base.frames, other.frames), 2)))
 
 
-def _mid_engine(device: str, quant: str | None) -> Engine:
+def _mid_engine(device: str, quant: str | None, attention_quant: str | None = None) -> Engine:
     tiny = Engine.tiny(seed=0, device=device)
     cfg = DiTConfig(dim=512, ffn_dim=1536, num_heads=4, num_layers=6, text_dim=tiny.dit.cfg.text_dim, freq_dim=128)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        dit = WanDiT(cfg).to(device).eval().requires_grad_(False)
+        dit = WanDiT(cfg, attention_quant=attention_quant).to(device).eval().requires_grad_(False)
     if quant == "fp8":
         quantize_dit_fp8_(dit)
     return Engine(dit, tiny.vae, tiny.text_encoder, defaults=tiny.defaults, device=device)

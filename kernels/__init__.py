@@ -36,13 +36,25 @@ class DiTOps:
     layer_norm: Callable  # (x, weight, bias, eps) -> affine LayerNorm computed in fp32
 
 
-def dit_ops(backend: str) -> DiTOps:
-    from . import attention, modulation, norm
+# 8-bit attention modes (kernels/attention_8bit.py): Q and K in INT8 after smoothing K, P and V in FP8 E4M3
+# ("int8-fp8", sm89+) or in 16 bits ("int8").
+ATTENTION_QUANT = (None, "int8", "int8-fp8")
 
+
+def dit_ops(backend: str, attention_quant: str | None = None) -> DiTOps:
+    from functools import partial
+
+    from . import attention, attention_8bit, modulation, norm
+
+    if attention_quant not in ATTENTION_QUANT:
+        raise ValueError(f"attention_quant={attention_quant!r} is not one of {ATTENTION_QUANT}")
+    pv = {"int8": "bf16", "int8-fp8": "fp8"}.get(attention_quant)
     if backend == "torch":
-        return DiTOps("torch", attention.attention_ref, modulation.layernorm_modulate_ref,
+        attn = attention.attention_ref if pv is None else partial(attention_8bit.attention_8bit_ref, pv=pv)
+        return DiTOps("torch", attn, modulation.layernorm_modulate_ref,
                       modulation.gated_residual_ref, norm.rms_norm_ref, norm.layer_norm_ref)
     if backend == "triton":
-        return DiTOps("triton", attention.attention, modulation.layernorm_modulate,
+        attn = attention.attention if pv is None else partial(attention_8bit.attention_8bit, pv=pv)
+        return DiTOps("triton", attn, modulation.layernorm_modulate,
                       modulation.gated_residual, norm.rms_norm, norm.layer_norm)
     raise ValueError(f"dit_ops needs a resolved backend ('torch' or 'triton'), got {backend!r}")

@@ -443,7 +443,7 @@ def _quantize(q, k, v, cos_q, sin_q, cos_k, sin_k, pv: str, smooth_k: bool) -> Q
     if fp8:
         v8 = torch.empty((B, H, D, Lk), dtype=torch.float8_e4m3fn, device=dev)
         _quant_v_fp8_kernel[(n_blocks, B * H)](v, v_inv, v8, *v.stride(), H, Lk, HEAD_DIM=D, BLOCK=blk,
-                                               ROUND_IN_FP32=False)
+                                               ROUND_IN_FP32=INTERPRET)
         return Quantized(q8, q_scale, k8, k_scale, v8.transpose(2, 3), v_scale)
     v16 = v.to(PV_DTYPES[pv]).transpose(1, 2)  # a view when v already has that dtype: read in place
     return Quantized(q8, q_scale, k8, k_scale, v16, None)

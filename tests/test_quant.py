@@ -103,3 +103,21 @@ def test_fp8_needs_an_fp8_gpu(monkeypatch):
 def test_unknown_quant_mode():
     with pytest.raises(ValueError, match="quant='int4'"):
         Engine.tiny(quant="int4")
+
+
+@pytest.mark.parametrize("mode", ["int8", "int8-fp8"])
+def test_8bit_attention_engine_close_to_full_precision(mode):
+    """8-bit attention selected on its own (torch backend: the emulation of the kernel's numerics)."""
+    base = Engine.tiny(seed=0)
+    q = Engine.tiny(seed=0, attention_quant=mode)
+    assert q.dit.attention_quant == mode
+    kw = dict(steps=4, seed=3, progress=False)
+    a, b = base.generate("a woman", **kw), q.generate("a woman", **kw)
+    assert not torch.equal(a.latents, b.latents)  # the 8-bit path really ran
+    assert cosine(a.latents, b.latents) >= 0.99
+    assert psnr(a.frames, b.frames) >= 30
+
+
+def test_unknown_attention_quant_mode():
+    with pytest.raises(ValueError, match="attention_quant='fp4'"):
+        Engine.tiny(attention_quant="fp4")

@@ -191,14 +191,15 @@ class Head(nn.Module):
 class WanDiT(nn.Module):
     """Wan2.2 DiT. `forward(latent, timestep, context)` is the Wan call; `forward_groups` the AnyID one."""
 
-    def __init__(self, cfg: DiTConfig, backend: str = "torch"):
+    def __init__(self, cfg: DiTConfig, backend: str = "torch", attention_quant: str | None = None):
         super().__init__()
         self.cfg = cfg
         if backend not in ("torch", "triton"):
             raise ValueError(f"WanDiT backend must be 'torch' or 'triton' (resolve 'auto' with "
                              f"anyid_rt.kernels.resolve_backend(backend, device)), got {backend!r}")
         self.backend = backend
-        self.ops = dit_ops(backend)
+        self.attention_quant = attention_quant  # None, or an 8-bit attention mode (kernels.ATTENTION_QUANT)
+        self.ops = dit_ops(backend, attention_quant)
         self.patch_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"),
                                             nn.Linear(cfg.dim, cfg.dim))

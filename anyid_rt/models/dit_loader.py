@@ -154,7 +154,8 @@ def keep_fp32(name: str) -> bool:
 
 
 def load_dit(path: str | Path, dtype: torch.dtype | str = torch.bfloat16, device: torch.device | str = "cpu",
-             backend: str = "auto", config: DiTConfig | None = None) -> WanDiT:
+             backend: str = "auto", config: DiTConfig | None = None,
+             attention_quant: str | None = None) -> WanDiT:
     """Load a Wan DiT from a file or folder in the original, diffusers or single-file layout.
 
     Weights are read one tensor at a time (safetensors mmap), cast to `dtype` (norms, modulation, time
@@ -174,7 +175,7 @@ def load_dit(path: str | Path, dtype: torch.dtype | str = torch.bfloat16, device
             raise CheckpointError(f"{path}: invalid DiT config {fields}: {e}") from e
     _check_config_against_shapes(config, reader, to_orig, path)
     with torch.device("meta"):
-        model = WanDiT(config, backend=resolve_backend(backend, device))
+        model = WanDiT(config, backend=resolve_backend(backend, device), attention_quant=attention_quant)
     load_into(model, reader, to_orig, dtype, device, keep_fp32=keep_fp32, what="DiT")
     return model.eval().requires_grad_(False)
 
