@@ -317,21 +317,11 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     return s
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="anyid-rt", description="anyid_rt export and serving")
-    sub = ap.add_subparsers(dest="command", required=True)
-    add_parser(sub)
-    add_serve_parser(sub)
-    return ap
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"anyid-rt {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    """`python -m anyid_rt.export.cli export ... | serve ...`: the same commands as `anyid-rt`."""
+    from anyid_rt.cli import main as cli_main
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":
