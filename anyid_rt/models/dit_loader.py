@@ -20,45 +20,41 @@ from .dit import WanDiT
 
 WAN_HEAD_DIM = 128
 
-# diffusers -> original, applied in order (regex, replacement); see reference section 10.2.
-_DIFFUSERS_TO_ORIGINAL = [
-    (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
-    (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
-    (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
-    (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
-    (r"^condition_embedder\.time_proj\.", "time_projection.1."),
-    (r"^scale_shift_table$", "head.modulation"),
-    (r"^proj_out\.", "head.head."),
-    (r"^blocks\.(\d+)\.scale_shift_table$", r"blocks.\1.modulation"),
-    (r"^blocks\.(\d+)\.attn1\.to_out\.0\.", r"blocks.\1.self_attn.o."),
-    (r"^blocks\.(\d+)\.attn2\.to_out\.0\.", r"blocks.\1.cross_attn.o."),
-    (r"^blocks\.(\d+)\.attn1\.to_([qkv])\.", r"blocks.\1.self_attn.\2."),
-    (r"^blocks\.(\d+)\.attn2\.to_([qkv])\.", r"blocks.\1.cross_attn.\2."),
-    (r"^blocks\.(\d+)\.attn1\.norm_([qk])\.", r"blocks.\1.self_attn.norm_\2."),
-    (r"^blocks\.(\d+)\.attn2\.norm_([qk])\.", r"blocks.\1.cross_attn.norm_\2."),
-    (r"^blocks\.(\d+)\.norm2\.", r"blocks.\1.norm3."),  # diffusers' norm2 is the affine cross-attn norm
-    (r"^blocks\.(\d+)\.ffn\.net\.0\.proj\.", r"blocks.\1.ffn.0."),
-    (r"^blocks\.(\d+)\.ffn\.net\.2\.", r"blocks.\1.ffn.2."),
+# original <-> diffusers key renames (reference section 10.2), one table for both directions: "{n}" is a
+# block index, "{x}" a single letter (q, k, v). Names not listed (patch_embedding, ...) are the same.
+_RENAMES = [
+    ("time_embedding.0.", "condition_embedder.time_embedder.linear_1."),
+    ("time_embedding.2.", "condition_embedder.time_embedder.linear_2."),
+    ("text_embedding.0.", "condition_embedder.text_embedder.linear_1."),
+    ("text_embedding.2.", "condition_embedder.text_embedder.linear_2."),
+    ("time_projection.1.", "condition_embedder.time_proj."),
+    ("head.modulation$", "scale_shift_table$"),
+    ("head.head.", "proj_out."),
+    ("blocks.{n}.modulation$", "blocks.{n}.scale_shift_table$"),
+    ("blocks.{n}.self_attn.o.", "blocks.{n}.attn1.to_out.0."),
+    ("blocks.{n}.cross_attn.o.", "blocks.{n}.attn2.to_out.0."),
+    ("blocks.{n}.self_attn.{x}.", "blocks.{n}.attn1.to_{x}."),
+    ("blocks.{n}.cross_attn.{x}.", "blocks.{n}.attn2.to_{x}."),
+    ("blocks.{n}.self_attn.norm_{x}.", "blocks.{n}.attn1.norm_{x}."),
+    ("blocks.{n}.cross_attn.norm_{x}.", "blocks.{n}.attn2.norm_{x}."),
+    ("blocks.{n}.norm3.", "blocks.{n}.norm2."),  # diffusers' norm2 is the affine cross-attn norm
+    ("blocks.{n}.ffn.0.", "blocks.{n}.ffn.net.0.proj."),
+    ("blocks.{n}.ffn.2.", "blocks.{n}.ffn.net.2."),
 ]
-_ORIGINAL_TO_DIFFUSERS = [
-    (r"^time_embedding\.0\.", "condition_embedder.time_embedder.linear_1."),
-    (r"^time_embedding\.2\.", "condition_embedder.time_embedder.linear_2."),
-    (r"^text_embedding\.0\.", "condition_embedder.text_embedder.linear_1."),
-    (r"^text_embedding\.2\.", "condition_embedder.text_embedder.linear_2."),
-    (r"^time_projection\.1\.", "condition_embedder.time_proj."),
-    (r"^head\.modulation$", "scale_shift_table"),
-    (r"^head\.head\.", "proj_out."),
-    (r"^blocks\.(\d+)\.modulation$", r"blocks.\1.scale_shift_table"),
-    (r"^blocks\.(\d+)\.self_attn\.o\.", r"blocks.\1.attn1.to_out.0."),
-    (r"^blocks\.(\d+)\.cross_attn\.o\.", r"blocks.\1.attn2.to_out.0."),
-    (r"^blocks\.(\d+)\.self_attn\.([qkv])\.", r"blocks.\1.attn1.to_\2."),
-    (r"^blocks\.(\d+)\.cross_attn\.([qkv])\.", r"blocks.\1.attn2.to_\2."),
-    (r"^blocks\.(\d+)\.self_attn\.norm_([qk])\.", r"blocks.\1.attn1.norm_\2."),
-    (r"^blocks\.(\d+)\.cross_attn\.norm_([qk])\.", r"blocks.\1.attn2.norm_\2."),
-    (r"^blocks\.(\d+)\.norm3\.", r"blocks.\1.norm2."),
-    (r"^blocks\.(\d+)\.ffn\.0\.", r"blocks.\1.ffn.net.0.proj."),
-    (r"^blocks\.(\d+)\.ffn\.2\.", r"blocks.\1.ffn.net.2."),
-]
+
+
+def _pattern(template: str) -> str:
+    anchored_end = template.endswith("$")
+    body = re.escape(template.rstrip("$")).replace(r"\{n\}", r"(?P<n>\d+)").replace(r"\{x\}", r"(?P<x>[qkv])")
+    return "^" + body + ("$" if anchored_end else "")
+
+
+def _replacement(template: str) -> str:
+    return template.rstrip("$").replace("{n}", r"\g<n>").replace("{x}", r"\g<x>")
+
+
+_ORIGINAL_TO_DIFFUSERS = [(_pattern(o), _replacement(d)) for o, d in _RENAMES]
+_DIFFUSERS_TO_ORIGINAL = [(_pattern(d), _replacement(o)) for o, d in _RENAMES]
 
 
 def _rename(key: str, rules) -> str:
