@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import torch
@@ -159,7 +159,6 @@ class StepLayout:
     seg_lens: tuple[int, ...]
     target_clean_tokens: int  # tokens of the target at t=0 (image-to-video: latent frame 0)
     ref_tokens: int
-    extra: dict = field(default_factory=dict)
 
     def segments(self, t: float, batch: int, device: torch.device) -> Segments:
         values = []
