@@ -406,13 +406,13 @@ def _fill_(name: str, t: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 def random_dit(cfg: DiTConfig, *, dtype: torch.dtype, device: torch.device | str, seed: int = 0,
-               backend: str = "torch") -> WanDiT:
+               backend: str = "torch", attention_quant: str | None = None) -> WanDiT:
     """A WanDiT with deterministic random weights made directly on `device` (no CPU copy of 10 GB), in the
     dtypes `load_dit` gives: `dtype` for the large layers, fp32 for the norms, modulation, time embedding and
     head (`keep_fp32`)."""
     device = torch.device(device)
     with torch.device("meta"):
-        model = WanDiT(cfg, backend=backend)
+        model = WanDiT(cfg, backend=backend, attention_quant=attention_quant)
     g = torch.Generator(device=device).manual_seed(seed)
     sd = {}
     for name, p in model.state_dict().items():  # fixed order: the same weights for the same seed

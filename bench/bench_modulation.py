@@ -5,8 +5,9 @@ the torch reference (`*_ref`, eager; `--compile` adds it under torch.compile) an
 of the same traffic (`dst.copy_(src)` moving the same total bytes: half read, half written), the practical
 ceiling of a one-pass kernel. Sizes: B=2 (CFG), width 3072, 27,280 tokens as an image-to-video step (frame 0 at
 t=0: segments 880 + 26,400) and 58,080 tokens with references (target 27,280 + references 30,800 at t=0).
-The norms (q/k RMSNorm over the full width, affine LayerNorm) are the same kind of one-pass row kernel and are
-measured here on the same tokens. Appends JSON lines to <out>/bench_modulation.jsonl, plots
+The norms (q/k RMSNorm over the full width, the same with the RoPE rotation fused into its output as the DiT's
+self-attention calls it, affine LayerNorm) are the same kind of one-pass row kernel and are measured here on
+the same tokens. Appends JSON lines to <out>/bench_modulation.jsonl, plots
 <out>/bench_modulation.png.
 
     python bench/bench_modulation.py [--compile] [--out DIR] [--dry-run]
@@ -35,10 +36,14 @@ def ops(B: int, seg_lens: tuple[int, ...], D: int, device: str, act_dtype):
     shift, scale, gate = torch.randn(3, B, S, D, device=device).unbind(0)
     residual = torch.randn(B, L, D, device=device)
     w, b = torch.randn(D, device=device), torch.randn(D, device=device)
+    head_dim = 128 if D % 128 == 0 else 8  # 24 heads of 128 at the 5B width; the dry run's toy widths
+    angles = torch.rand(L, head_dim // 2, device=device) * 100
+    rope = (angles.cos(), angles.sin())  # [L, D/2] fp32, read as traffic
     return {
         "layernorm_modulate": ((x, shift, scale, seg_lens), m.layernorm_modulate, m.layernorm_modulate_ref),
         "gated_residual": ((residual, x, gate, seg_lens), m.gated_residual, m.gated_residual_ref),
         "rms_norm": ((x, w, 1e-6), n.rms_norm, n.rms_norm_ref),
+        "rms_norm_rope": ((x, w, 1e-6, rope, D // head_dim), n.rms_norm_rope, n.rms_norm_rope_ref),
         "layer_norm": ((x, w, b, 1e-6), n.layer_norm, n.layer_norm_ref),
     }
 
@@ -47,7 +52,8 @@ def traffic_bytes(inputs, out) -> int:
     """Bytes read (every tensor input once) plus bytes written (the output)."""
     import torch
 
-    read = sum(t.numel() * t.element_size() for t in inputs if isinstance(t, torch.Tensor))
+    tensors = [t for x in inputs for t in (x if isinstance(x, tuple) else (x,)) if isinstance(t, torch.Tensor)]
+    read = sum(t.numel() * t.element_size() for t in tensors)
     return read + out.numel() * out.element_size()
 
 

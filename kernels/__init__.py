@@ -33,6 +33,7 @@ class DiTOps:
     layernorm_modulate: Callable  # (x, shift, scale, seg_lens, eps, out_dtype) -> [B, L, D]
     gated_residual: Callable  # (residual, y, gate, seg_lens) -> residual + y * gate (fp32)
     rms_norm: Callable  # (x, weight, eps) -> x / rms(x) * weight
+    rms_norm_rope: Callable  # (x, weight, eps, rope, num_heads) -> RoPE per head of rms_norm(x), [B, L, H*D]
     layer_norm: Callable  # (x, weight, bias, eps) -> affine LayerNorm computed in fp32
 
 
@@ -51,10 +52,10 @@ def dit_ops(backend: str, attention_quant: str | None = None) -> DiTOps:
     pv = {"int8": "bf16", "int8-fp8": "fp8"}.get(attention_quant)
     if backend == "torch":
         attn = attention.attention_ref if pv is None else partial(attention_8bit.attention_8bit_ref, pv=pv)
-        return DiTOps("torch", attn, modulation.layernorm_modulate_ref,
-                      modulation.gated_residual_ref, norm.rms_norm_ref, norm.layer_norm_ref)
+        return DiTOps("torch", attn, modulation.layernorm_modulate_ref, modulation.gated_residual_ref,
+                      norm.rms_norm_ref, norm.rms_norm_rope_ref, norm.layer_norm_ref)
     if backend == "triton":
         attn = attention.attention if pv is None else partial(attention_8bit.attention_8bit, pv=pv)
-        return DiTOps("triton", attn, modulation.layernorm_modulate,
-                      modulation.gated_residual, norm.rms_norm, norm.layer_norm)
+        return DiTOps("triton", attn, modulation.layernorm_modulate, modulation.gated_residual,
+                      norm.rms_norm, norm.rms_norm_rope, norm.layer_norm)
     raise ValueError(f"dit_ops needs a resolved backend ('torch' or 'triton'), got {backend!r}")

@@ -12,11 +12,28 @@ import triton
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def is_sm90_or_newer(device: torch.device) -> bool:
-    """True for Hopper and later CUDA devices; the sm80 configs serve Ampere/Ada, CPU (interpreter) and fakes."""
+# The (major, minor) capability of a GPU that is not here, set only inside
+# `anyid_rt.kernels.cross_compile.compile_only()`: the launchers then take CPU tensors and compile for that
+# GPU without launching anything (a resource report: shared memory, registers, spills per config).
+_cross_target: tuple[int, int] | None = None
+
+
+def device_capability(device: torch.device) -> tuple[int, int] | None:
+    """(major, minor) of the CUDA device the kernels run on; None for CPU tensors (the interpreter)."""
+    if _cross_target is not None:
+        return _cross_target
     if device.type != "cuda" or not torch.cuda.is_available():
-        return False
-    return torch.cuda.get_device_capability(device)[0] >= 9
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
+def config_family(device: torch.device) -> str:
+    """Which autotune list a device gets, by the shared memory one program may use: "sm90" (H100/H200, 227 KB),
+    "sm80" (A100, 163 KB) or "sm8x" (sm86/sm89: RTX 30xx/40xx, A10, L4, L40S, 99 KB); "sm80" on a CPU."""
+    capability = device_capability(device)
+    if capability is None or capability == (8, 0):
+        return "sm80"
+    return "sm90" if capability[0] >= 9 else "sm8x"
 
 
 def num_sms(device: torch.device) -> int:
@@ -51,7 +68,7 @@ def flat_rows(x: torch.Tensor) -> torch.Tensor:
 
 def check_triton_device(t: torch.Tensor) -> None:
     """Triton kernels take CUDA tensors; CPU tensors only under the interpreter (tests)."""
-    if t.device.type != "cuda" and not INTERPRET:
+    if t.device.type != "cuda" and not INTERPRET and _cross_target is None:
         raise RuntimeError(f"the Triton kernels need CUDA tensors, got one on {t.device}; use backend='torch' "
                            "(or set TRITON_INTERPRET=1 before importing triton, for tests)")
 

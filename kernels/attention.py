@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._utils import INTERPRET, check_triton_device, is_sm90_or_newer
+from ._utils import INTERPRET, check_triton_device, config_family
 
 Rope = tuple[torch.Tensor, torch.Tensor] | None
 _HEAD_DIMS = (32, 64, 128)
@@ -55,7 +55,11 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope_q: Rop
 # contiguously, split into its even and odd lanes (tl.split of a [rows, D/2, 2] view), rotated in fp32 and
 # rounded back to the input dtype exactly as apply_rope_ref does, and QK^T becomes two dots of depth D/2.
 # V and the output are never rotated. The backward rotates dQ and dK back with the inverse rotation
-# (angle -theta) before storing them interleaved again.
+# (angle -theta) before storing them interleaved again. Without RoPE (cross-attention, or q and k rotated
+# beforehand, as the DiT does in its q/k norm: kernels/norm.py) tiles stay whole (SPLIT=False): one dot of
+# depth D, and no [rows, D/2, 2] reshuffle, which costs registers and shared memory (sm90, 128x128 tiles,
+# 3 stages: 352 KB of shared memory with RoPE on both operands, over the 227 KB an H100 has, against
+# 224 KB without; `python -m anyid_rt.kernels.cross_compile`).
 #
 # Scores are kept in the log2 domain (qk * sm_scale * log2(e), exp2): the saved LSE is
 # m + log2(sum(exp2(s - m))) per query row, [B, H, Lq] fp32, internal to this file.
@@ -88,30 +92,48 @@ def _load_cos_sin(Cos, Sin, rows, n_rows, HALF: tl.constexpr, MASK: tl.constexpr
 
 
 @triton.jit
-def _load_rotated(base, rows, n_rows, stride_l, stride_d, Cos, Sin, BLOCK: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, ROPE: tl.constexpr, MASK: tl.constexpr):
-    """Even and odd lanes [BLOCK, D/2] of a q or k tile, RoPE-rotated in fp32 and rounded to the input dtype."""
+def _load_qk(base, rows, n_rows, stride_l, stride_d, Cos, Sin, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+             ROPE: tl.constexpr, SPLIT: tl.constexpr, MASK: tl.constexpr):
+    """A q or k operand. SPLIT: its even and odd lanes [BLOCK, D/2], RoPE-rotated in fp32 and rounded to the
+    input dtype when ROPE. Otherwise the whole tile [BLOCK, D], returned twice (the second is never read)."""
     x = _load_tile(base, rows, n_rows, stride_l, stride_d, HEAD_DIM, MASK)
-    x_e, x_o = tl.split(tl.reshape(x, [BLOCK, HEAD_DIM // 2, 2]))
-    if ROPE:
-        c, s = _load_cos_sin(Cos, Sin, rows, n_rows, HEAD_DIM // 2, MASK)
-        xe = x_e.to(tl.float32)
-        xo = x_o.to(tl.float32)
-        x_e = (xe * c - xo * s).to(x.dtype)
-        x_o = (xe * s + xo * c).to(x.dtype)
+    if SPLIT:
+        x_e, x_o = tl.split(tl.reshape(x, [BLOCK, HEAD_DIM // 2, 2]))
+        if ROPE:
+            c, s = _load_cos_sin(Cos, Sin, rows, n_rows, HEAD_DIM // 2, MASK)
+            xe = x_e.to(tl.float32)
+            xo = x_o.to(tl.float32)
+            x_e = (xe * c - xo * s).to(x.dtype)
+            x_o = (xe * s + xo * c).to(x.dtype)
+    else:
+        x_e = x
+        x_o = x
     return x_e, x_o
 
 
 @triton.jit
+def _dot_qk(a_e, a_o, b_e, b_o, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr):
+    """a @ b^T over the head dim, from lanes (two dots of depth D/2) or whole tiles (one dot of depth D)."""
+    out = tl.dot(a_e, tl.trans(b_e), input_precision=DOT_PREC)
+    if SPLIT:
+        out = tl.dot(a_o, tl.trans(b_o), out, input_precision=DOT_PREC)
+    return out
+
+
+@triton.jit
 def _store_unrotated(base, rows, n_rows, stride_l, stride_d, g_e, g_o, Cos, Sin, BLOCK: tl.constexpr,
-                     HEAD_DIM: tl.constexpr, ROPE: tl.constexpr):
-    """Store the gradient of a rotated tile, given by lanes, as the gradient of the input (inverse rotation)."""
-    if ROPE:
-        c, s = _load_cos_sin(Cos, Sin, rows, n_rows, HEAD_DIM // 2, True)
-        g_e_rot = g_e * c + g_o * s
-        g_o = g_o * c - g_e * s
-        g_e = g_e_rot
-    g = tl.reshape(tl.join(g_e, g_o), [BLOCK, HEAD_DIM])
+                     HEAD_DIM: tl.constexpr, ROPE: tl.constexpr, SPLIT: tl.constexpr):
+    """Store the gradient of a q or k operand: by lanes (SPLIT, rotated back when ROPE: the inverse rotation
+    gives the gradient of the input) or, whole, g_e."""
+    if SPLIT:
+        if ROPE:
+            c, s = _load_cos_sin(Cos, Sin, rows, n_rows, HEAD_DIM // 2, True)
+            g_e_rot = g_e * c + g_o * s
+            g_o = g_o * c - g_e * s
+            g_e = g_e_rot
+        g = tl.reshape(tl.join(g_e, g_o), [BLOCK, HEAD_DIM])
+    else:
+        g = g_e
     ptrs = base + rows[:, None] * stride_l + tl.arange(0, HEAD_DIM)[None, :] * stride_d
     tl.store(ptrs, g.to(base.dtype.element_ty), mask=rows[:, None] < n_rows)
 
@@ -119,13 +141,12 @@ def _store_unrotated(base, rows, n_rows, stride_l, stride_d, g_e, g_o, Cos, Sin,
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q_e, q_o, K, V, CosK, SinK, start_n, L_K, stride_kl, stride_kd, stride_vl,
                stride_vd, QK_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-               ROPE_K: tl.constexpr, MASK: tl.constexpr, DOT_PREC: tl.constexpr):
+               ROPE_K: tl.constexpr, SPLIT: tl.constexpr, MASK: tl.constexpr, DOT_PREC: tl.constexpr):
     """One key block of the online softmax: rescale the running max/sum/accumulator, add p @ v."""
     rows = start_n + tl.arange(0, BLOCK_N)
-    k_e, k_o = _load_rotated(K, rows, L_K, stride_kl, stride_kd, CosK, SinK, BLOCK_N, HEAD_DIM, ROPE_K, MASK)
+    k_e, k_o = _load_qk(K, rows, L_K, stride_kl, stride_kd, CosK, SinK, BLOCK_N, HEAD_DIM, ROPE_K, SPLIT, MASK)
     v = _load_tile(V, rows, L_K, stride_vl, stride_vd, HEAD_DIM, MASK)
-    qk = tl.dot(q_e, tl.trans(k_e), input_precision=DOT_PREC)
-    qk = tl.dot(q_o, tl.trans(k_o), qk, input_precision=DOT_PREC) * QK_SCALE  # [BLOCK_M, BLOCK_N], log2 units
+    qk = _dot_qk(q_e, q_o, k_e, k_o, DOT_PREC, SPLIT) * QK_SCALE  # [BLOCK_M, BLOCK_N], log2 units
     if MASK:
         qk = tl.where(rows[None, :] < L_K, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -142,7 +163,8 @@ def _attn_fwd_kernel(Q, K, V, Out, Lse, CosQ, SinQ, CosK, SinK,
                      stride_vb, stride_vl, stride_vh, stride_vd, stride_ob, stride_ol, stride_oh, stride_od,
                      H, L_Q, L_K,
                      HEAD_DIM: tl.constexpr, SM_SCALE: tl.constexpr, QK_SCALE: tl.constexpr, ROPE_Q: tl.constexpr,
-                     ROPE_K: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     ROPE_K: tl.constexpr, SPLIT: tl.constexpr, LANE_D: tl.constexpr, DOT_PREC: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Program (query block, batch*head): O = softmax(rope(q) rope(k)^T * SM_SCALE) v and the row LSE."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -154,17 +176,17 @@ def _attn_fwd_kernel(Q, K, V, Out, Lse, CosQ, SinQ, CosK, SinK,
     Out += b * stride_ob + h * stride_oh
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    q_e, q_o = _load_rotated(Q, rows, L_Q, stride_ql, stride_qd, CosQ, SinQ, BLOCK_M, HEAD_DIM, ROPE_Q, True)
+    q_e, q_o = _load_qk(Q, rows, L_Q, stride_ql, stride_qd, CosQ, SinQ, BLOCK_M, HEAD_DIM, ROPE_Q, SPLIT, True)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     n_full = (L_K // BLOCK_N) * BLOCK_N  # full key blocks run unmasked, the tail block once with a mask
     for start_n in range(0, n_full, BLOCK_N):
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_e, q_o, K, V, CosK, SinK, start_n, L_K, stride_kl, stride_kd,
-                                   stride_vl, stride_vd, QK_SCALE, BLOCK_N, HEAD_DIM, ROPE_K, False, DOT_PREC)
+                                   stride_vl, stride_vd, QK_SCALE, BLOCK_N, HEAD_DIM, ROPE_K, SPLIT, False, DOT_PREC)
     if n_full < L_K:
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_e, q_o, K, V, CosK, SinK, n_full, L_K, stride_kl, stride_kd,
-                                   stride_vl, stride_vd, QK_SCALE, BLOCK_N, HEAD_DIM, ROPE_K, True, DOT_PREC)
+                                   stride_vl, stride_vd, QK_SCALE, BLOCK_N, HEAD_DIM, ROPE_K, SPLIT, True, DOT_PREC)
     out = acc / l_i[:, None]
     o_ptrs = Out + rows[:, None] * stride_ol + tl.arange(0, HEAD_DIM)[None, :] * stride_od
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=rows[:, None] < L_Q)
@@ -190,10 +212,11 @@ def _attn_bwd_delta_kernel(Out, DO, Delta, stride_ob, stride_ol, stride_oh, stri
 @triton.jit
 def _bwd_dkdv_inner(dk_e, dk_o, dv, k_e, k_o, v, Q, DO, Lse, Delta, CosQ, SinQ, start_m, L_Q, stride_ql,
                     stride_qd, stride_dol, stride_dod, QK_SCALE: tl.constexpr, BLOCK_M: tl.constexpr,
-                    HEAD_DIM: tl.constexpr, ROPE_Q: tl.constexpr, MASK: tl.constexpr, DOT_PREC: tl.constexpr):
+                    HEAD_DIM: tl.constexpr, ROPE_Q: tl.constexpr, SPLIT: tl.constexpr, MASK: tl.constexpr,
+                    DOT_PREC: tl.constexpr):
     """One query block's contribution to dK and dV of the program's key block (all transposed: [N, M])."""
     rows = start_m + tl.arange(0, BLOCK_M)
-    q_e, q_o = _load_rotated(Q, rows, L_Q, stride_ql, stride_qd, CosQ, SinQ, BLOCK_M, HEAD_DIM, ROPE_Q, MASK)
+    q_e, q_o = _load_qk(Q, rows, L_Q, stride_ql, stride_qd, CosQ, SinQ, BLOCK_M, HEAD_DIM, ROPE_Q, SPLIT, MASK)
     do = _load_tile(DO, rows, L_Q, stride_dol, stride_dod, HEAD_DIM, MASK)
     if MASK:  # padded query rows: lse = +inf gives p = 0, and their dO is 0
         lse = tl.load(Lse + rows, mask=rows < L_Q, other=float("inf"))
@@ -201,14 +224,14 @@ def _bwd_dkdv_inner(dk_e, dk_o, dv, k_e, k_o, v, Q, DO, Lse, Delta, CosQ, SinQ, 
     else:
         lse = tl.load(Lse + rows)
         delta = tl.load(Delta + rows)
-    qk_t = tl.dot(k_e, tl.trans(q_e), input_precision=DOT_PREC)
-    qk_t = tl.dot(k_o, tl.trans(q_o), qk_t, input_precision=DOT_PREC)
+    qk_t = _dot_qk(k_e, k_o, q_e, q_o, DOT_PREC, SPLIT)
     p_t = tl.exp2(qk_t * QK_SCALE - lse[None, :])  # [BLOCK_N, BLOCK_M]
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
     ds_t = (p_t * (dp_t - delta[None, :])).to(q_e.dtype)
     dk_e = tl.dot(ds_t, q_e, dk_e, input_precision=DOT_PREC)
-    dk_o = tl.dot(ds_t, q_o, dk_o, input_precision=DOT_PREC)
+    if SPLIT:
+        dk_o = tl.dot(ds_t, q_o, dk_o, input_precision=DOT_PREC)
     return dk_e, dk_o, dv
 
 
@@ -220,7 +243,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, CosQ, SinQ, CosK, Sin
                           stride_dvb, stride_dvl, stride_dvh, stride_dvd,
                           H, L_Q, L_K,
                           HEAD_DIM: tl.constexpr, SM_SCALE: tl.constexpr, QK_SCALE: tl.constexpr, ROPE_Q: tl.constexpr,
-                          ROPE_K: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                          ROPE_K: tl.constexpr, SPLIT: tl.constexpr, LANE_D: tl.constexpr, DOT_PREC: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Program (key block, batch*head): dK = SM_SCALE * dS^T rope(q), dV = P^T dO, over all query blocks."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -236,22 +260,22 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, CosQ, SinQ, CosK, Sin
     Delta += pid_bh.to(tl.int64) * L_Q
 
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    k_e, k_o = _load_rotated(K, rows, L_K, stride_kl, stride_kd, CosK, SinK, BLOCK_N, HEAD_DIM, ROPE_K, True)
+    k_e, k_o = _load_qk(K, rows, L_K, stride_kl, stride_kd, CosK, SinK, BLOCK_N, HEAD_DIM, ROPE_K, SPLIT, True)
     v = _load_tile(V, rows, L_K, stride_vl, stride_vd, HEAD_DIM, True)
-    dk_e = tl.zeros([BLOCK_N, HEAD_DIM // 2], tl.float32)
-    dk_o = tl.zeros([BLOCK_N, HEAD_DIM // 2], tl.float32)
+    dk_e = tl.zeros([BLOCK_N, LANE_D], tl.float32)  # LANE_D: D/2 when SPLIT, else D (dk_o then stays unused)
+    dk_o = tl.zeros([BLOCK_N, LANE_D], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     m_full = (L_Q // BLOCK_M) * BLOCK_M
     for start_m in range(0, m_full, BLOCK_M):
         dk_e, dk_o, dv = _bwd_dkdv_inner(dk_e, dk_o, dv, k_e, k_o, v, Q, DO, Lse, Delta, CosQ, SinQ, start_m, L_Q,
                                          stride_ql, stride_qd, stride_dol, stride_dod, QK_SCALE, BLOCK_M, HEAD_DIM,
-                                         ROPE_Q, False, DOT_PREC)
+                                         ROPE_Q, SPLIT, False, DOT_PREC)
     if m_full < L_Q:
         dk_e, dk_o, dv = _bwd_dkdv_inner(dk_e, dk_o, dv, k_e, k_o, v, Q, DO, Lse, Delta, CosQ, SinQ, m_full, L_Q,
                                          stride_ql, stride_qd, stride_dol, stride_dod, QK_SCALE, BLOCK_M, HEAD_DIM,
-                                         ROPE_Q, True, DOT_PREC)
+                                         ROPE_Q, SPLIT, True, DOT_PREC)
     _store_unrotated(DK, rows, L_K, stride_dkl, stride_dkd, dk_e * SM_SCALE, dk_o * SM_SCALE, CosK, SinK, BLOCK_N,
-                     HEAD_DIM, ROPE_K)
+                     HEAD_DIM, ROPE_K, SPLIT)
     dv_ptrs = DV + rows[:, None] * stride_dvl + tl.arange(0, HEAD_DIM)[None, :] * stride_dvd
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=rows[:, None] < L_K)
 
@@ -259,20 +283,20 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, CosQ, SinQ, CosK, Sin
 @triton.jit
 def _bwd_dq_inner(dq_e, dq_o, q_e, q_o, do, lse, delta, K, V, CosK, SinK, start_n, L_K, stride_kl, stride_kd,
                   stride_vl, stride_vd, QK_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  ROPE_K: tl.constexpr, MASK: tl.constexpr, DOT_PREC: tl.constexpr):
+                  ROPE_K: tl.constexpr, SPLIT: tl.constexpr, MASK: tl.constexpr, DOT_PREC: tl.constexpr):
     """One key block's contribution to dQ (by lanes) of the program's query block."""
     rows = start_n + tl.arange(0, BLOCK_N)
-    k_e, k_o = _load_rotated(K, rows, L_K, stride_kl, stride_kd, CosK, SinK, BLOCK_N, HEAD_DIM, ROPE_K, MASK)
+    k_e, k_o = _load_qk(K, rows, L_K, stride_kl, stride_kd, CosK, SinK, BLOCK_N, HEAD_DIM, ROPE_K, SPLIT, MASK)
     v = _load_tile(V, rows, L_K, stride_vl, stride_vd, HEAD_DIM, MASK)
-    qk = tl.dot(q_e, tl.trans(k_e), input_precision=DOT_PREC)
-    qk = tl.dot(q_o, tl.trans(k_o), qk, input_precision=DOT_PREC)
+    qk = _dot_qk(q_e, q_o, k_e, k_o, DOT_PREC, SPLIT)
     p = tl.exp2(qk * QK_SCALE - lse[:, None])
     if MASK:
         p = tl.where(rows[None, :] < L_K, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     ds = (p * (dp - delta[:, None])).to(k_e.dtype)
     dq_e = tl.dot(ds, k_e, dq_e, input_precision=DOT_PREC)
-    dq_o = tl.dot(ds, k_o, dq_o, input_precision=DOT_PREC)
+    if SPLIT:
+        dq_o = tl.dot(ds, k_o, dq_o, input_precision=DOT_PREC)
     return dq_e, dq_o
 
 
@@ -283,7 +307,8 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, CosQ, SinQ, CosK, SinK,
                         stride_dqb, stride_dql, stride_dqh, stride_dqd,
                         H, L_Q, L_K,
                         HEAD_DIM: tl.constexpr, SM_SCALE: tl.constexpr, QK_SCALE: tl.constexpr, ROPE_Q: tl.constexpr,
-                        ROPE_K: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                        ROPE_K: tl.constexpr, SPLIT: tl.constexpr, LANE_D: tl.constexpr, DOT_PREC: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Program (query block, batch*head): dQ = SM_SCALE * dS rope(k), over all key blocks."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -296,32 +321,34 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, CosQ, SinQ, CosK, SinK,
     DQ += b * stride_dqb + h * stride_dqh
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    q_e, q_o = _load_rotated(Q, rows, L_Q, stride_ql, stride_qd, CosQ, SinQ, BLOCK_M, HEAD_DIM, ROPE_Q, True)
+    q_e, q_o = _load_qk(Q, rows, L_Q, stride_ql, stride_qd, CosQ, SinQ, BLOCK_M, HEAD_DIM, ROPE_Q, SPLIT, True)
     do = _load_tile(DO, rows, L_Q, stride_dol, stride_dod, HEAD_DIM, True)
     lse = tl.load(Lse + pid_bh.to(tl.int64) * L_Q + rows, mask=rows < L_Q, other=0.0)
     delta = tl.load(Delta + pid_bh.to(tl.int64) * L_Q + rows, mask=rows < L_Q, other=0.0)
-    dq_e = tl.zeros([BLOCK_M, HEAD_DIM // 2], tl.float32)
-    dq_o = tl.zeros([BLOCK_M, HEAD_DIM // 2], tl.float32)
+    dq_e = tl.zeros([BLOCK_M, LANE_D], tl.float32)
+    dq_o = tl.zeros([BLOCK_M, LANE_D], tl.float32)
     n_full = (L_K // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         dq_e, dq_o = _bwd_dq_inner(dq_e, dq_o, q_e, q_o, do, lse, delta, K, V, CosK, SinK, start_n, L_K, stride_kl,
-                                   stride_kd, stride_vl, stride_vd, QK_SCALE, BLOCK_N, HEAD_DIM, ROPE_K, False,
+                                   stride_kd, stride_vl, stride_vd, QK_SCALE, BLOCK_N, HEAD_DIM, ROPE_K, SPLIT, False,
                                    DOT_PREC)
     if n_full < L_K:
         dq_e, dq_o = _bwd_dq_inner(dq_e, dq_o, q_e, q_o, do, lse, delta, K, V, CosK, SinK, n_full, L_K, stride_kl,
-                                   stride_kd, stride_vl, stride_vd, QK_SCALE, BLOCK_N, HEAD_DIM, ROPE_K, True,
+                                   stride_kd, stride_vl, stride_vd, QK_SCALE, BLOCK_N, HEAD_DIM, ROPE_K, SPLIT, True,
                                    DOT_PREC)
     _store_unrotated(DQ, rows, L_Q, stride_dql, stride_dqd, dq_e * SM_SCALE, dq_o * SM_SCALE, CosQ, SinQ, BLOCK_M,
-                     HEAD_DIM, ROPE_Q)
+                     HEAD_DIM, ROPE_Q, SPLIT)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Autotuning. One tuner per device family over the same kernels: the sm80 list (A100/Ada) favours smaller
-# tiles, the sm90 list (H100/H200) bigger tiles and deeper pipelines. Neither uses TMA, wgmma-specific code
-# or warp specialisation, so every config is valid Triton on both; one that needs more shared memory than
-# the device has fails to compile and the tuner skips it. The lists are starting points, not yet measured
-# (bench/bench_attention.py records the speed). Under the interpreter: one 32x32 config, which keeps the
-# program count low and still runs several key blocks plus a masked tail at the test sizes.
+# Autotuning. One tuner per device family (`config_family`) over the same kernels, because what fits differs:
+# a program may use 227 KB of shared memory on sm90 (H100/H200), 163 KB on sm80 (A100) and 99 KB on sm86/sm89
+# (RTX 30xx/40xx, A10, L4, L40S). No config uses TMA, wgmma-specific code or warp specialisation. The lists
+# were chosen from ptxas reports (`python -m anyid_rt.kernels.cross_compile`, bench/results/
+# kernel_resources.md), at head dim 128 in bf16 without RoPE, the DiT's case: every config fits its family's
+# shared memory, and 4-warp 128-row tiles were dropped (1.3-2 KB of register spills per thread against 0 with
+# 8 warps); their speed is not yet measured on a GPU (bench/bench_attention.py). Under the interpreter: one
+# 32x32 config, which keeps the program count low and still runs several key blocks plus a masked tail.
 # ----------------------------------------------------------------------------------------------------------
 def _configs(entries: list[tuple[int, int, int, int]]) -> list[triton.Config]:
     if INTERPRET:
@@ -330,28 +357,31 @@ def _configs(entries: list[tuple[int, int, int, int]]) -> list[triton.Config]:
 
 
 _KEY = ["L_Q", "L_K", "HEAD_DIM", "ROPE_Q", "ROPE_K"]  # the tuner adds the tensors' dtypes to the key
-#                        (BLOCK_M, BLOCK_N, num_warps, num_stages)
-_FWD_SM80 = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4)])
-_FWD_SM90 = _configs([(128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (128, 64, 8, 4)])
-_DKDV_SM80 = _configs([(32, 128, 4, 3), (64, 64, 4, 2), (64, 128, 8, 2)])
-_DKDV_SM90 = _configs([(32, 128, 4, 4), (64, 128, 8, 3), (64, 64, 4, 3)])
-_DQ_SM80 = _configs([(128, 32, 4, 3), (64, 64, 4, 2), (128, 64, 8, 2)])
-_DQ_SM90 = _configs([(128, 32, 4, 4), (128, 64, 8, 3), (64, 64, 4, 3)])
-
-_attn_fwd_sm80 = triton.autotune(_FWD_SM80, key=_KEY)(_attn_fwd_kernel)
-_attn_fwd_sm90 = triton.autotune(_FWD_SM90, key=_KEY)(_attn_fwd_kernel)
-_attn_bwd_dkdv_sm80 = triton.autotune(_DKDV_SM80, key=_KEY)(_attn_bwd_dkdv_kernel)
-_attn_bwd_dkdv_sm90 = triton.autotune(_DKDV_SM90, key=_KEY)(_attn_bwd_dkdv_kernel)
-_attn_bwd_dq_sm80 = triton.autotune(_DQ_SM80, key=_KEY)(_attn_bwd_dq_kernel)
-_attn_bwd_dq_sm90 = triton.autotune(_DQ_SM90, key=_KEY)(_attn_bwd_dq_kernel)
+#                                  (BLOCK_M, BLOCK_N, num_warps, num_stages)
+_CONFIGS = {
+    "fwd": {"sm90": [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (128, 64, 8, 3)],
+            "sm80": [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3)],
+            "sm8x": [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2)]},
+    "dkdv": {"sm90": [(64, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3), (64, 64, 8, 3)],
+             "sm80": [(64, 128, 8, 2), (64, 64, 4, 2), (64, 64, 8, 3), (32, 64, 4, 3)],
+             "sm8x": [(64, 128, 8, 2), (64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 3)]},
+    "dq": {"sm90": [(128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2)],
+           "sm80": [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (64, 64, 8, 2)],
+           "sm8x": [(128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 4, 3)]},
+}
+_TUNED = {(kind, family): triton.autotune(_configs(entries), key=_KEY)(kernel)
+          for kind, kernel in (("fwd", _attn_fwd_kernel), ("dkdv", _attn_bwd_dkdv_kernel), ("dq", _attn_bwd_dq_kernel))
+          for family, entries in _CONFIGS[kind].items()}
 _DELTA_BLOCK_M = 64
 
 
 def _consts(q: torch.Tensor, rope_q: bool, rope_k: bool) -> dict:
     """Compile-time constants shared by the attention kernels."""
     D = q.shape[-1]
+    split = rope_q or rope_k  # without RoPE the tiles stay whole: one dot of depth D instead of two of D/2
     return dict(HEAD_DIM=D, SM_SCALE=1.0 / math.sqrt(D), QK_SCALE=_LOG2E / math.sqrt(D), ROPE_Q=rope_q,
-                ROPE_K=rope_k, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")  # fp32 stays fp32
+                ROPE_K=rope_k, SPLIT=split, LANE_D=D // 2 if split else D,
+                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")  # fp32 stays fp32
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -372,7 +402,7 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_q: tor
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    kernel = _attn_fwd_sm90 if is_sm90_or_newer(q.device) else _attn_fwd_sm80
+    kernel = _TUNED["fwd", config_family(q.device)]
 
     def grid(meta):
         return (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
@@ -400,9 +430,8 @@ def _attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     delta = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
     if dq.numel() == 0:
         return dq, dk.zero_(), dv.zero_()
-    sm90 = is_sm90_or_newer(q.device)
-    dkdv_kernel = _attn_bwd_dkdv_sm90 if sm90 else _attn_bwd_dkdv_sm80
-    dq_kernel = _attn_bwd_dq_sm90 if sm90 else _attn_bwd_dq_sm80
+    family = config_family(q.device)
+    dkdv_kernel, dq_kernel = _TUNED["dkdv", family], _TUNED["dq", family]
     rope = (q if cos_q is None else cos_q, q if sin_q is None else sin_q,
             q if cos_k is None else cos_k, q if sin_k is None else sin_k)
     consts = _consts(q, cos_q is not None, cos_k is not None)

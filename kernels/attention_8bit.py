@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import INTERPRET, check_triton_device, is_sm90_or_newer
+from ._utils import INTERPRET, check_triton_device, config_family, device_capability
 from .attention import Rope, apply_rope_ref
 
 PV_DTYPES = {"fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -372,11 +372,11 @@ def _attn8_fwd_kernel(Q8, QS, K8, KS, V, VS, Out,
 
 # ----------------------------------------------------------------------------------------------------------
 # Autotuning of the attention kernel: BLOCK_M, warps and stages only (the key tile is fixed, see step 5).
-# sm90 (H100/H200): 128-row query blocks, deeper pipelines (K and V tiles are 16 KB each at D=128 in 8 bits).
-# sm8x (Ada sm89 with FP8, Ampere sm80 with INT8 Q/K and 16-bit P/V): about 100 KB of shared memory on Ada,
-# so at most two stages at 128 rows, and a single-stage config for 16-bit V at D=128 there (48 KB per stage;
-# the tuner skips configs that do not fit). Under the interpreter one small config (several query blocks at the
-# test sizes). The pre-pass kernels are memory-bound and run one fixed config.
+# One list per device family (`config_family`): sm90 (H100/H200): 128-row query blocks, deeper pipelines (K
+# and V tiles are 16 KB each at D=128 in 8 bits); sm80 (A100, INT8 Q/K and 16-bit P/V, 163 KB of shared
+# memory); sm8x (sm86, and sm89 with FP8: 99 KB, so at most two stages at 128 rows with 16-bit V). Under the
+# interpreter one small config (several query blocks at the test sizes). The pre-pass kernels are
+# memory-bound and run one fixed config.
 # ----------------------------------------------------------------------------------------------------------
 def _configs(entries: list[tuple[int, int, int]]) -> list[triton.Config]:
     if INTERPRET:
@@ -386,10 +386,12 @@ def _configs(entries: list[tuple[int, int, int]]) -> list[triton.Config]:
 
 _KEY = ["L_Q", "L_K", "HEAD_DIM", "PV_FP8"]  # the tuner adds the tensors' dtypes to the key
 #                                 (BLOCK_M, num_warps, num_stages)
-_attn8_fwd_sm90 = triton.autotune(_configs([(128, 8, 3), (128, 8, 2), (128, 4, 3), (64, 4, 3)]),
-                                  key=_KEY)(_attn8_fwd_kernel)
-_attn8_fwd_sm8x = triton.autotune(_configs([(128, 8, 2), (128, 4, 2), (64, 4, 3), (64, 4, 1)]),
-                                  key=_KEY)(_attn8_fwd_kernel)
+# From ptxas reports (kernels/cross_compile.py): 4-warp 128-row tiles spill 1.3-35 KB per thread and were
+# dropped; on sm86/sm89 (99 KB) only 2-stage 128-row and 64-row tiles fit with 16-bit P/V.
+_TUNED = {family: triton.autotune(_configs(entries), key=_KEY)(_attn8_fwd_kernel) for family, entries in (
+    ("sm90", [(128, 8, 3), (128, 8, 2), (64, 4, 3), (64, 8, 3)]),
+    ("sm80", [(128, 8, 2), (128, 8, 3), (64, 4, 3), (64, 4, 1)]),
+    ("sm8x", [(128, 8, 2), (64, 4, 2), (64, 4, 1), (64, 8, 2)]))}
 _PREPASS_BLOCK = 64
 
 
@@ -459,7 +461,7 @@ def attention_8bit_core(x: Quantized, out_dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty((B, Lq, H, D), dtype=out_dtype, device=x.q8.device)
     if out.numel() == 0:
         return out
-    kernel = _attn8_fwd_sm90 if is_sm90_or_newer(x.q8.device) else _attn8_fwd_sm8x
+    kernel = _TUNED[config_family(x.q8.device)]
 
     def grid(meta):
         return (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
@@ -482,7 +484,7 @@ def _attention_8bit_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_q:
                        pv: str, smooth_k: bool) -> torch.Tensor:
     """out [B, Lq, H, D] in q.dtype."""
     # checked here, at run time, rather than in the traced wrapper: torch.compile need not trace the query
-    require_pv_support(pv, torch.cuda.get_device_capability(q.device) if q.device.type == "cuda" else None)
+    require_pv_support(pv, device_capability(q.device))
     x = _quantize(q, k, v, cos_q, sin_q, cos_k, sin_k, pv, smooth_k)
     return attention_8bit_core(x, q.dtype)
 

@@ -4,6 +4,12 @@
 kernels with the same contracts: x [..., N] of any float dtype, weight/bias [N] of any float dtype, math in
 fp32 over the full last dim (any width up to 64K columns, e.g. 3072 or 3000), result in x.dtype. Backward
 (autograd) is a Triton kernel for dx with per-program partial sums for dweight / dbias, reduced by torch.
+
+`rms_norm_rope` is the self-attention's q/k norm with the RoPE rotation fused into its output (the kernel
+already holds the row, so the rotation costs no memory traffic beyond the [L, D/2] angle tables). Done here,
+each token is rotated once; done inside the attention kernel, every key tile is rotated again for every
+query block (214 times per key at 27,280 tokens) and the kernel needs more registers and shared memory
+(kernels/attention.py).
 """
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ._utils import check_triton_device, flat_rows, num_sms, row_tiling
+from .attention import Rope, apply_rope_ref
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -20,6 +27,17 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> to
     xf = x.float()
     out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
     return out.to(x.dtype)
+
+
+def rms_norm_rope_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, rope: Rope, num_heads: int) -> torch.Tensor:
+    """x [B, L, H*D]: `rms_norm_ref` over the full width (rounded to x.dtype), then RoPE on each head's
+    interleaved pairs by the token's angles (cos, sin [L, D/2]) in fp32, rounded to x.dtype: the unfused
+    q/k norm followed by `apply_rope_ref`, bit for bit."""
+    B, L, N = x.shape
+    y = rms_norm_ref(x, weight, eps)
+    if rope is None:
+        return y
+    return apply_rope_ref(y.view(B, L, num_heads, N // num_heads), *rope).view(B, L, N)
 
 
 def layer_norm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -32,9 +50,25 @@ def layer_norm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ep
 # [BLOCK_R rows, BLOCK_N columns] of x viewed as [M, N] with unit column stride.
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
-def _norm_fwd_kernel(X, W, Bias, Y, M, N, stride_xm, stride_ym, EPS: tl.constexpr, IS_RMS: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
-    """RMS: y = x * rstd * w, rstd = rsqrt(mean(x^2) + eps). LN: y = (x - mean) * rstd * w + b."""
+def _rotate_pairs(y, Cos, Sin, rows, M, N, L, DIRECTION: tl.constexpr, HALF_D: tl.constexpr, BLOCK_R: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """Rotate the interleaved pairs (2j, 2j+1) of fp32 rows y [BLOCK_R, BLOCK_N] (heads of HALF_D pairs side by
+    side) by +theta (DIRECTION 1) or -theta (-1), theta = angle[row % L, j % HALF_D]."""
+    pairs = tl.arange(0, BLOCK_N // 2)
+    offs = (rows % L)[:, None] * HALF_D + (pairs % HALF_D)[None, :]
+    pmask = (rows < M)[:, None] & (pairs < N // 2)[None, :]
+    c = tl.load(Cos + offs, mask=pmask, other=0.0)
+    s = tl.load(Sin + offs, mask=pmask, other=0.0) * DIRECTION
+    y_e, y_o = tl.split(tl.reshape(y, [BLOCK_R, BLOCK_N // 2, 2]))
+    return tl.reshape(tl.join(y_e * c - y_o * s, y_e * s + y_o * c), [BLOCK_R, BLOCK_N])
+
+
+@triton.jit
+def _norm_fwd_kernel(X, W, Bias, Y, Cos, Sin, M, N, L, stride_xm, stride_ym, EPS: tl.constexpr,
+                     IS_RMS: tl.constexpr, ROPE: tl.constexpr, HALF_D: tl.constexpr, BLOCK_R: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+    """RMS: y = x * rstd * w, rstd = rsqrt(mean(x^2) + eps). LN: y = (x - mean) * rstd * w + b.
+    ROPE: y, rounded to Y's dtype, is then rotated pair by pair with row r's angles Cos/Sin[r % L, pair % HALF_D]."""
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     cmask = cols < N
@@ -49,17 +83,22 @@ def _norm_fwd_kernel(X, W, Bias, Y, M, N, stride_xm, stride_ym, EPS: tl.constexp
     y = xc * rstd[:, None] * w[None, :]
     if not IS_RMS:
         y += tl.load(Bias + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if ROPE:
+        y = _rotate_pairs(y.to(Y.dtype.element_ty).to(tl.float32), Cos, Sin, rows, M, N, L, 1.0, HALF_D, BLOCK_R,
+                          BLOCK_N)
     tl.store(Y + rows[:, None] * stride_ym + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _norm_bwd_kernel(X, W, DY, DX, DWPart, DBPart, M, N, stride_xm, stride_dym, stride_dxm, EPS: tl.constexpr,
-                     IS_RMS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+def _norm_bwd_kernel(X, W, DY, DX, DWPart, DBPart, Cos, Sin, M, N, L, stride_xm, stride_dym, stride_dxm,
+                     EPS: tl.constexpr, IS_RMS: tl.constexpr, ROPE: tl.constexpr, HALF_D: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
     """dx per row and this program's partial sums of dw = sum dy * xhat (and db = sum dy for LN).
 
     With g = dy * w and xhat the normalised row: RMS dx = rstd * (g - xhat * mean(g * xhat));
     LN dx = rstd * (g - mean(g) - xhat * mean(g * xhat)). Programs stride over row blocks; partials go to
-    [programs, N] and are summed by the launcher.
+    [programs, N] and are summed by the launcher. ROPE: dy is first rotated back (the inverse rotation is
+    the gradient of a rotation; the rounding between norm and rotation passes the gradient through).
     """
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
@@ -73,6 +112,8 @@ def _norm_bwd_kernel(X, W, DY, DX, DWPart, DBPart, M, N, stride_xm, stride_dym, 
         mask = (rows < M)[:, None] & cmask[None, :]
         x = tl.load(X + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + rows[:, None] * stride_dym + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if ROPE:
+            dy = _rotate_pairs(dy, Cos, Sin, rows, M, N, L, -1.0, HALF_D, BLOCK_R, BLOCK_N)
         if IS_RMS:
             xc = x
         else:
@@ -95,19 +136,24 @@ def _norm_bwd_kernel(X, W, DY, DX, DWPart, DBPart, M, N, stride_xm, stride_dym, 
 # ----------------------------------------------------------------------------------------------------------
 # Launchers and operators (torch.library.custom_op with fake functions and autograd; see attention.py)
 # ----------------------------------------------------------------------------------------------------------
-def _norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+def _norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
+              cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> torch.Tensor:
+    """cos/sin [L, D/2] fp32 (RMS only): x is [B, L, N] and its rows are rotated after the norm."""
     x2 = flat_rows(x)
     M, N = x2.shape
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M:
         block_r, block_n, warps = row_tiling(N)
         _norm_fwd_kernel[(triton.cdiv(M, block_r),)](
-            x2, weight, weight if bias is None else bias, y, M, N, x2.stride(0), y.stride(0),
-            EPS=eps, IS_RMS=bias is None, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps)
+            x2, weight, weight if bias is None else bias, y, weight if cos is None else cos,
+            weight if sin is None else sin, M, N, 1 if cos is None else x.shape[-2], x2.stride(0), y.stride(0),
+            EPS=eps, IS_RMS=bias is None, ROPE=cos is not None, HALF_D=1 if cos is None else cos.shape[1],
+            BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps)
     return y.view(x.shape)
 
 
-def _norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float, is_rms: bool):
+def _norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float, is_rms: bool,
+              cos: torch.Tensor | None = None, sin: torch.Tensor | None = None):
     x2, dy2 = flat_rows(x), flat_rows(dy)
     M, N = x2.shape
     block_r, block_n, warps = row_tiling(N)
@@ -117,8 +163,10 @@ def _norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: floa
     db_part = dw_part if is_rms else torch.zeros((P, N), dtype=torch.float32, device=x.device)
     if M:
         _norm_bwd_kernel[(P,)](
-            x2, weight, dy2, dx, dw_part, db_part, M, N, x2.stride(0), dy2.stride(0), dx.stride(0),
-            EPS=eps, IS_RMS=is_rms, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps)
+            x2, weight, dy2, dx, dw_part, db_part, weight if cos is None else cos, weight if sin is None else sin,
+            M, N, 1 if cos is None else x.shape[-2], x2.stride(0), dy2.stride(0), dx.stride(0),
+            EPS=eps, IS_RMS=is_rms, ROPE=cos is not None, HALF_D=1 if cos is None else cos.shape[1],
+            BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps)
     return dx.view(x.shape), dw_part.sum(0).to(weight.dtype), db_part.sum(0)
 
 
@@ -144,6 +192,29 @@ def _layer_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
                        eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dx, dw, db = _norm_bwd(dy, x, weight, eps, False)
     return dx, dw, db.to(bias.dtype)
+
+
+@torch.library.custom_op("anyid_rt::rms_norm_rope", mutates_args=())
+def _rms_norm_rope_op(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      eps: float) -> torch.Tensor:
+    return _norm_fwd(x, weight, None, eps, cos, sin)
+
+
+@torch.library.custom_op("anyid_rt::rms_norm_rope_bwd", mutates_args=())
+def _rms_norm_rope_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor,
+                          sin: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    dx, dw, _ = _norm_bwd(dy, x, weight, eps, True, cos, sin)
+    return dx, dw
+
+
+@_rms_norm_rope_op.register_fake
+def _(x, weight, cos, sin, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@_rms_norm_rope_bwd_op.register_fake
+def _(dy, x, weight, cos, sin, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight)
 
 
 @_rms_norm_op.register_fake
@@ -191,7 +262,20 @@ def _layer_norm_backward(ctx, dy):
     return dx, dw, db, None
 
 
+def _rms_norm_rope_setup(ctx, inputs, output) -> None:
+    x, weight, cos, sin, eps = inputs
+    ctx.save_for_backward(x, weight, cos, sin)
+    ctx.eps = eps
+
+
+def _rms_norm_rope_backward(ctx, dy):
+    x, weight, cos, sin = ctx.saved_tensors
+    dx, dw = _rms_norm_rope_bwd_op(dy, x, weight, cos, sin, ctx.eps)
+    return dx, dw, None, None, None
+
+
 _rms_norm_op.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)
+_rms_norm_rope_op.register_autograd(_rms_norm_rope_backward, setup_context=_rms_norm_rope_setup)
 _layer_norm_op.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup)
 
 
@@ -213,3 +297,24 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     """Triton `layer_norm_ref` (op anyid_rt::layer_norm, Triton backward): fp32 math, result in x.dtype."""
     _check(x, (weight, bias), "layer_norm")
     return _layer_norm_op(x, weight, bias, float(eps))
+
+
+def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, rope: Rope, num_heads: int) -> torch.Tensor:
+    """Triton `rms_norm_rope_ref` (op anyid_rt::rms_norm_rope, Triton backward): x [B, L, H*D], RoPE tables
+    (cos, sin) [L, D/2]; no gradient for the tables. rope=None is `rms_norm`."""
+    if rope is None:
+        return rms_norm(x, weight, eps)
+    if x.dim() != 3 or x.shape[-1] % num_heads or (x.shape[-1] // num_heads) % 2:
+        raise ValueError(f"rms_norm_rope: x must be [B, L, H*D] with {num_heads} heads of an even head dim, "
+                         f"got {tuple(x.shape)}")
+    _check(x, (weight,), "rms_norm_rope")
+    L, half = x.shape[1], x.shape[-1] // num_heads // 2
+    cos, sin = rope
+    for name, t in (("cos", cos), ("sin", sin)):
+        if tuple(t.shape) != (L, half):
+            raise ValueError(f"rms_norm_rope: RoPE {name} table must be [L, D/2] = [{L}, {half}], got {tuple(t.shape)}")
+        if t.requires_grad:
+            raise ValueError("rms_norm_rope: the RoPE tables require grad; the Triton kernel has no gradient for "
+                             "RoPE angles (detach them, or use backend='torch')")
+        check_triton_device(t)
+    return _rms_norm_rope_op(x, weight, cos.float().contiguous(), sin.float().contiguous(), float(eps))

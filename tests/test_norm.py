@@ -12,7 +12,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
 from anyid_rt.kernels._utils import assert_calibrated, fresh_seed  # noqa: E402
-from anyid_rt.kernels.norm import layer_norm, layer_norm_ref, rms_norm, rms_norm_ref  # noqa: E402
+from anyid_rt.kernels.norm import (layer_norm, layer_norm_ref, rms_norm, rms_norm_ref, rms_norm_rope,  # noqa: E402
+                                   rms_norm_rope_ref)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -69,6 +70,47 @@ def test_layer_norm(shape, x_dtype, p_dtype):
     _check(layer_norm, layer_norm_ref, x, (w, b), seed)
 
 
+def _rope_ops(L: int, H: int, D: int):
+    """(Triton, reference) q/k norm + RoPE closures with random angles for L tokens of H heads of dim D."""
+    angles = (torch.rand(L, D // 2, device=DEV) * 2 - 1) * torch.pi * 4
+    rope = (angles.cos(), angles.sin())
+
+    def rms_norm_rope_triton(x, w, eps):
+        return rms_norm_rope(x, w, eps, rope, H)
+
+    def rms_norm_rope_reference(x, w, eps):
+        return rms_norm_rope_ref(x, w, eps, rope, H)
+
+    return rms_norm_rope_triton, rms_norm_rope_reference
+
+
+# (B, L, H, D): the tiny model's heads, the 5B head dim, and a width (5 x 6 = 30) that is neither a power of
+# two nor a multiple of the pairs per block
+ROPE_SHAPES = [(2, 37, 2, 32), (1, 13, 3, 128), (2, 9, 5, 6)]
+
+
+@pytest.mark.parametrize("x_dtype,p_dtype", DTYPES)
+@pytest.mark.parametrize("B,L,H,D", ROPE_SHAPES)
+def test_rms_norm_rope(B, L, H, D, x_dtype, p_dtype):
+    """The q/k norm with RoPE fused into its output, against the norm followed by `apply_rope_ref`."""
+    seed = fresh_seed()
+    x = (torch.randn(B, L, H * D, device=DEV) * 2).to(x_dtype)
+    w = (1 + torch.randn(H * D, device=DEV) * 0.2).to(p_dtype)
+    _check(*_rope_ops(L, H, D), x, (w,), seed)
+
+
+def test_rms_norm_rope_rejects_bad_tables():
+    x, w = torch.randn(2, 5, 64, device=DEV), torch.ones(64, device=DEV)
+    cos, sin = torch.ones(5, 16, device=DEV), torch.zeros(5, 16, device=DEV)
+    with pytest.raises(ValueError, match=r"must be \[L, D/2\] = \[5, 8\]"):
+        rms_norm_rope(x, w, 1e-6, (cos, sin), 4)  # 4 heads of 16: tables of 8 pairs
+    with pytest.raises(ValueError, match="require grad"):
+        rms_norm_rope(x, w, 1e-6, (cos, sin.requires_grad_()), 2)
+    with pytest.raises(ValueError, match=r"\[B, L, H\*D\]"):
+        rms_norm_rope(x[0], w, 1e-6, (cos, sin), 2)
+    assert torch.equal(rms_norm_rope(x, w, 1e-6, None, 2), rms_norm(x, w, 1e-6))
+
+
 def test_bf16_inputs_forward():
     """bf16 weights and fp32 x: every store is fp32, so the interpreter checks bf16 loads exactly."""
     seed = fresh_seed()
@@ -100,6 +142,8 @@ def test_registered_ops():
     w, b = (torch.randn(40, device=DEV, requires_grad=True) for _ in range(2))
     torch.library.opcheck(torch.ops.anyid_rt.rms_norm.default, (x, w, 1e-6))
     torch.library.opcheck(torch.ops.anyid_rt.layer_norm.default, (x, w, b, 1e-6))
+    angles = torch.randn(5, 10, device=DEV)
+    torch.library.opcheck(torch.ops.anyid_rt.rms_norm_rope.default, (x, w, angles.cos(), angles.sin(), 1e-6))
 
 
 @pytest.mark.gpu
@@ -114,3 +158,13 @@ def test_gpu_production_width(op):
         _check(rms_norm, rms_norm_ref, x, (w,), seed)
     else:
         _check(layer_norm, layer_norm_ref, x, (w, torch.randn(3072, device=DEV)), seed)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_production_width_rope():
+    """The 5B q/k norm with RoPE: [2, 2640, 3072] bf16, 24 heads of 128."""
+    seed = fresh_seed()
+    x = torch.randn(2, 2640, 3072, device=DEV).to(torch.bfloat16)
+    w = (1 + torch.randn(3072, device=DEV) * 0.2)
+    _check(*_rope_ops(2640, 24, 128), x, (w,), seed)

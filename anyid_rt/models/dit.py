@@ -121,10 +121,12 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         B, L, _ = x.shape  # x: [B, L, dim] in the compute dtype
         H, D, eps = self.cfg.num_heads, self.cfg.head_dim, self.cfg.eps
-        q = self.ops.rms_norm(self.q(x), self.norm_q.weight, eps).view(B, L, H, D)  # RMSNorm over all heads
-        k = self.ops.rms_norm(self.k(x), self.norm_k.weight, eps).view(B, L, H, D)
+        # RMSNorm over all heads, then RoPE, in one pass: each token is rotated once, not once per query
+        # block inside the attention kernel (kernels/norm.py)
+        q = self.ops.rms_norm_rope(self.q(x), self.norm_q.weight, eps, rope, H).view(B, L, H, D)
+        k = self.ops.rms_norm_rope(self.k(x), self.norm_k.weight, eps, rope, H).view(B, L, H, D)
         v = self.v(x).view(B, L, H, D)
-        out = self.ops.attention(q, k, v, rope, rope)  # [B, L, H, D], RoPE applied to q and k
+        out = self.ops.attention(q, k, v, None, None)  # [B, L, H, D]
         return self.o(out.reshape(B, L, H * D))
 
 
