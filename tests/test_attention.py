@@ -181,10 +181,11 @@ def test_gpu_fp32_and_strided():
 
 @pytest.mark.gpu
 @requires_cuda
-def test_gpu_long_sequence():
+@pytest.mark.parametrize("rope", [None, "qk"])  # None: as the DiT calls it (q and k rotated in the q/k norm)
+def test_gpu_long_sequence(rope):
     """One production-length sequence (27,280 tokens, 880 per latent frame) at 2 heads."""
     seed = fresh_seed()
-    _check(*_qkv(1, 27280, 27280, 2, 128, torch.bfloat16), *_ropes(27280, 27280, 128, "qk"), seed)
+    _check(*_qkv(1, 27280, 27280, 2, 128, torch.bfloat16), *_ropes(27280, 27280, 128, rope), seed)
 
 
 @pytest.mark.gpu
