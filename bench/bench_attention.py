@@ -1,14 +1,15 @@
-"""Attention benchmark: the Triton fused RoPE + flash attention against every torch SDPA backend available.
+"""Attention benchmark: the Triton flash attention (with and without RoPE fused) against every torch SDPA backend.
 
 TFLOP/s = 4 * B * H * Lq * Lk * D / time for the forward (QK^T and PV, 2 FLOPs per multiply-add); the
 backward counts 2.5x that (five matmuls against two, the flash-attention convention). Sizes: the production
 self-attention of Wan2.2-TI2V-5B at 1280x704x121 (B=2 for CFG, 24 heads, D=128, 27,280 tokens; 58,080 with
 four reference images and a reference clip; 27,280 queries over 58,080 keys when the reference K/V are
 reused), plus a sweep of L. Providers: `triton` (no RoPE: the kernel as the DiT calls it, with q and k
-rotated in the q/k norm; the same work as SDPA), `triton+rope` (RoPE applied inside the kernel), SDPA flash / cuDNN / efficient (torch.nn.attention.sdpa_kernel; no
-RoPE, [B, H, L, D] inputs, their native layout), flash-attn 2/3 packages if installed, and `eager-ref`
-(attention_ref: RoPE then SDPA math) for L <= --eager-max-l. Appends JSON lines to <out>/bench_attention.jsonl
-and plots the sweep to <out>/bench_attention[_bwd].png.
+rotated in the q/k norm; the same work as SDPA), `triton+rope` (RoPE applied inside the kernel), SDPA
+flash / cuDNN / efficient (torch.nn.attention.sdpa_kernel; no RoPE, [B, H, L, D] inputs, their native
+layout), flash-attn 2/3 packages if installed, and `eager-ref` (attention_ref: RoPE then SDPA math) for
+L <= --eager-max-l. Appends JSON lines to <out>/bench_attention.jsonl and plots the sweep to
+<out>/bench_attention[_bwd].png.
 
     python bench/bench_attention.py [--mode fwd|bwd|both] [--no-sweep] [--out DIR] [--dry-run]
 """

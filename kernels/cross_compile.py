@@ -68,13 +68,12 @@ class CompiledConfig:
         blocks = " ".join(f"{k[6:] if k.startswith('BLOCK_') else k}={v}" for k, v in self.constants.items()
                           if k.startswith("BLOCK"))
         flags = " ".join(k for k, v in self.constants.items() if v is True) or "-"
+        config = f"| {self.kernel} | {flags} | sm{self.arch} | {blocks} | {self.num_warps} | {self.num_stages} |"
         if self.error:
-            return f"| {self.kernel} | {flags} | sm{self.arch} | {blocks} | {self.num_warps} | {self.num_stages} | error: " \
-                   f"{self.error.splitlines()[0][:80]} | | | | |"
+            return f"{config} error: {self.error.splitlines()[0][:80]} | | | | |"
         mma = ", ".join(self.mma) or "-"
         shared = f"{self.shared_bytes / 1024:.0f} KB" + ("" if self.fits_shared else " (too much)")
-        return (f"| {self.kernel} | {flags} | sm{self.arch} | {blocks} | {self.num_warps} | {self.num_stages} | {shared} | "
-                f"{self.registers} | {self.spill_stores} | {self.programs_per_sm} | {mma} |")
+        return f"{config} {shared} | {self.registers} | {self.spill_stores} | {self.programs_per_sm} | {mma} |"
 
 
 class _StandInDriver:
