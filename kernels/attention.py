@@ -68,7 +68,7 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _load_tile(base, rows, n_rows, stride_l, stride_d, HEAD_DIM: tl.constexpr, MASK: tl.constexpr):
+def load_tile(base, rows, n_rows, stride_l, stride_d, HEAD_DIM: tl.constexpr, MASK: tl.constexpr):
     """[len(rows), HEAD_DIM] tile of one (batch, head) slice; rows >= n_rows read as 0 when MASK."""
     ptrs = base + rows[:, None] * stride_l + tl.arange(0, HEAD_DIM)[None, :] * stride_d
     if MASK:
@@ -92,11 +92,27 @@ def _load_cos_sin(Cos, Sin, rows, n_rows, HALF: tl.constexpr, MASK: tl.constexpr
 
 
 @triton.jit
+def rotate_pairs(y, Cos, Sin, rows, M, N, L, DIRECTION: tl.constexpr, HALF_D: tl.constexpr, BLOCK_R: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """Rotate the interleaved pairs (2j, 2j+1) of fp32 rows y [BLOCK_R, BLOCK_N] (heads of HALF_D pairs side by
+    side, N columns valid) by +theta (DIRECTION 1) or -theta (-1), theta = angle[row % L, j % HALF_D] from the
+    contiguous fp32 [L, HALF_D] tables Cos / Sin; rows >= M read angle 0. Used by the q/k norm (norm.py) and
+    the 8-bit attention's pre-pass, where a row is one head (N = 2 * HALF_D, L = M)."""
+    pairs = tl.arange(0, BLOCK_N // 2)
+    offs = (rows % L)[:, None] * HALF_D + (pairs % HALF_D)[None, :]
+    pmask = (rows < M)[:, None] & (pairs < N // 2)[None, :]
+    c = tl.load(Cos + offs, mask=pmask, other=0.0)
+    s = tl.load(Sin + offs, mask=pmask, other=0.0) * DIRECTION
+    y_e, y_o = tl.split(tl.reshape(y, [BLOCK_R, BLOCK_N // 2, 2]))
+    return tl.reshape(tl.join(y_e * c - y_o * s, y_e * s + y_o * c), [BLOCK_R, BLOCK_N])
+
+
+@triton.jit
 def _load_qk(base, rows, n_rows, stride_l, stride_d, Cos, Sin, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
              ROPE: tl.constexpr, SPLIT: tl.constexpr, MASK: tl.constexpr):
     """A q or k operand. SPLIT: its even and odd lanes [BLOCK, D/2], RoPE-rotated in fp32 and rounded to the
     input dtype when ROPE. Otherwise the whole tile [BLOCK, D], returned twice (the second is never read)."""
-    x = _load_tile(base, rows, n_rows, stride_l, stride_d, HEAD_DIM, MASK)
+    x = load_tile(base, rows, n_rows, stride_l, stride_d, HEAD_DIM, MASK)
     if SPLIT:
         x_e, x_o = tl.split(tl.reshape(x, [BLOCK, HEAD_DIM // 2, 2]))
         if ROPE:
@@ -145,7 +161,7 @@ def _fwd_inner(acc, l_i, m_i, q_e, q_o, K, V, CosK, SinK, start_n, L_K, stride_k
     """One key block of the online softmax: rescale the running max/sum/accumulator, add p @ v."""
     rows = start_n + tl.arange(0, BLOCK_N)
     k_e, k_o = _load_qk(K, rows, L_K, stride_kl, stride_kd, CosK, SinK, BLOCK_N, HEAD_DIM, ROPE_K, SPLIT, MASK)
-    v = _load_tile(V, rows, L_K, stride_vl, stride_vd, HEAD_DIM, MASK)
+    v = load_tile(V, rows, L_K, stride_vl, stride_vd, HEAD_DIM, MASK)
     qk = _dot_qk(q_e, q_o, k_e, k_o, DOT_PREC, SPLIT) * QK_SCALE  # [BLOCK_M, BLOCK_N], log2 units
     if MASK:
         qk = tl.where(rows[None, :] < L_K, qk, float("-inf"))
@@ -203,8 +219,8 @@ def _attn_bwd_delta_kernel(Out, DO, Delta, stride_ob, stride_ol, stride_oh, stri
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    o = _load_tile(Out + b * stride_ob + h * stride_oh, rows, L_Q, stride_ol, stride_od, HEAD_DIM, True)
-    do = _load_tile(DO + b * stride_db + h * stride_dh, rows, L_Q, stride_dl, stride_dd, HEAD_DIM, True)
+    o = load_tile(Out + b * stride_ob + h * stride_oh, rows, L_Q, stride_ol, stride_od, HEAD_DIM, True)
+    do = load_tile(DO + b * stride_db + h * stride_dh, rows, L_Q, stride_dl, stride_dd, HEAD_DIM, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(Delta + pid_bh.to(tl.int64) * L_Q + rows, delta, mask=rows < L_Q)
 
@@ -217,7 +233,7 @@ def _bwd_dkdv_inner(dk_e, dk_o, dv, k_e, k_o, v, Q, DO, Lse, Delta, CosQ, SinQ, 
     """One query block's contribution to dK and dV of the program's key block (all transposed: [N, M])."""
     rows = start_m + tl.arange(0, BLOCK_M)
     q_e, q_o = _load_qk(Q, rows, L_Q, stride_ql, stride_qd, CosQ, SinQ, BLOCK_M, HEAD_DIM, ROPE_Q, SPLIT, MASK)
-    do = _load_tile(DO, rows, L_Q, stride_dol, stride_dod, HEAD_DIM, MASK)
+    do = load_tile(DO, rows, L_Q, stride_dol, stride_dod, HEAD_DIM, MASK)
     if MASK:  # padded query rows: lse = +inf gives p = 0, and their dO is 0
         lse = tl.load(Lse + rows, mask=rows < L_Q, other=float("inf"))
         delta = tl.load(Delta + rows, mask=rows < L_Q, other=0.0)
@@ -261,7 +277,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, CosQ, SinQ, CosK, Sin
 
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k_e, k_o = _load_qk(K, rows, L_K, stride_kl, stride_kd, CosK, SinK, BLOCK_N, HEAD_DIM, ROPE_K, SPLIT, True)
-    v = _load_tile(V, rows, L_K, stride_vl, stride_vd, HEAD_DIM, True)
+    v = load_tile(V, rows, L_K, stride_vl, stride_vd, HEAD_DIM, True)
     dk_e = tl.zeros([BLOCK_N, LANE_D], tl.float32)  # LANE_D: D/2 when SPLIT, else D (dk_o then stays unused)
     dk_o = tl.zeros([BLOCK_N, LANE_D], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
@@ -287,7 +303,7 @@ def _bwd_dq_inner(dq_e, dq_o, q_e, q_o, do, lse, delta, K, V, CosK, SinK, start_
     """One key block's contribution to dQ (by lanes) of the program's query block."""
     rows = start_n + tl.arange(0, BLOCK_N)
     k_e, k_o = _load_qk(K, rows, L_K, stride_kl, stride_kd, CosK, SinK, BLOCK_N, HEAD_DIM, ROPE_K, SPLIT, MASK)
-    v = _load_tile(V, rows, L_K, stride_vl, stride_vd, HEAD_DIM, MASK)
+    v = load_tile(V, rows, L_K, stride_vl, stride_vd, HEAD_DIM, MASK)
     qk = _dot_qk(q_e, q_o, k_e, k_o, DOT_PREC, SPLIT)
     p = tl.exp2(qk * QK_SCALE - lse[:, None])
     if MASK:
@@ -322,7 +338,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, CosQ, SinQ, CosK, SinK,
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     q_e, q_o = _load_qk(Q, rows, L_Q, stride_ql, stride_qd, CosQ, SinQ, BLOCK_M, HEAD_DIM, ROPE_Q, SPLIT, True)
-    do = _load_tile(DO, rows, L_Q, stride_dol, stride_dod, HEAD_DIM, True)
+    do = load_tile(DO, rows, L_Q, stride_dol, stride_dod, HEAD_DIM, True)
     lse = tl.load(Lse + pid_bh.to(tl.int64) * L_Q + rows, mask=rows < L_Q, other=0.0)
     delta = tl.load(Delta + pid_bh.to(tl.int64) * L_Q + rows, mask=rows < L_Q, other=0.0)
     dq_e = tl.zeros([BLOCK_M, LANE_D], tl.float32)

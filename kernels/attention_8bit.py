@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 
 from ._utils import INTERPRET, check_triton_device, config_family, device_capability
-from .attention import Rope, apply_rope_ref
+from .attention import Rope, load_tile, apply_rope_ref, rotate_pairs
 
 PV_DTYPES = {"fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16, "fp16": torch.float16}
 _HEAD_DIMS = (32, 64, 128)
@@ -208,27 +208,6 @@ def _round_e4m3(x):
 
 
 @triton.jit
-def _load_rows_fp32(base, rows, n_rows, stride_l, stride_d, HEAD_DIM: tl.constexpr, MASK: tl.constexpr):
-    """[len(rows), HEAD_DIM] fp32 tile of one (batch, head) slice; rows >= n_rows read as 0 when MASK."""
-    ptrs = base + rows[:, None] * stride_l + tl.arange(0, HEAD_DIM)[None, :] * stride_d
-    if MASK:
-        x = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
-    else:
-        x = tl.load(ptrs)
-    return x.to(tl.float32)
-
-
-@triton.jit
-def _rope_fp32(x, Cos, Sin, rows, n_rows, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Rotate interleaved pairs of an fp32 tile [BLOCK, HEAD_DIM] as apply_rope_ref does (fp32 throughout)."""
-    x_e, x_o = tl.split(tl.reshape(x, [BLOCK, HEAD_DIM // 2, 2]))
-    offs = rows[:, None] * (HEAD_DIM // 2) + tl.arange(0, HEAD_DIM // 2)[None, :]
-    c = tl.load(Cos + offs, mask=rows[:, None] < n_rows, other=0.0)
-    s = tl.load(Sin + offs, mask=rows[:, None] < n_rows, other=0.0)
-    return tl.reshape(tl.join(x_e * c - x_o * s, x_e * s + x_o * c), [BLOCK, HEAD_DIM])
-
-
-@triton.jit
 def _kv_stats_kernel(K, V, CosK, SinK, KSum, VMax,
                      stride_kb, stride_kl, stride_kh, stride_kd, stride_vb, stride_vl, stride_vh, stride_vd,
                      H, L_K, N_BLOCKS,
@@ -242,12 +221,14 @@ def _kv_stats_kernel(K, V, CosK, SinK, KSum, VMax,
     rows = pid_l * BLOCK + tl.arange(0, BLOCK)
     out = (pid_bh.to(tl.int64) * N_BLOCKS + pid_l) * HEAD_DIM + tl.arange(0, HEAD_DIM)
     if SMOOTH_K:
-        k = _load_rows_fp32(K + b * stride_kb + h * stride_kh, rows, L_K, stride_kl, stride_kd, HEAD_DIM, True)
+        k = load_tile(K + b * stride_kb + h * stride_kh, rows, L_K, stride_kl, stride_kd, HEAD_DIM, True)
+        k = k.to(tl.float32)
         if ROPE_K:
-            k = _rope_fp32(k, CosK, SinK, rows, L_K, BLOCK, HEAD_DIM)
+            k = rotate_pairs(k, CosK, SinK, rows, L_K, HEAD_DIM, L_K, 1.0, HEAD_DIM // 2, BLOCK, HEAD_DIM)
         tl.store(KSum + out, tl.sum(k, 0))
     if V_FP8:
-        v = _load_rows_fp32(V + b * stride_vb + h * stride_vh, rows, L_K, stride_vl, stride_vd, HEAD_DIM, True)
+        v = load_tile(V + b * stride_vb + h * stride_vh, rows, L_K, stride_vl, stride_vd, HEAD_DIM, True)
+        v = v.to(tl.float32)
         tl.store(VMax + out, tl.max(tl.abs(v), 0))
 
 
@@ -262,9 +243,9 @@ def _quant_int8_kernel(X, Cos, Sin, Mean, Xq, Scale, stride_xb, stride_xl, strid
     h = (pid_bh % H).to(tl.int64)
     rows = pid_l * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, HEAD_DIM)
-    x = _load_rows_fp32(X + b * stride_xb + h * stride_xh, rows, L, stride_xl, stride_xd, HEAD_DIM, True)
+    x = load_tile(X + b * stride_xb + h * stride_xh, rows, L, stride_xl, stride_xd, HEAD_DIM, True).to(tl.float32)
     if ROPE:
-        x = _rope_fp32(x, Cos, Sin, rows, L, BLOCK, HEAD_DIM)
+        x = rotate_pairs(x, Cos, Sin, rows, L, HEAD_DIM, L, 1.0, HEAD_DIM // 2, BLOCK, HEAD_DIM)
     if SMOOTH:
         x = x - tl.load(Mean + pid_bh.to(tl.int64) * HEAD_DIM + cols)[None, :]
     amax = tl.max(tl.abs(x), 1)
@@ -286,7 +267,8 @@ def _quant_v_fp8_kernel(V, Inv, Vq, stride_vb, stride_vl, stride_vh, stride_vd, 
     h = (pid_bh % H).to(tl.int64)
     rows = pid_l * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, HEAD_DIM)
-    v = _load_rows_fp32(V + b * stride_vb + h * stride_vh, rows, L_K, stride_vl, stride_vd, HEAD_DIM, True)
+    v = load_tile(V + b * stride_vb + h * stride_vh, rows, L_K, stride_vl, stride_vd, HEAD_DIM, True)
+    v = v.to(tl.float32)
     y = v * tl.load(Inv + pid_bh.to(tl.int64) * HEAD_DIM + cols)[None, :]
     y = tl.minimum(tl.maximum(y, -448.0), 448.0)
     if ROUND_IN_FP32:

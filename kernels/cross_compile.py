@@ -167,12 +167,12 @@ def compile_only(arch: int):
 
     Yields a recorder whose `records()` are the compiled kernels. Not thread-safe (it patches Triton's
     launch entry points for the duration)."""
-    if _utils.INTERPRET:
-        raise RuntimeError("cross-compiling needs the real Triton compiler: run it in a process without "
-                           "TRITON_INTERPRET=1 (the interpreter replaced the kernels when triton was imported)")
     if arch not in SHARED_LIMIT:
         raise ValueError(f"arch {arch} is not one of {sorted(SHARED_LIMIT)} (sm80 A100, sm86/sm89 Ampere/Ada "
                          "consumer and L-series, sm90 H100/H200)")
+    if _utils.INTERPRET:
+        raise RuntimeError("cross-compiling needs the real Triton compiler: run it in a process without "
+                           "TRITON_INTERPRET=1 (the interpreter replaced the kernels when triton was imported)")
     from triton import knobs
     from triton.runtime import driver
     from triton.runtime.autotuner import Autotuner

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ._utils import check_triton_device, flat_rows, num_sms, row_tiling
-from .attention import Rope, apply_rope_ref
+from .attention import Rope, apply_rope_ref, rotate_pairs
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -50,20 +50,6 @@ def layer_norm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ep
 # [BLOCK_R rows, BLOCK_N columns] of x viewed as [M, N] with unit column stride.
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
-def _rotate_pairs(y, Cos, Sin, rows, M, N, L, DIRECTION: tl.constexpr, HALF_D: tl.constexpr, BLOCK_R: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
-    """Rotate the interleaved pairs (2j, 2j+1) of fp32 rows y [BLOCK_R, BLOCK_N] (heads of HALF_D pairs side by
-    side) by +theta (DIRECTION 1) or -theta (-1), theta = angle[row % L, j % HALF_D]."""
-    pairs = tl.arange(0, BLOCK_N // 2)
-    offs = (rows % L)[:, None] * HALF_D + (pairs % HALF_D)[None, :]
-    pmask = (rows < M)[:, None] & (pairs < N // 2)[None, :]
-    c = tl.load(Cos + offs, mask=pmask, other=0.0)
-    s = tl.load(Sin + offs, mask=pmask, other=0.0) * DIRECTION
-    y_e, y_o = tl.split(tl.reshape(y, [BLOCK_R, BLOCK_N // 2, 2]))
-    return tl.reshape(tl.join(y_e * c - y_o * s, y_e * s + y_o * c), [BLOCK_R, BLOCK_N])
-
-
-@triton.jit
 def _norm_fwd_kernel(X, W, Bias, Y, Cos, Sin, M, N, L, stride_xm, stride_ym, EPS: tl.constexpr,
                      IS_RMS: tl.constexpr, ROPE: tl.constexpr, HALF_D: tl.constexpr, BLOCK_R: tl.constexpr,
                      BLOCK_N: tl.constexpr):
@@ -84,7 +70,7 @@ def _norm_fwd_kernel(X, W, Bias, Y, Cos, Sin, M, N, L, stride_xm, stride_ym, EPS
     if not IS_RMS:
         y += tl.load(Bias + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if ROPE:
-        y = _rotate_pairs(y.to(Y.dtype.element_ty).to(tl.float32), Cos, Sin, rows, M, N, L, 1.0, HALF_D, BLOCK_R,
+        y = rotate_pairs(y.to(Y.dtype.element_ty).to(tl.float32), Cos, Sin, rows, M, N, L, 1.0, HALF_D, BLOCK_R,
                           BLOCK_N)
     tl.store(Y + rows[:, None] * stride_ym + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
@@ -113,7 +99,7 @@ def _norm_bwd_kernel(X, W, DY, DX, DWPart, DBPart, Cos, Sin, M, N, L, stride_xm,
         x = tl.load(X + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + rows[:, None] * stride_dym + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if ROPE:
-            dy = _rotate_pairs(dy, Cos, Sin, rows, M, N, L, -1.0, HALF_D, BLOCK_R, BLOCK_N)
+            dy = rotate_pairs(dy, Cos, Sin, rows, M, N, L, -1.0, HALF_D, BLOCK_R, BLOCK_N)
         if IS_RMS:
             xc = x
         else:

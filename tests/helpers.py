@@ -1,6 +1,8 @@
 """Builders shared by the tests: oracles from diffusers at tiny sizes with random (non-zero) weights."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from anyid_rt.config import DiTConfig
@@ -33,20 +35,33 @@ def diffusers_dit(cfg: DiTConfig, seed: int = 0):
     return noisy_(model, seed=seed).eval()
 
 
-def diffusers_vae(cfg, seed: int = 0, scale: float = 0.03):
-    """diffusers' AutoencoderKLWan with the Wan2.2 structure (is_residual) at the widths of a VAEConfig."""
+def diffusers_vae(cfg, seed: int = 0, scale: float = 0.03, wan21: bool = False):
+    """diffusers' AutoencoderKLWan, Wan2.2 structure (is_residual) or Wan2.1's, at the widths of a VAEConfig."""
     from diffusers import AutoencoderKLWan
 
     torch.manual_seed(seed)
-    p = cfg.patch_size
-    model = AutoencoderKLWan(
-        base_dim=cfg.base_dim, decoder_base_dim=cfg.decoder_base_dim, z_dim=cfg.z_dim, dim_mult=list(cfg.dim_mult),
-        num_res_blocks=cfg.num_res_blocks, temperal_downsample=list(cfg.temporal_downsample), is_residual=True,
-        in_channels=cfg.in_channels * p * p, out_channels=cfg.in_channels * p * p, patch_size=p,
-        scale_factor_temporal=cfg.temporal_compression, scale_factor_spatial=cfg.spatial_compression,
-        latents_mean=list(cfg.latents_mean), latents_std=list(cfg.latents_std))
-    # small noise keeps most decoded pixels inside the [-1, 1] clamp, so comparisons mean something
+    if wan21:  # Wan2.1: z_dim 16, no patchify, no residual stages
+        model = AutoencoderKLWan(base_dim=cfg.base_dim, z_dim=16, num_res_blocks=cfg.num_res_blocks)
+    else:
+        p = cfg.patch_size
+        model = AutoencoderKLWan(
+            base_dim=cfg.base_dim, decoder_base_dim=cfg.decoder_base_dim, z_dim=cfg.z_dim, dim_mult=list(cfg.dim_mult),
+            num_res_blocks=cfg.num_res_blocks, temperal_downsample=list(cfg.temporal_downsample), is_residual=True,
+            in_channels=cfg.in_channels * p * p, out_channels=cfg.in_channels * p * p, patch_size=p,
+            scale_factor_temporal=cfg.temporal_compression, scale_factor_spatial=cfg.spatial_compression,
+            latents_mean=list(cfg.latents_mean), latents_std=list(cfg.latents_std))
+    # 0.03 keeps ~97% of the decoded pixels inside the [-1, 1] clamp, so decode comparisons mean something
     return noisy_(model, scale=scale, seed=seed).eval()
+
+
+def tiny_export(tmp_path_factory) -> Path:
+    """The tiny engine's graphs, exported once per session (shared by the ONNX, TensorRT and Triton tests)."""
+    from anyid_rt.export import cli as export_cli
+
+    out = tmp_path_factory.getbasetemp() / "anyid_tiny_onnx"
+    if not (out / "export.json").is_file():
+        assert export_cli.main(["export", "onnx", "--preset", "tiny", "--seed", "0", "--out", str(out), "--check"]) == 0
+    return out
 
 
 def diffusers_pipeline_folder(folder, seed: int = 0):

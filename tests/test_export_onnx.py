@@ -16,6 +16,8 @@ import torch
 onnx = pytest.importorskip("onnx", reason="the export extra is not installed: pip install onnx onnxruntime")
 pytest.importorskip("onnxruntime", reason="the export extra is not installed: pip install onnxruntime")
 
+from helpers import tiny_export  # noqa: E402
+
 from anyid_rt import Engine  # noqa: E402
 from anyid_rt.cli import ASSETS  # noqa: E402
 from anyid_rt.export import cli as export_cli  # noqa: E402
@@ -32,15 +34,6 @@ LAYOUTS = [
     ("image + clip refs, i2v", (3, 2, 2), ((1, 2, 2), (2, 2, 2)), 2, True),
     ("3 refs, 76 tokens", (2, 4, 4), ((1, 4, 4), (1, 4, 4), (3, 2, 2)), 2, False),
 ]
-
-
-def tiny_export(tmp_path_factory) -> Path:
-    """The tiny engine's graphs, exported once per session (shared with the TensorRT and Triton tests)."""
-    out = tmp_path_factory.getbasetemp() / "anyid_tiny_onnx"
-    if not (out / "export.json").is_file():
-        code = export_cli.main(["export", "onnx", "--preset", "tiny", "--seed", "0", "--out", str(out), "--check"])
-        assert code == 0
-    return out
 
 
 @pytest.fixture(scope="module")

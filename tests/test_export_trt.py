@@ -19,6 +19,8 @@ import torch
 onnx = pytest.importorskip("onnx", reason="the export extra is not installed: pip install onnx onnxruntime")
 pytest.importorskip("onnxruntime", reason="the export extra is not installed: pip install onnxruntime")
 
+from helpers import tiny_export  # noqa: E402
+
 from anyid_rt import Engine  # noqa: E402
 from anyid_rt.cli import ASSETS  # noqa: E402
 from anyid_rt.config import DiTConfig, ModelConfig  # noqa: E402
@@ -33,14 +35,6 @@ from anyid_rt.lora import LoraWeights, save_lora  # noqa: E402
 
 HIGH_PRECISION = ["patch_embedding", "time_embedding.0", "time_embedding.2", "time_projection.1", "text_embedding.0",
                   "text_embedding.2", "head.head"]
-
-
-def tiny_export(tmp_path_factory) -> Path:
-    """The session's shared tiny export (see tests/test_export_onnx.py), made here if that module did not run."""
-    out = tmp_path_factory.getbasetemp() / "anyid_tiny_onnx"
-    if not (out / "export.json").is_file():
-        assert export_cli.main(["export", "onnx", "--preset", "tiny", "--seed", "0", "--out", str(out), "--check"]) == 0
-    return out
 
 
 @pytest.fixture(scope="module")

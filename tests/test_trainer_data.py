@@ -19,12 +19,7 @@ from anyid_rt.trainer.data import (ELEMENTS, BatchPlan, DataError, HaarFaceDetec
 from anyid_rt.trainer.synthetic import DESCRIPTIONS, make_id_groups
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add overhead (and contention on shared runners)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 LAYOUT = ConditioningLayout()

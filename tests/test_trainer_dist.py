@@ -18,12 +18,7 @@ from anyid_rt.trainer.synthetic import make_id_groups
 TESTS = str(Path(__file__).resolve().parent)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add overhead (and contention on shared runners)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(root, out, batch_size: int) -> SFTConfig:

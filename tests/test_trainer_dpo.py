@@ -18,12 +18,7 @@ from anyid_rt.trainer.lora import (inject_lora, load_lora_weights_, lora_disable
 from anyid_rt.trainer.synthetic import make_preference_pairs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add overhead (and contention on shared runners)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

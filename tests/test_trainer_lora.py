@@ -22,12 +22,7 @@ from anyid_rt.trainer.lora import (LoraLinear, inject_lora, load_lora_weights_, 
 from helpers import diffusers_dit, relerr
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add overhead (and contention on shared runners)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 CFG = DiTConfig.preset("tiny")

@@ -28,12 +28,7 @@ from anyid_rt.trainer.sft import SFTBatcher, _dataset, flow_matching_loss, train
 from anyid_rt.trainer.synthetic import make_id_groups
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add overhead (and contention on shared runners)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
 

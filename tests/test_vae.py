@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import noisy_, relerr
+from helpers import diffusers_vae, noisy_, relerr
 from safetensors.torch import save_file
 
 from anyid_rt.config import VAEConfig
@@ -19,25 +19,6 @@ TINY = VAEConfig.preset("tiny")
 TOL = 1e-4  # relative error vs the fp32 oracle: max|a - b| / max|b|
 MEAN = torch.tensor(TINY.latents_mean).view(1, -1, 1, 1, 1)
 STD = torch.tensor(TINY.latents_std).view(1, -1, 1, 1, 1)
-
-
-def diffusers_vae(cfg: VAEConfig = TINY, seed: int = 0, wan21: bool = False):
-    """diffusers' AutoencoderKLWan with the Wan2.2 structure (or Wan2.1's) at the widths of `cfg`."""
-    from diffusers import AutoencoderKLWan
-
-    torch.manual_seed(seed)
-    if wan21:  # Wan2.1: z_dim 16, no patchify, no residual stages
-        model = AutoencoderKLWan(base_dim=cfg.base_dim, z_dim=16, num_res_blocks=cfg.num_res_blocks)
-    else:
-        p = cfg.patch_size
-        model = AutoencoderKLWan(
-            base_dim=cfg.base_dim, decoder_base_dim=cfg.decoder_base_dim, z_dim=cfg.z_dim, dim_mult=list(cfg.dim_mult),
-            num_res_blocks=cfg.num_res_blocks, temperal_downsample=list(cfg.temporal_downsample), is_residual=True,
-            in_channels=cfg.in_channels * p * p, out_channels=cfg.in_channels * p * p, patch_size=p,
-            scale_factor_temporal=cfg.temporal_compression, scale_factor_spatial=cfg.spatial_compression,
-            latents_mean=list(cfg.latents_mean), latents_std=list(cfg.latents_std))
-    # 0.03 keeps ~97% of the decoded pixels inside the [-1, 1] clamp, so the decode comparison means something.
-    return noisy_(model, scale=0.03, seed=seed).eval()
 
 
 def frames(b=1, t=9, h=64, w=64, seed=1):
@@ -54,7 +35,7 @@ def latent(b=1, f=4, h=4, w=4, seed=2):
 def oracle(tmp_path_factory):
     """The diffusers model and the same weights saved in every layout load_vae accepts."""
     root = tmp_path_factory.mktemp("vae")
-    ref = diffusers_vae()
+    ref = diffusers_vae(TINY)
     ref.save_pretrained(root / "diffusers_vae")                       # config.json + diffusion_pytorch_model.safetensors
     (root / "pipeline").mkdir()
     shutil.copytree(root / "diffusers_vae", root / "pipeline" / "vae")
@@ -335,7 +316,7 @@ def test_save_vae_original_round_trips(vae, tmp_path):
 
 
 def test_wan21_vae_is_rejected(tmp_path):
-    diffusers_vae(wan21=True).save_pretrained(tmp_path / "wan21")
+    diffusers_vae(TINY, wan21=True).save_pretrained(tmp_path / "wan21")
     with pytest.raises(CheckpointError, match="Wan2.1 VAE"):
         load_vae(tmp_path / "wan21")
     # original-layout Wan2.1 keys: 3 input channels, z_dim 16, flat stages
