@@ -58,7 +58,8 @@ import torch
 
 from .config import PRESETS, DiTConfig, ModelConfig, TextEncoderConfig, replace
 from .models.dit import Segments, TextKV, WanDiT, count_flops
-from .models.dit_loader import keep_fp32, original_to_diffusers
+from .models.dit_loader import original_to_diffusers
+from .models.random_weights import random_dit, random_umt5, random_vae
 
 SCHEMA = "anyid_rt.bench/1"
 RESULTS_FILE = "e2e.jsonl"
@@ -392,37 +393,6 @@ def relerr(a: torch.Tensor, b: torch.Tensor) -> float:
 # Weights: one random copy, shared by every variant
 # ---------------------------------------------------------------------------------------------------------
 
-def _fill_(name: str, t: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """In-place random values for a DiT tensor (fp32): linears and convs N(0, 1/fan_in), biases N(0, 0.01^2),
-    norm weights 1 + N(0, 0.05^2), modulation tables N(0, 1/dim) as the modules initialise them."""
-    t.normal_(generator=g)
-    if name.endswith("modulation"):
-        return t.div_(t.shape[-1] ** 0.5)
-    if ".norm" in name:
-        return t.mul_(0.05).add_(1.0) if name.endswith("weight") else t.mul_(0.01)
-    if name.endswith("bias"):
-        return t.mul_(0.01)
-    return t.div_(math.sqrt(t[0].numel()))
-
-
-def random_dit(cfg: DiTConfig, *, dtype: torch.dtype, device: torch.device | str, seed: int = 0,
-               backend: str = "torch", attention_quant: str | None = None) -> WanDiT:
-    """A WanDiT with deterministic random weights made directly on `device` (no CPU copy of 10 GB), in the
-    dtypes `load_dit` gives: `dtype` for the large layers, fp32 for the norms, modulation, time embedding and
-    head (`keep_fp32`)."""
-    device = torch.device(device)
-    with torch.device("meta"):
-        model = WanDiT(cfg, backend=backend, attention_quant=attention_quant)
-    g = torch.Generator(device=device).manual_seed(seed)
-    sd = {}
-    for name, p in model.state_dict().items():  # fixed order: the same weights for the same seed
-        t = _fill_(name, torch.empty(p.shape, dtype=torch.float32, device=device), g)
-        sd[name] = t if (dtype == torch.float32 or keep_fp32(name)) else t.to(dtype)
-        del t
-    model.load_state_dict(sd, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
-
-
 def dit_view(src: WanDiT, backend: str) -> WanDiT:
     """A second WanDiT over the same parameter storage (no copy), with its own ops backend and modules, so
     that it can be compiled or quantised without touching `src`."""
@@ -483,37 +453,6 @@ def diffusers_attention(model, backend: str):
         model.reset_attention_backend()
         _AttentionBackendRegistry.set_active_backend(old)
         dlogging.set_verbosity(level)
-
-
-def random_umt5(cfg: TextEncoderConfig, *, dtype: torch.dtype, device: torch.device, seed: int = 0):
-    """transformers' UMT5EncoderModel with random weights made on `device` (5.7B params, 11.4 GB in bf16 at
-    full size), scaled as TextEncoder.tiny's: norms 1 + N(0, 0.1^2), embedding and relative bias N(0, 1),
-    the rest N(0, 1/fan_in)."""
-    from transformers import UMT5EncoderModel
-
-    from .models.text_encoder import umt5_config
-
-    with torch.device("meta"):
-        model = UMT5EncoderModel(umt5_config(cfg))
-    g = torch.Generator(device=device).manual_seed(seed)
-    tensors = {}
-    for name, p in model.state_dict().items():
-        if name == "encoder.embed_tokens.weight":
-            continue  # tied to shared.weight
-        t = torch.empty(p.shape, dtype=torch.float32, device=device).normal_(generator=g)
-        if name.endswith("layer_norm.weight"):
-            t.mul_(0.1).add_(1.0)
-        elif not (name.endswith("relative_attention_bias.weight") or name == "shared.weight"):
-            t.div_(p.shape[1] ** 0.5)
-        tensors[name] = t.to(dtype)
-        del t
-    tensors["encoder.embed_tokens.weight"] = tensors["shared.weight"]
-    model.load_state_dict(tensors, strict=True, assign=True)
-    model.set_input_embeddings(model.shared)
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:
-        raise RuntimeError(f"umT5 tensors left unset: {left[:8]}")
-    return model.eval().requires_grad_(False)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -813,7 +752,7 @@ def _vae_dtype(run: Run) -> torch.dtype:
 
 def bench_vae(run: Run, cases: list[Case]) -> None:
     """Reference encoding (when a case has references) and decode, untiled and tiled."""
-    from .models.vae import VAETiling, random_vae
+    from .models.vae import VAETiling
 
     a = run.args
     want_refs = "refs" in a.stages and any(c.ref_frames for c in cases)

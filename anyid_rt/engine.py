@@ -27,7 +27,8 @@ from .models.checkpoint import CheckpointError
 from .models.dit import WanDiT
 from .models.dit_loader import _parse_dtype, load_dit, save_dit
 from .models.text_encoder import TextEncoder
-from .models.vae import VAETiling, WanVAE, load_vae, random_vae, save_vae_original
+from .models.random_weights import random_dit, random_vae
+from .models.vae import VAETiling, WanVAE, load_vae, save_vae_original
 from .quant import check_fp8_device, quantize_dit_fp8_
 from .sampling import SAMPLERS, make_sampler
 
@@ -142,10 +143,8 @@ class Engine:
         Its output is noise: the weights are random."""
         cfg = ModelConfig.preset("tiny")
         device = torch.device(device)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            dit = WanDiT(cfg.dit, backend=resolve_backend(backend, device), attention_quant=attention_quant)
-            dit = dit.to(device).eval().requires_grad_(False)
+        dit = random_dit(cfg.dit, device=device, seed=seed, backend=resolve_backend(backend, device),
+                         attention_quant=attention_quant)
         if quant not in QUANT_MODES:
             raise ValueError(f"quant={quant!r} is not one of {QUANT_MODES}")
         if quant == "fp8":

@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from anyid_rt.config import PRESETS, VAEConfig  # noqa: E402
-from anyid_rt.models.vae import VAETiling, random_vae  # noqa: E402
+from anyid_rt.models.random_weights import random_vae
+from anyid_rt.models.vae import VAETiling  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_SHAPES = {"wan2.2-ti2v-5b": (704, 1280, 121), "tiny": (64, 64, 9)}  # (height, width, frames)

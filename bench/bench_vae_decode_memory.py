@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 from anyid_rt.config import VAEConfig
-from anyid_rt.models.vae import random_vae, VAETiling
+from anyid_rt.models.random_weights import random_vae
+from anyid_rt.models.vae import VAETiling
 
 tile = sys.argv[1] if len(sys.argv) > 1 else "none"
 torch.set_num_threads(2)

@@ -236,7 +236,7 @@ CASES = ("forward", "backward", "int8 attention", "int8-fp8 attention")
 
 def _exercise(case: str, dtype: torch.dtype, arch: int) -> str | None:
     """Run one exercise; returns why it was refused (a clear error the runtime raises) or None."""
-    from ..benchmark import random_dit
+    from ..models.random_weights import random_dit
     from ..config import DiTConfig
     from ..models.dit import Segments
 

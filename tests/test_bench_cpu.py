@@ -25,7 +25,8 @@ from anyid_rt.config import DiTConfig, ModelConfig
 from anyid_rt.engine import Engine
 from anyid_rt.models.dit import count_flops
 from anyid_rt.models.text_encoder import TextEncoder
-from anyid_rt.models.vae import VAETiling, random_vae
+from anyid_rt.models.random_weights import random_vae
+from anyid_rt.models.vae import VAETiling
 
 ROOT = Path(__file__).resolve().parent.parent
 CFG = ModelConfig.preset("tiny")

@@ -389,21 +389,6 @@ def tiny_tokenizer(vocab_size: int = 512):
                                    model_max_length=512, padding_side="right")
 
 
-def _randomize_(model: nn.Module, seed: int) -> None:
-    """Deterministic random weights, independent of transformers' init: every tensor non-trivial."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-            r = torch.randn(p.shape, generator=g, dtype=torch.float32)
-            if name.endswith("layer_norm.weight"):
-                r = 1.0 + 0.1 * r
-            elif name.endswith("relative_attention_bias.weight") or name == "shared.weight":
-                pass  # std 1
-            else:
-                r = r / p.shape[1] ** 0.5
-            p.copy_(r.to(p.dtype))
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # TextEncoder
 # ---------------------------------------------------------------------------------------------------------------
@@ -514,12 +499,10 @@ class TextEncoder(nn.Module):
              **kwargs) -> "TextEncoder":
         """A random tiny umT5 (`TextEncoderConfig.preset('tiny')`) with an offline WordLevel tokenizer."""
         _require_transformers()
-        from transformers import UMT5EncoderModel
+        from .random_weights import random_umt5
 
         cfg = TextEncoderConfig.preset("tiny")
-        model = UMT5EncoderModel(umt5_config(cfg))
-        _randomize_(model, seed)
-        model = model.to(device=device, dtype=_resolve_dtype(dtype)).requires_grad_(False)
+        model = random_umt5(cfg, dtype=_resolve_dtype(dtype), device=device, seed=seed)
         return cls(model, tiny_tokenizer(cfg.vocab_size), cfg, **kwargs)
 
     def save_pretrained(self, folder: str | Path) -> Path:

@@ -17,7 +17,6 @@ compute in fp32; encode returns fp32 latents and decode fp32 pixels.
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -804,25 +803,5 @@ def save_vae_original(vae: WanVAE, path: str | Path) -> None:
         torch.save(sd, path)
 
 
-def random_vae(cfg: VAEConfig | None = None, seed: int = 0, dtype: torch.dtype = torch.float32,
-               device: torch.device | str = "cpu") -> WanVAE:
-    """A WanVAE with deterministic random weights (drawn on the CPU, so equal on every device): convs
-    N(0, 1/fan_in), biases N(0, 0.01^2), gammas 1 + N(0, 0.05^2). For benchmarks and tiny engines."""
-    with torch.device("meta"):
-        vae = WanVAE(cfg)
-    vae = vae.to_empty(device=device)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in vae.named_parameters():
-            if name.endswith("gamma"):
-                v = 1.0 + 0.05 * torch.randn(p.shape, generator=g)
-            elif name.endswith("bias"):
-                v = 0.01 * torch.randn(p.shape, generator=g)
-            else:
-                v = torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel())
-            p.copy_(v)
-    return vae.to(dtype).eval().requires_grad_(False)
-
-
-__all__ = ["WanVAE", "VAETiling", "FeatureCache", "load_vae", "save_vae_original", "random_vae",
+__all__ = ["WanVAE", "VAETiling", "FeatureCache", "load_vae", "save_vae_original",
            "diffusers_to_original_key", "detect_vae_layout", "patchify", "unpatchify", "CACHE_T"]
