@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 
+import torch
+
 PRESETS = ("wan2.2-ti2v-5b", "tiny")
 
 # Per-channel latent statistics of the Wan2.2 VAE (vae2_2.py; identical in diffusers' vae22 config).
@@ -23,6 +25,32 @@ WAN22_LATENTS_STD = (
     0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093, 0.5709, 0.6065, 0.6415, 0.4944,
     0.5726, 1.2042, 0.5458, 1.6887, 0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744,
 )
+
+
+# The weight/compute dtypes the runtime supports, by the names users write (CLI flags, configs, LoRA metadata).
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
+
+
+def parse_dtype(dtype: torch.dtype | str, what: str = "dtype") -> torch.dtype:
+    """A torch dtype from a name (`bf16`, `fp16`, `fp32` or the torch spellings) or a dtype; `what` names the
+    setting in the error (e.g. "--vae-dtype")."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"{what}={dtype} is not supported; use bf16, fp16 or fp32")
+        return dtype
+    name = _DTYPE_ALIASES.get(str(dtype).lower(), str(dtype).lower())
+    if name not in DTYPES:
+        raise ValueError(f"{what}={dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The short name of a supported dtype (`bf16`, `fp16`, `fp32`): the inverse of `parse_dtype`."""
+    for name, d in DTYPES.items():
+        if d == dtype:
+            return name
+    raise ValueError(f"dtype {dtype} is not supported; use bf16, fp16 or fp32")
 
 
 def _check_preset(name: str) -> None:
