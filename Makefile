@@ -23,9 +23,9 @@ $(CORE): setup.py | $(PY)
 # (nvidia-pytriton, --no-deps: its numpy<2 pin would downgrade numpy; the server's Python stub gets a
 # numpy<2 of its own inside .venv)
 $(TESTDEPS): $(CORE)
-	$(PIP) install -q -e ".[text,test,export]"
+	$(PIP) install -q -e ".[text,test,export,eval]"
 	$(PIP) install -q --no-deps "nvidia-pytriton==0.7.0"
-	$(PY) -c "from anyid_rt.export.serve import prepare_stub_site; prepare_stub_site()"
+	$(VENV)/bin/anyid-rt serve --prepare
 	touch $(TESTDEPS)
 
 demo: $(CORE)

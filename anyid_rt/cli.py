@@ -6,11 +6,16 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
 
-ASSETS = Path(__file__).parent / "assets"
+# Tools: subcommands whose code is tooling outside the runtime (bench/ is the package anyid_rt.bench). The
+# runtime modules never import tooling; the CLI is the one place that launches it, so a tool's module is
+# imported by name only when its subcommand runs, and parses the rest of the command line itself
+# (`main(argv)`, with its own --help). `anyid-rt --help` still lists it.
+TOOLS = {"bench": ("anyid_rt.bench.e2e", "end-to-end benchmark against diffusers (see README.md, Benchmarks)")}
 DEMO_PROMPT = ("Shot type: medium close-up. Expression: a calm smile. Action: slowly turns the head toward the "
                "camera. Background: a sunlit garden.")
 
@@ -69,8 +74,9 @@ def cmd_generate(args) -> int:
 
 def cmd_demo(args) -> int:
     from .engine import Engine
+    from .media import ASSET_DIR
 
-    refs = [str(ASSETS / "astronaut.png"), str(ASSETS / "astronaut_clip.mp4")]
+    refs = [str(ASSET_DIR / "astronaut.png"), str(ASSET_DIR / "astronaut_clip.mp4")]
     print("anyid-rt demo: the tiny preset (random weights) with two bundled references:")
     for i, r in enumerate(refs):
         print(f"  ref {i}{' (primary)' if i == 0 else ''}: {r}")
@@ -110,9 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_demo)
 
-    from .benchmark import add_parser as add_bench_parser
-
-    add_bench_parser(sub)
+    for name, (_, help_text) in TOOLS.items():  # listed here; main() hands the arguments to the tool
+        t = sub.add_parser(name, help=help_text, add_help=False)
+        t.add_argument("tool_args", nargs=argparse.REMAINDER, help=f"see anyid-rt {name} --help")
     from .trainer.cli import add_parser as add_train_parser
 
     add_train_parser(sub)
@@ -120,10 +126,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_export_parser(sub)
     add_serve_parser(sub)
+    from .eval.cli import add_parser as add_eval_parser  # argparse only; models load inside the handlers
+
+    add_eval_parser(sub)
     return ap
 
 
+def run_tool(name: str, argv: list[str]) -> int:
+    module, _ = TOOLS[name]
+    return importlib.import_module(module).main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in TOOLS:
+        return run_tool(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

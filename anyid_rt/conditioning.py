@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import torch
 
 from . import media
+from .config import TokenGeometry
 from .models.dit import Segments
 
 LAYOUT_METADATA_KEY = "anyid.conditioning_layout"
@@ -115,38 +115,6 @@ def prepare_reference(ref: Any, height: int, width: int, layout: ConditioningLay
     return PreparedReference(pixels, desc)
 
 
-class LatentCache:
-    """LRU cache of VAE latents keyed by content (pixels and shape), so that a reference used again, or the
-    null reference of a shape seen before, is not encoded again."""
-
-    def __init__(self, capacity: int = 64):
-        self.capacity = capacity
-        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, key: str) -> torch.Tensor | None:
-        if key in self._items:
-            self._items.move_to_end(key)
-            self.hits += 1
-            return self._items[key]
-        self.misses += 1
-        return None
-
-    def put(self, key: str, value: torch.Tensor) -> None:
-        self._items[key] = value
-        self._items.move_to_end(key)
-        while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
-
-    def clear(self) -> None:
-        self._items.clear()
-        self.hits = self.misses = 0
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
 @dataclass
 class StepLayout:
     """What stays fixed over the denoising loop: the groups' RoPE starts and the segment lengths.
@@ -160,6 +128,23 @@ class StepLayout:
     target_clean_tokens: int  # tokens of the target at t=0 (image-to-video: latent frame 0)
     ref_tokens: int
 
+    @classmethod
+    def build(cls, layout: ConditioningLayout, geometry: TokenGeometry, target: Sequence[int],
+              ref_latent_frames: Sequence[int], image_mode: bool) -> "StepLayout":
+        """The layout of a step over a target latent of (F, h, w) cells and references of the same h x w with
+        `ref_latent_frames` frames each; `image_mode` keeps the target's first frame clean (image-to-video).
+        Frame starts are in token frames (latent frames for Wan's temporal patch of 1)."""
+        f, gh, gw = geometry.token_grid(target)
+        per_frame = gh * gw
+        ref_frames = [geometry.token_grid((n, target[1], target[2]))[0] for n in ref_latent_frames]
+        if image_mode and f < 2:
+            raise ValueError("image-to-video needs at least 5 frames (2 latent frames): frame 0 is the image")
+        clean = per_frame if image_mode else 0
+        n_target = f * per_frame
+        n_ref = sum(ref_frames) * per_frame
+        lens = ([clean] if clean else []) + [n_target - clean] + ([n_ref] if n_ref else [])
+        return cls(layout.frame_starts(f, ref_frames), tuple(lens), clean, n_ref)
+
     def segments(self, t: float, batch: int, device: torch.device) -> Segments:
         values = []
         if self.target_clean_tokens:
@@ -168,15 +153,3 @@ class StepLayout:
         if self.ref_tokens:
             values.append(0.0)
         return Segments(self.seg_lens, torch.tensor([values] * batch, dtype=torch.float32, device=device))
-
-
-def step_layout(layout: ConditioningLayout, target_grid: tuple[int, int, int],
-                ref_latent_frames: Sequence[int], tokens_per_frame: int, image_mode: bool) -> StepLayout:
-    f = target_grid[0]
-    clean = tokens_per_frame if image_mode else 0
-    n_target = f * tokens_per_frame
-    n_ref = sum(ref_latent_frames) * tokens_per_frame
-    lens = ([clean] if clean else []) + [n_target - clean] + ([n_ref] if n_ref else [])
-    if image_mode and f < 2:
-        raise ValueError("image-to-video needs at least 5 frames (2 latent frames): frame 0 is the image")
-    return StepLayout(layout.frame_starts(f, list(ref_latent_frames)), tuple(lens), clean, n_ref)

@@ -7,6 +7,7 @@ validates itself on construction, so a bad value fails where it is written, not 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
+from typing import Sequence
 
 import torch
 
@@ -37,11 +38,11 @@ def parse_dtype(dtype: torch.dtype | str, what: str = "dtype") -> torch.dtype:
     setting in the error (e.g. "--vae-dtype")."""
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
-            raise ValueError(f"{what}={dtype} is not supported; use bf16, fp16 or fp32")
+            raise ValueError(f"unsupported {what} {dtype}; use one of {', '.join(DTYPES)}")
         return dtype
     name = _DTYPE_ALIASES.get(str(dtype).lower(), str(dtype).lower())
     if name not in DTYPES:
-        raise ValueError(f"{what}={dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+        raise ValueError(f"unsupported {what} {dtype!r}; use one of {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
@@ -185,6 +186,64 @@ class TextEncoderConfig:
 
 
 @dataclass(frozen=True)
+class TokenGeometry:
+    """From a video's size to the DiT's tokens: the one place that does this arithmetic and checks sizes.
+
+    The VAE turns T frames of H x W pixels into 1 + (T-1)/temporal latent frames of H/spatial x W/spatial
+    cells (frame 0 is encoded alone, then chunks of `temporal` frames); the DiT cuts the latent into patches
+    of (pt, ph, pw) cells, one token each. For Wan2.2-TI2V-5B that is 16x spatial, 4x temporal and a
+    (1, 2, 2) patch: H and W multiples of 32, T = 4n+1, and 1280 x 704 x 121 frames give 31 x 22 x 40 tokens.
+    """
+
+    spatial: int  # pixels per latent cell along H and W (VAEConfig.spatial_compression)
+    temporal: int  # video frames per latent frame after the first (VAEConfig.temporal_compression)
+    patch: tuple[int, int, int]  # latent cells per token, (t, h, w) (DiTConfig.patch_size)
+
+    @classmethod
+    def of(cls, dit: DiTConfig, vae: VAEConfig) -> "TokenGeometry":
+        return cls(vae.spatial_compression, vae.temporal_compression, tuple(dit.patch_size))
+
+    @property
+    def pixel_multiple(self) -> tuple[int, int]:
+        """(H, W) pixels per token: a video's height and width must be multiples of these (32, 32)."""
+        return self.spatial * self.patch[1], self.spatial * self.patch[2]
+
+    def check(self, height: int, width: int, num_frames: int) -> None:
+        """Raise a ValueError naming the setting and a valid value near it if a video size does not fit."""
+        for name, v, m in (("height", height, self.pixel_multiple[0]), ("width", width, self.pixel_multiple[1])):
+            if not isinstance(v, int) or v <= 0 or v % m:
+                near = max(m, round((v if isinstance(v, int) else m) / m) * m)
+                raise ValueError(f"{name}={v!r} must be a positive multiple of {m} (the VAE's {self.spatial}x and "
+                                 f"the DiT's {self.patch[1]}x{self.patch[2]} patch), e.g. {near}")
+        t = self.temporal
+        if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % t:
+            near = t * max(0, round(((num_frames if isinstance(num_frames, int) else 1) - 1) / t)) + 1
+            raise ValueError(f"num_frames={num_frames!r} must be {t}n+1 (1, {1 + t}, {1 + 2 * t}, ..., 121), "
+                             f"e.g. {near}")
+
+    def latent_frames(self, num_frames: int) -> int:
+        """Latent frames of a clip of `num_frames` (4n+1) video frames."""
+        return 1 + (num_frames - 1) // self.temporal
+
+    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
+        """(F, h, w) of the latent of a video: (1 + (T-1)/4, H/16, W/16) for Wan2.2."""
+        return self.latent_frames(num_frames), height // self.spatial, width // self.spatial
+
+    def token_grid(self, latent: Sequence[int]) -> tuple[int, int, int]:
+        """A latent's (F, h, w) -> its token grid (F/pt, h/ph, w/pw); the latent must divide into patches."""
+        (f, h, w), (pt, ph, pw) = latent, self.patch
+        if f % pt or h % ph or w % pw:
+            raise ValueError(f"latent grid (F={f}, h={h}, w={w}) must be divisible by the DiT's patch {self.patch}; "
+                             f"the pixel height and width must be multiples of {self.pixel_multiple}")
+        return f // pt, h // ph, w // pw
+
+    def tokens(self, latent: Sequence[int]) -> int:
+        """Tokens of a latent of (F, h, w) cells."""
+        f, h, w = self.token_grid(latent)
+        return f * h * w
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """All three networks of one preset; the text encoder's width must feed the DiT's text_dim."""
 
@@ -199,10 +258,14 @@ class ModelConfig:
             raise ValueError(f"VAE z_dim {self.vae.z_dim} must equal the DiT in_dim/out_dim "
                              f"({self.dit.in_dim}/{self.dit.out_dim})")
 
+    @property
+    def geometry(self) -> TokenGeometry:
+        return TokenGeometry.of(self.dit, self.vae)
+
     @classmethod
     def preset(cls, name: str) -> "ModelConfig":
         return cls(DiTConfig.preset(name), VAEConfig.preset(name), TextEncoderConfig.preset(name))
 
 
-__all__ = ["PRESETS", "DiTConfig", "VAEConfig", "TextEncoderConfig", "ModelConfig", "replace",
-           "WAN22_LATENTS_MEAN", "WAN22_LATENTS_STD"]
+__all__ = ["PRESETS", "DTYPES", "parse_dtype", "dtype_name", "DiTConfig", "VAEConfig", "TextEncoderConfig",
+           "TokenGeometry", "ModelConfig", "replace", "WAN22_LATENTS_MEAN", "WAN22_LATENTS_STD"]

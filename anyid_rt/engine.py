@@ -18,17 +18,18 @@ import torch
 from tqdm.auto import tqdm
 
 from . import media
-from .conditioning import (LAYOUT_METADATA_KEY, ConditioningLayout, LatentCache, PreparedReference,
-                           prepare_reference, step_layout)
-from .config import ModelConfig
+from .cache import LRUCache
+from .conditioning import LAYOUT_METADATA_KEY, ConditioningLayout, PreparedReference, StepLayout, prepare_reference
+from .config import ModelConfig, TokenGeometry, parse_dtype
 from .kernels import resolve_backend
 from .lora import merge_lora_, read_lora
 from .models.checkpoint import CheckpointError
 from .models.dit import WanDiT
-from .models.dit_loader import _parse_dtype, load_dit, save_dit
-from .models.text_encoder import TextEncoder
+from .models.dit_loader import load_dit, save_dit
 from .models.random_weights import random_dit, random_vae
-from .models.vae import VAETiling, WanVAE, load_vae, save_vae_original
+from .models.text_encoder import TextEncoder
+from .models.vae import VAETiling, WanVAE
+from .models.vae_loader import load_vae, save_vae_original
 from .quant import check_fp8_device, quantize_dit_fp8_
 from .sampling import SAMPLERS, make_sampler
 
@@ -68,7 +69,6 @@ class Defaults:
 
 
 TINY_DEFAULTS = Defaults(height=64, width=64, num_frames=9, steps=6)
-VAE_STRIDE = 16  # pixels per latent cell; the DiT's 2x2 patch makes sizes multiples of 32
 
 
 class Engine:
@@ -81,7 +81,12 @@ class Engine:
         self.defaults = defaults
         self.device = torch.device(device)
         self.vae_tile = VAETiling.of(vae_tile) if vae_tile is not None else None  # spatial decode tiles
-        self.reference_cache = LatentCache(cache_size)  # reference and null latents, by content / shape
+        self.reference_cache: LRUCache[str, torch.Tensor] = LRUCache(cache_size)  # latents by content / shape
+
+    @property
+    def geometry(self) -> TokenGeometry:
+        """Video size -> latent -> tokens, from the VAE's compression and the DiT's patch."""
+        return TokenGeometry.of(self.dit.cfg, self.vae.cfg)
 
     # -- construction ---------------------------------------------------------------------------------------
     @classmethod
@@ -103,6 +108,7 @@ class Engine:
         """
         if quant not in QUANT_MODES:
             raise ValueError(f"quant={quant!r} is not one of {QUANT_MODES}")
+        dtype, vae_dtype = parse_dtype(dtype, "dtype"), parse_dtype(vae_dtype, "vae_dtype")
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"model folder not found: {path}")
@@ -130,8 +136,8 @@ class Engine:
         if quant == "fp8":  # after the LoRA merge: quantised weights take no delta
             check_fp8_device(device)
             quantize_dit_fp8_(dit)
-        vae = load_vae(vae_path, dtype=_parse_dtype(vae_dtype), device=device)
-        te = TextEncoder.from_pretrained(te_path, dtype=_parse_dtype(dtype), device=text_encoder_device or device)
+        vae = load_vae(vae_path, dtype=vae_dtype, device=device)
+        te = TextEncoder.from_pretrained(te_path, dtype=dtype, device=text_encoder_device or device)
         defaults = Defaults() if dit.cfg.dim >= 1024 else TINY_DEFAULTS
         return cls(dit, vae, te, layout=layout or lora_layout, defaults=defaults, device=device, vae_tile=vae_tile)
 
@@ -173,8 +179,7 @@ class Engine:
         key = key or PreparedReference(pixels, "").content_key()
         latent = self.reference_cache.get(key)
         if latent is None:
-            vae_dtype = next(self.vae.parameters()).dtype
-            latent = self.vae.encode(pixels[None].to(self.device, vae_dtype)).float()
+            latent = self.vae.encode(pixels[None].to(self.device, self.vae.dtype)).float()
             self.reference_cache.put(key, latent)
         return latent
 
@@ -203,13 +208,14 @@ class Engine:
         height, width, num_frames = pick(height, d.height), pick(width, d.width), pick(num_frames, d.num_frames)
         steps, guidance, shift = pick(steps, d.steps), pick(guidance, d.guidance), pick(shift, d.shift)
         sampler = pick(sampler, d.sampler)
-        _check_request(prompt, prompt_embeds, negative_prompt, height, width, num_frames, steps, guidance, shift,
-                       sampler, seed, output)
+        geometry = self.geometry
+        _check_request(geometry, prompt, prompt_embeds, negative_prompt, height, width, num_frames, steps, guidance,
+                       shift, sampler, seed, output)
         # every input is read and checked before any compute: bad media fails without partial output
         refs = self._prepare_references(references, primary, height, width)
         image_pixels = self._prepare_image(image, height, width, num_frames)
-        F_lat, h, w = 1 + (num_frames - 1) // 4, height // VAE_STRIDE, width // VAE_STRIDE
-        noise = _initial_noise(latents, seed, (self.dit.cfg.in_dim, F_lat, h, w))
+        latent_shape = geometry.latent_shape(num_frames, height, width)  # (F, H/16, W/16)
+        noise = _initial_noise(latents, seed, (self.dit.cfg.in_dim, *latent_shape))
         use_cfg = guidance != 1.0
         timings: dict[str, float] = {}
         clock = _Clock(self.device, timings)
@@ -226,9 +232,8 @@ class Engine:
                 ref_latents = [torch.cat([z, self.null_latent(r.pixels.shape)]) for z, r in zip(ref_latents, refs)]
             image_latent = self.encode_pixels(image_pixels) if image_pixels is not None else None
 
-        tokens_per_frame = (h // 2) * (w // 2)
-        layout = step_layout(self.layout, (F_lat, h // 2, w // 2), [z.shape[2] for z in ref_latents],
-                             tokens_per_frame, image_mode=image_latent is not None)
+        layout = StepLayout.build(self.layout, geometry, latent_shape, [z.shape[2] for z in ref_latents],
+                                  image_mode=image_latent is not None)
         schedule = make_sampler(sampler, steps, shift, device=self.device)
         batch = 2 if use_cfg else 1
         x = noise.to(self.device)[None]  # [1, 48, F, h, w] fp32
@@ -245,8 +250,7 @@ class Engine:
                 if image_latent is not None:  # re-pin the clean first frame, as the official i2v loop
                     x[:, :, :1] = image_latent
         with clock("vae_decode"):
-            vae_dtype = next(self.vae.parameters()).dtype
-            pixels = self.vae.decode(x.to(vae_dtype), tile=self.vae_tile)  # [1, 3, T, H, W] in [-1, 1]
+            pixels = self.vae.decode(x.to(self.vae.dtype), tile=self.vae_tile)  # [1, 3, T, H, W] in [-1, 1]
             frames = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [3, T, H, W]
             frames = frames.permute(1, 2, 3, 0).contiguous().cpu()  # [T, H, W, 3]
         timings["total"] = sum(timings.values())
@@ -281,7 +285,7 @@ class Engine:
             raise ValueError(f"primary={primary!r} is out of range for {n} references (0..{n - 1})")
         order = [primary] + [i for i in range(n) if i != primary]  # the primary reference comes first
         prepared = [prepare_reference(references[i], height, width, self.layout, i) for i in order]
-        total = sum(1 + (p.num_frames - 1) // 4 for p in prepared)
+        total = sum(self.geometry.latent_frames(p.num_frames) for p in prepared)
         if total > self.dit.cfg.rope_max_positions - 64:
             raise ValueError(f"references add {total} latent frames; too many for the RoPE range")
         return prepared
@@ -323,19 +327,13 @@ class _Clock:
             torch.cuda.synchronize(self.device)
 
 
-def _check_request(prompt, prompt_embeds, negative_prompt, height, width, num_frames, steps, guidance, shift,
-                   sampler, seed, output) -> None:
+def _check_request(geometry: TokenGeometry, prompt, prompt_embeds, negative_prompt, height, width, num_frames, steps,
+                   guidance, shift, sampler, seed, output) -> None:
     if prompt_embeds is None and not isinstance(prompt, str):
         raise TypeError(f"prompt must be a str (or pass prompt_embeds=), got {type(prompt).__name__}")
     if negative_prompt is not None and not isinstance(negative_prompt, str):
         raise TypeError(f"negative_prompt must be a str or None, got {type(negative_prompt).__name__}")
-    for name, v in (("height", height), ("width", width)):
-        if not isinstance(v, int) or v <= 0 or v % 32:
-            raise ValueError(f"{name}={v!r} must be a positive multiple of 32 (the VAE's 16x and the DiT's 2x2 "
-                             f"patch), e.g. {max(32, round((v if isinstance(v, int) else 32) / 32) * 32)}")
-    if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % 4:
-        near = 4 * max(0, round(((num_frames if isinstance(num_frames, int) else 1) - 1) / 4)) + 1
-        raise ValueError(f"num_frames={num_frames!r} must be 4n+1 (1, 5, 9, ..., 121), e.g. {near}")
+    geometry.check(height, width, num_frames)  # H, W multiples of 32 and 4n+1 frames for Wan2.2
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps={steps!r} must be an int >= 1")
     if not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or guidance < 1:

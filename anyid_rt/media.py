@@ -357,40 +357,6 @@ def to_4n_plus_1(frames, max_frames: int):
     return frames[torch.from_numpy(idx)] if isinstance(frames, torch.Tensor) else frames[idx]
 
 
-def best_output_size(w: int, h: int, dw: int = 32, dh: int = 32, max_area: int = 1280 * 704) -> tuple[int, int]:
-    """Official Wan2.2 `best_output_size`: (ow, oh), multiples of (dw, dh) with ow * oh <= max_area and the
-    aspect ratio closest to w / h (width-first candidate wins only when strictly closer). For extreme aspect
-    ratios where a candidate rounds to zero (the official code divides by zero) the other candidate is used, and if
-    both do, one block high (wide input) or one block wide (tall input)."""
-    for name, v in (("w", w), ("h", h), ("dw", dw), ("dh", dh), ("max_area", max_area)):
-        if not isinstance(v, (int, np.integer)) or v < 1:
-            raise ValueError(f"best_output_size: {name} must be a positive int, got {v!r}")
-    ratio = w / h
-    ow = (max_area * ratio) ** 0.5
-    oh = max_area / ow
-    cands = []
-    ow1 = int(ow // dw * dw)  # width first
-    if ow1 > 0:
-        oh1 = int(max_area / ow1 // dh * dh)
-        if oh1 > 0:
-            cands.append((ow1, oh1))
-    oh2 = int(oh // dh * dh)  # height first
-    if oh2 > 0:
-        ow2 = int(max_area / oh2 // dw * dw)
-        if ow2 > 0:
-            cands.append((ow2, oh2))
-    if not cands:  # extreme aspect ratio: one block high (wide input) or one block wide (tall input)
-        size = (max_area // dh // dw * dw, dh) if w > h else (dw, max_area // dw // dh * dh)
-        if 0 in size:
-            raise ValueError(f"no {dw}x{dh}-aligned size fits in area {max_area}")
-        return size
-    if len(cands) == 1:
-        return cands[0]
-    (a_w, a_h), (b_w, b_h) = cands
-    r1, r2 = a_w / a_h, b_w / b_h
-    return cands[0] if max(ratio / r1, r1 / ratio) < max(ratio / r2, r2 / ratio) else cands[1]
-
-
 def crop_center_to(image, width: int, height: int) -> torch.Tensor:
     """Official Wan i2v resize-and-crop: scale = max(width / iw, height / ih), resize to (round(iw * scale),
     round(ih * scale)) with LANCZOS, centre-crop to width x height (offsets floor((rw - width) / 2), ...).
@@ -413,14 +379,6 @@ def crop_center_to(image, width: int, height: int) -> torch.Tensor:
         img = Image.fromarray(f).resize((rw, rh), Image.LANCZOS).crop((x1, y1, x1 + width, y1 + height))
         out.append(np.asarray(img))
     return torch.from_numpy(np.stack(out))
-
-
-def wan_i2v_image(image, max_area: int = 1280 * 704, dw: int = 32, dh: int = 32) -> torch.Tensor:
-    """The whole official TI2V image preprocessing: best_output_size, crop_center_to, [-1, 1].
-    Returns float32 [3, 1, oh, ow] (first frame of a clip)."""
-    frames = load_media(image, max_frames=1)
-    ow, oh = best_output_size(frames.shape[2], frames.shape[1], dw, dh, max_area)
-    return to_model_range(crop_center_to(frames, ow, oh))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -483,5 +441,5 @@ def write_mp4(frames, path: str | Path, fps: float = 24, *, crf: int = 18, prese
 
 
 __all__ = ["MediaError", "VideoData", "load_media", "read_video", "fit_and_pad", "fit_box", "to_model_range",
-           "to_4n_plus_1", "write_mp4", "h264_encoder", "crop_center_to", "best_output_size", "wan_i2v_image",
-           "IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "LAYOUTS", "ASSET_DIR"]
+           "to_4n_plus_1", "write_mp4", "h264_encoder", "crop_center_to", "IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS",
+           "LAYOUTS", "ASSET_DIR"]

@@ -17,11 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .models.linears import BLOCK_LINEARS, TEXT_KV_LINEARS
+
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
-# Linear layers inside each block that are swapped; cross_attn.k / .v run once per prompt, so stay bf16.
-FP8_TARGETS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.o",
-               "ffn.0", "ffn.2")
+# Linear layers inside each block that are swapped; the text K/V projections run once per prompt
+# (WanDiT.prepare_text), so they stay bf16 (models/linears.py says why each consumer picks what it picks).
+FP8_TARGETS = tuple(name for name in BLOCK_LINEARS if name not in TEXT_KV_LINEARS)
 
 
 def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,10 +62,6 @@ class FP8Linear(nn.Module):
         wq, ws = quantize_rowwise(linear.weight.detach())
         bias = None if linear.bias is None else linear.bias.detach()
         return cls(wq, ws.reshape(-1), bias, linear.weight.dtype, use_scaled_mm)
-
-    def dequantized_weight(self) -> torch.Tensor:
-        """The dequantised weight [out, in] (for inspection; forward never builds it)."""
-        return (self.weight_q.float() * self.weight_scale.t()).to(self.out_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.use_scaled_mm:

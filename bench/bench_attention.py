@@ -1,13 +1,13 @@
-"""Attention benchmark: the Triton flash attention (with and without RoPE fused) against every torch SDPA backend.
+"""Attention benchmark: the Triton flash attention against every torch SDPA backend.
 
 TFLOP/s = 4 * B * H * Lq * Lk * D / time for the forward (QK^T and PV, 2 FLOPs per multiply-add); the
 backward counts 2.5x that (five matmuls against two, the flash-attention convention). Sizes: the production
 self-attention of Wan2.2-TI2V-5B at 1280x704x121 (B=2 for CFG, 24 heads, D=128, 27,280 tokens; 58,080 with
 four reference images and a reference clip; 27,280 queries over 58,080 keys when the reference K/V are
-reused), plus a sweep of L. Providers: `triton` (no RoPE: the kernel as the DiT calls it, with q and k
-rotated in the q/k norm; the same work as SDPA), `triton+rope` (RoPE applied inside the kernel), SDPA
-flash / cuDNN / efficient (torch.nn.attention.sdpa_kernel; no RoPE, [B, H, L, D] inputs, their native
-layout), flash-attn 2/3 packages if installed, and `eager-ref` (attention_ref: RoPE then SDPA math) for
+reused), plus a sweep of L. Every provider does the same work: the DiT rotates q and k in its q/k norm
+before attention. Providers: `triton` (anyid_rt.kernels.attention.attention, [B, L, H, D] inputs), SDPA
+flash / cuDNN / efficient (torch.nn.attention.sdpa_kernel, [B, H, L, D] inputs, their native layout),
+flash-attn 2/3 packages if installed, and `eager-ref` (attention_ref with the SDPA math backend) for
 L <= --eager-max-l. Appends JSON lines to <out>/bench_attention.jsonl and plots the sweep to
 <out>/bench_attention[_bwd].png.
 
@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import math
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+from anyid_rt.bench import report, timing
 
 PRODUCTION = [(2, 24, 128, 27280, 27280), (2, 24, 128, 58080, 58080), (2, 24, 128, 27280, 58080)]
 SWEEP = [(2, 24, 128, L, L) for L in (1024, 2048, 4096, 8192, 16384)]
@@ -36,7 +34,7 @@ def flops(B: int, H: int, D: int, Lq: int, Lk: int, mode: str) -> float:
 
 
 def providers(args, device: str) -> dict:
-    """name -> (needs [B, L, H, D] inputs?, fn(q, k, v, rope_q, rope_k)); only those that run here."""
+    """name -> (needs [B, L, H, D] inputs?, fn(q, k, v)); only those that run here."""
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -44,18 +42,16 @@ def providers(args, device: str) -> dict:
     from anyid_rt.kernels.attention import attention, attention_ref
 
     def sdpa(backend):
-        def fn(q, k, v, rq, rk):
+        def fn(q, k, v):
             with sdpa_kernel([backend]):
                 return F.scaled_dot_product_attention(q, k, v)
         return fn
 
-    def eager_ref(q, k, v, rq, rk):
+    def eager_ref(q, k, v):
         with sdpa_kernel([SDPBackend.MATH]):
-            return attention_ref(q, k, v, rq, rk)
+            return attention_ref(q, k, v)
 
-    out = {"triton+rope": (True, lambda q, k, v, rq, rk: attention(q, k, v, rq, rk)),
-           "triton": (True, lambda q, k, v, rq, rk: attention(q, k, v)),
-           "eager-ref": (True, eager_ref)}
+    out = {"triton": (True, attention), "eager-ref": (True, eager_ref)}
     if device == "cuda":
         out |= {"sdpa-flash": (False, sdpa(SDPBackend.FLASH_ATTENTION)),
                 "sdpa-cudnn": (False, sdpa(SDPBackend.CUDNN_ATTENTION)),
@@ -65,9 +61,9 @@ def providers(args, device: str) -> dict:
                 fa = __import__(module)
             except ImportError:
                 continue
-            out[name] = (True, lambda q, k, v, rq, rk, fa=fa: _first(fa.flash_attn_func(q, k, v)))
+            out[name] = (True, lambda q, k, v, fa=fa: _first(fa.flash_attn_func(q, k, v)))
     else:
-        out["sdpa-default"] = (False, lambda q, k, v, rq, rk: F.scaled_dot_product_attention(q, k, v))
+        out["sdpa-default"] = (False, F.scaled_dot_product_attention)
     return out
 
 
@@ -83,9 +79,6 @@ def run_case(args, device, env, provs, shape, kind):
     q = torch.randn(B, Lq, H, D, device=device, dtype=dtype)
     k = torch.randn(B, Lk, H, D, device=device, dtype=dtype)
     v = torch.randn(B, Lk, H, D, device=device, dtype=dtype)
-    angles_q = torch.rand(Lq, D // 2, device=device) * 100
-    angles_k = torch.rand(Lk, D // 2, device=device) * 100
-    rope_q, rope_k = (angles_q.cos(), angles_q.sin()), (angles_k.cos(), angles_k.sin())
     head_major = [t.transpose(1, 2).contiguous() for t in (q, k, v)]  # [B, H, L, D] for SDPA
     records, reference = [], None
     for name, (blhd, fn) in provs.items():
@@ -93,59 +86,58 @@ def run_case(args, device, env, provs, shape, kind):
             continue
         inputs = (q, k, v) if blhd else head_major
         try:
-            out = fn(*inputs, rope_q, rope_k)
+            out = fn(*inputs)
         except RuntimeError as e:  # backend unavailable for this dtype / shape / GPU
             print(f"  {name}: unavailable ({str(e).splitlines()[0][:120]})", flush=True)
             continue
         out_blhd = out if blhd else out.transpose(1, 2)
         if name == "triton":
             reference = out_blhd
-        diff = None if reference is None or "rope" in name or name == "eager-ref" else \
+        diff = None if reference is None else \
             (out_blhd.float() - reference.float()).abs().max().item()  # sanity: same math as `triton`
         for mode in (("fwd", "bwd") if args.mode == "both" else (args.mode,)):
             if mode == "fwd":
-                timed = lambda: fn(*inputs, rope_q, rope_k)  # noqa: E731
+                timed = lambda: fn(*inputs)  # noqa: E731
             else:
                 leaves = [t.detach().requires_grad_() for t in inputs]
-                out = fn(*leaves, rope_q, rope_k)
+                out = fn(*leaves)
                 dout = torch.randn_like(out)
                 timed = lambda: torch.autograd.grad(out, leaves, dout, retain_graph=True)  # noqa: E731
             try:
-                t = common.bench_ms(timed, args)
+                t = timing.bench_ms(timed, args)
             except RuntimeError as e:
                 print(f"  {name} {mode}: failed ({str(e).splitlines()[0][:120]})", flush=True)
                 continue
             rec = {"bench": "attention", "case": kind, "provider": name, "mode": mode, "B": B, "H": H, "D": D,
-                   "Lq": Lq, "Lk": Lk, "dtype": str(dtype).removeprefix("torch."),
-                   "rope": name in ("triton+rope", "eager-ref"), **t,
+                   "Lq": Lq, "Lk": Lk, "dtype": str(dtype).removeprefix("torch."), **t,
                    "tflops": flops(B, H, D, Lq, Lk, mode) / (t["ms"] * 1e-3) / 1e12,
-                   "peak_gib": common.peak_memory(timed, device), "max_abs_diff_vs_triton": diff, **env}
-            common.print_row(rec, ("provider", "mode", "Lq", "Lk", "ms", "tflops", "max_abs_diff_vs_triton"))
+                   "peak_gib": timing.peak_memory(timed, device), "max_abs_diff_vs_triton": diff, **env}
+            timing.print_row(rec, ("provider", "mode", "Lq", "Lk", "ms", "tflops", "max_abs_diff_vs_triton"))
             records.append(rec)
             del timed
     return records
 
 
 def main() -> None:
-    p = common.parser(__doc__.split("\n\n")[0])
+    p = timing.parser(__doc__.split("\n\n")[0])
     p.add_argument("--mode", choices=["fwd", "bwd", "both"], default="both")
     p.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
     p.add_argument("--no-sweep", action="store_true", help="only the production sizes")
     p.add_argument("--no-production", action="store_true", help="only the sweep")
     p.add_argument("--eager-max-l", type=int, default=4096, help="longest L for the eager reference (O(L^2) memory)")
     args = p.parse_args()
-    device = common.setup(args)
-    env = common.env_record(device)
+    device = timing.setup(args)
+    env = timing.environment(device)
     provs = providers(args, device)
     production, sweep = (DRY_PRODUCTION, DRY_SWEEP) if args.dry_run else (PRODUCTION, SWEEP)
     cases = ([] if args.no_production else [(s, "production") for s in production]) + \
             ([] if args.no_sweep else [(s, "sweep") for s in sweep])
-    print(f"{env['device']}  torch {env['torch']}  triton {env['triton']}  providers {list(provs)}", flush=True)
+    print(f"{env['device_name']}  torch {env['torch']}  triton {env['triton']}  providers {list(provs)}", flush=True)
     records = []
     for shape, kind in cases:
         print(f"B,H,D,Lq,Lk = {shape} ({kind}): {flops(*shape, 'fwd') / 1e12:.3g} TFLOP forward", flush=True)
         new = run_case(args, device, env, provs, shape, kind)
-        common.append_jsonl(args.out / "bench_attention.jsonl", new)  # keep what is done if a later case dies
+        timing.append_jsonl(args.out / "bench_attention.jsonl", new)  # keep what is done if a later case dies
         records += new
     for mode in ("fwd", "bwd"):
         sweep_recs = [r for r in records if r["case"] == "sweep" and r["mode"] == mode]
@@ -155,8 +147,8 @@ def main() -> None:
         for r in sweep_recs:
             series.setdefault(r["provider"], []).append((r["Lq"], r["tflops"]))
         B, H, D = sweep_recs[0]["B"], sweep_recs[0]["H"], sweep_recs[0]["D"]
-        common.plot(args.out / f"bench_attention{'' if mode == 'fwd' else '_bwd'}.png", series, "L (= Lq = Lk)",
-                    "TFLOP/s", f"attention {mode}, B={B} H={H} D={D} {sweep_recs[0]['dtype']} - {env['device']}",
+        report.plot(args.out / f"bench_attention{'' if mode == 'fwd' else '_bwd'}.png", series, "L (= Lq = Lk)",
+                    "TFLOP/s", f"attention {mode}, B={B} H={H} D={D} {sweep_recs[0]['dtype']} - {env['device_name']}",
                     hlines=None if args.dry_run or mode == "bwd" else ANCHORS)
     print(f"{len(records)} records -> {args.out / 'bench_attention.jsonl'}")
     if not records:

@@ -1,14 +1,15 @@
 """8-bit attention benchmark: INT8 Q/K + FP8 (or bf16) P/V Triton kernel vs the bf16 Triton attention vs SDPA.
 
 TFLOP/s = 4 * B * H * Lq * Lk * D / time, forward only (the 8-bit attention is inference-only); the 8-bit
-time includes its quantisation pre-pass (RoPE, K mean, INT8 Q/K, E4M3 V), and `8bit-fp8-core` times the
+time includes its quantisation pre-pass (K mean, INT8 Q/K, E4M3 V), and `8bit-fp8-core` times the
 attention kernel alone on pre-quantised operands, to show the split. Accuracy in the same run: cosine
 similarity and relative L2 error of every provider against attention in fp32 (SDPA math) on a subsample of
---acc-rows query rows over all keys (with RoPE for the providers that apply it, without for SDPA).
+--acc-rows query rows over all keys.
 Sizes: Wan2.2-TI2V-5B self-attention at 1280x704x121, B=2 (CFG), 24 heads, D=128: Lq = Lk = 27,280 and
 58,080 (four reference images and a reference clip), and 27,280 queries over 58,080 keys (reference K/V
-reused). Providers: 8bit-fp8 / 8bit-bf16 (attention_8bit, pv=...), 8bit-fp8-core, triton (the bf16 fused
-RoPE flash attention, anyid_rt.kernels.attention.attention), sdpa-flash / sdpa-cudnn (no RoPE, [B, H, L, D]).
+reused). Providers: 8bit-fp8 / 8bit-bf16 (attention_8bit, pv=...), 8bit-fp8-core, triton (the bf16 flash
+attention, anyid_rt.kernels.attention.attention), sdpa-flash / sdpa-cudnn ([B, H, L, D] inputs). All take q
+and k as the DiT hands them over, already rotated by RoPE in its q/k norm.
 Inputs are N(0, 1) with a per-channel key offset of --k-offset standard deviations (what smoothing is for).
 Appends JSON lines to <out>/attention_8bit.jsonl (device, versions, commit, date in every line).
 
@@ -17,10 +18,8 @@ Appends JSON lines to <out>/attention_8bit.jsonl (device, versions, commit, date
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+from anyid_rt.bench import report, timing
 
 B, H, D = 2, 24, 128
 CASES = {"27280": (27280, 27280), "58080": (58080, 58080), "27280x58080": (27280, 58080)}
@@ -32,7 +31,9 @@ def flops(B: int, H: int, D: int, Lq: int, Lk: int) -> float:
 
 
 def providers(device: str) -> dict:
-    """name -> (uses RoPE, [B, L, H, D] layout, fn(q, k, v, rope_q, rope_k), pv or None); those that run here."""
+    """name -> ([B, L, H, D] layout, fn(q, k, v), pv or None); those that run here."""
+    from functools import partial
+
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -40,7 +41,7 @@ def providers(device: str) -> dict:
     from anyid_rt.kernels.attention_8bit import attention_8bit, fp8_supported
 
     def sdpa(backend):
-        def fn(q, k, v, rq, rk):
+        def fn(q, k, v):
             with sdpa_kernel([backend]):
                 return F.scaled_dot_product_attention(q, k, v)
         return fn
@@ -50,18 +51,18 @@ def providers(device: str) -> dict:
         import torch
 
         if fp8_supported(torch.cuda.get_device_capability()):
-            out["8bit-fp8"] = (True, True, lambda q, k, v, rq, rk: attention_8bit(q, k, v, rq, rk, pv="fp8"), "fp8")
-            out["8bit-fp8-core"] = (True, True, None, "fp8")  # built per case: the kernel on quantised operands
-        out["8bit-bf16"] = (True, True, lambda q, k, v, rq, rk: attention_8bit(q, k, v, rq, rk, pv="bf16"), "bf16")
-        out["triton"] = (True, True, lambda q, k, v, rq, rk: attention(q, k, v, rq, rk), None)
-        out["sdpa-flash"] = (False, False, sdpa(SDPBackend.FLASH_ATTENTION), None)
-        out["sdpa-cudnn"] = (False, False, sdpa(SDPBackend.CUDNN_ATTENTION), None)
+            out["8bit-fp8"] = (True, partial(attention_8bit, pv="fp8"), "fp8")
+            out["8bit-fp8-core"] = (True, None, "fp8")  # built per case: the kernel on quantised operands
+        out["8bit-bf16"] = (True, partial(attention_8bit, pv="bf16"), "bf16")
+        out["triton"] = (True, attention, None)
+        out["sdpa-flash"] = (False, sdpa(SDPBackend.FLASH_ATTENTION), None)
+        out["sdpa-cudnn"] = (False, sdpa(SDPBackend.CUDNN_ATTENTION), None)
     else:  # the interpreter has no bf16 dots: fp16 P/V stands in for bf16
-        out["8bit-fp8"] = (True, True, lambda q, k, v, rq, rk: attention_8bit(q, k, v, rq, rk, pv="fp8"), "fp8")
-        out["8bit-fp8-core"] = (True, True, None, "fp8")
-        out["8bit-fp16"] = (True, True, lambda q, k, v, rq, rk: attention_8bit(q, k, v, rq, rk, pv="fp16"), "fp16")
-        out["triton"] = (True, True, lambda q, k, v, rq, rk: attention(q, k, v, rq, rk), None)
-        out["sdpa-default"] = (False, False, lambda q, k, v, rq, rk: F.scaled_dot_product_attention(q, k, v), None)
+        out["8bit-fp8"] = (True, partial(attention_8bit, pv="fp8"), "fp8")
+        out["8bit-fp8-core"] = (True, None, "fp8")
+        out["8bit-fp16"] = (True, partial(attention_8bit, pv="fp16"), "fp16")
+        out["triton"] = (True, attention, None)
+        out["sdpa-default"] = (False, F.scaled_dot_product_attention, None)
     return out
 
 
@@ -88,49 +89,45 @@ def run_case(args, device, env, provs, shape, case):
     q = torch.randn(b, Lq, h, d, device=device, dtype=dtype)
     k = (torch.randn(b, Lk, h, d, device=device) + args.k_offset * torch.randn(h, d, device=device)).to(dtype)
     v = torch.randn(b, Lk, h, d, device=device, dtype=dtype)
-    angles_q = torch.rand(Lq, d // 2, device=device) * 100
-    angles_k = torch.rand(Lk, d // 2, device=device) * 100
-    rope_q, rope_k = (angles_q.cos(), angles_q.sin()), (angles_k.cos(), angles_k.sin())
     head_major = [t.transpose(1, 2).contiguous() for t in (q, k, v)]  # [B, H, L, D] for SDPA
 
     rows = torch.randperm(Lq, device=device)[:args.acc_rows].sort().values
     with sdpa_kernel([SDPBackend.MATH]):  # fp32 reference on the subsample of query rows, all keys
-        ref_rope = attention_ref(q[:, rows].float(), k.float(), v.float(), (rope_q[0][rows], rope_q[1][rows]), rope_k)
-        ref_plain = attention_ref(q[:, rows].float(), k.float(), v.float())
+        ref = attention_ref(q[:, rows].float(), k.float(), v.float())
 
     records = []
-    for name, (uses_rope, blhd, fn, pv) in provs.items():
+    for name, (blhd, fn, pv) in provs.items():
         if fn is None:  # 8bit-<pv>-core: quantise once outside the timed region
-            quantised = quantize_8bit(q, k, v, rope_q, rope_k, pv=pv)
-            fn = lambda q_, k_, v_, rq, rk, x=quantised: attention_8bit_core(x, dtype)  # noqa: E731
+            quantised = quantize_8bit(q, k, v, pv=pv)
+            fn = lambda q_, k_, v_, x=quantised: attention_8bit_core(x, dtype)  # noqa: E731
         inputs = (q, k, v) if blhd else head_major
         try:
-            out = fn(*inputs, rope_q, rope_k)
+            out = fn(*inputs)
         except RuntimeError as e:  # backend unavailable for this dtype / shape / GPU
             print(f"  {name}: unavailable ({str(e).splitlines()[0][:120]})", flush=True)
             continue
-        acc = accuracy(out if blhd else out.transpose(1, 2), ref_rope if uses_rope else ref_plain, rows)
+        acc = accuracy(out if blhd else out.transpose(1, 2), ref, rows)
         del out
-        timed = lambda: fn(*inputs, rope_q, rope_k)  # noqa: E731
-        t = common.bench_ms(timed, args)
+        timed = lambda: fn(*inputs)  # noqa: E731
+        t = timing.bench_ms(timed, args)
         rec = {"bench": "attention_8bit", "case": case, "provider": name, "B": b, "H": h, "D": d, "Lq": Lq,
-               "Lk": Lk, "dtype": str(dtype).removeprefix("torch."), "pv": pv, "rope": uses_rope,
+               "Lk": Lk, "dtype": str(dtype).removeprefix("torch."), "pv": pv,
                "k_offset": args.k_offset, **t, "tflops": flops(b, h, d, Lq, Lk) / (t["ms"] * 1e-3) / 1e12,
-               "peak_gib": common.peak_memory(timed, device), **acc, "acc_rows": len(rows), **env}
-        common.print_row(rec, ("provider", "Lq", "Lk", "ms", "tflops", "cosine", "rel_l2_err", "peak_gib"))
+               "peak_gib": timing.peak_memory(timed, device), **acc, "acc_rows": len(rows), **env}
+        timing.print_row(rec, ("provider", "Lq", "Lk", "ms", "tflops", "cosine", "rel_l2_err", "peak_gib"))
         records.append(rec)
     return records
 
 
 def main() -> None:
-    p = common.parser(" ".join(__doc__.split("\n\n")[:2]))
+    p = timing.parser(" ".join(__doc__.split("\n\n")[:2]))
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {list(CASES)}")
     p.add_argument("--acc-rows", type=int, default=256, help="query rows in the fp32 accuracy reference")
     p.add_argument("--k-offset", type=float, default=4.0,
                    help="per-channel key mean, in standard deviations of the keys (default 4)")
     args = p.parse_args()
-    device = common.setup(args)  # before anything imports triton
-    env = common.env_record(device)
+    device = timing.setup(args)  # before anything imports triton
+    env = timing.environment(device)
     provs = providers(device)
     if args.dry_run:
         shapes = [(s, "dry-run") for s in DRY_SHAPES]
@@ -139,13 +136,13 @@ def main() -> None:
         if unknown:
             p.error(f"unknown cases {sorted(unknown)}; choose from {list(CASES)}")
         shapes = [((B, H, D, *CASES[c]), c) for c in args.cases.split(",")]
-    print(f"{env['device']}  torch {env['torch']}  triton {env['triton']}  providers {list(provs)}", flush=True)
+    print(f"{env['device_name']}  torch {env['torch']}  triton {env['triton']}  providers {list(provs)}", flush=True)
     path = args.out / "attention_8bit.jsonl"
     n = 0
     for shape, case in shapes:
         print(f"B,H,D,Lq,Lk = {shape} ({case}): {flops(*shape) / 1e12:.3g} TFLOP", flush=True)
         records = run_case(args, device, env, provs, shape, case)
-        common.append_jsonl(path, records)  # keep what is done if a later case dies
+        timing.append_jsonl(path, records)  # keep what is done if a later case dies
         n += len(records)
     print(f"{n} records -> {path}")
     if not n:

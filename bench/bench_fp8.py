@@ -8,7 +8,7 @@ from the same noise.
 Speed (CUDA): one DiT forward, batch 2, at 27,280 and 58,080 tokens, bf16 against quant="fp8", same
 random weights, same inputs, same run.
 
-    python bench/bench_fp8.py --quality              # CPU is fine
+    python bench/bench_fp8.py --quality              # CPU is fine   (or python -m anyid_rt.bench.bench_fp8)
     python bench/bench_fp8.py --speed --layers 30    # on an H100/H200
 Results are appended to bench/results/fp8.jsonl.
 """
@@ -16,41 +16,36 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from anyid_rt.bench.timing import RESULTS, append_jsonl, environment, measure
 from anyid_rt.config import DiTConfig
 from anyid_rt.engine import Engine
 from anyid_rt.models import Segments, WanDiT
 from anyid_rt.quant import FP8Linear, cosine, psnr, quantize_dit_fp8_
 
-RESULTS = Path(__file__).parent / "results" / "fp8.jsonl"
-sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
+
+def production_like_activations(tokens: int, width: int, seed: int = 0) -> torch.Tensor:
+    """Modulated LayerNorm outputs with a few outlier channels, as DiT activations have (amplitude ~30).
+    Also the FP8 tests' input (tests/test_quant.py)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, width, generator=g)
+    scale = 1 + 0.5 * torch.randn(width, generator=g)
+    shift = 0.2 * torch.randn(width, generator=g)
+    x = x * scale + shift
+    outliers = torch.randperm(width, generator=g)[:8]
+    x[:, outliers] *= 30
+    return x
 
 
-def environment() -> dict:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.machine()})"
-    return dict(device=dev, torch=torch.__version__, commit=commit, date=time.strftime("%Y-%m-%d %H:%M:%S"))
-
-
-def record(row: dict) -> None:
-    RESULTS.parent.mkdir(exist_ok=True)
-    with RESULTS.open("a") as f:
-        f.write(json.dumps({**row, **environment()}) + "\n")
+def record(row: dict, device: str) -> None:
+    append_jsonl(RESULTS / "fp8.jsonl", [{**row, **environment(device)}])
     print(json.dumps(row))
 
 
 def layer_quality(device: str) -> None:
-    from test_quant import production_like_activations
-
     for out_f, in_f in [(3072, 3072), (14336, 3072), (3072, 14336)]:
         g = torch.Generator().manual_seed(1)
         lin = nn.Linear(in_f, out_f).to(device=device, dtype=torch.bfloat16)
@@ -63,7 +58,7 @@ def layer_quality(device: str) -> None:
             fp8 = FP8Linear.from_linear(lin)(x).float()
         record(dict(bench="fp8_layer", shape=[out_f, in_f], tokens=1024, cos_fp8_vs_bf16=round(cosine(fp8, bf16), 6),
                     rel_fp8_vs_bf16=round(((fp8 - bf16).norm() / bf16.norm()).item(), 5),
-                    rel_bf16_vs_fp32=round(((bf16 - ref).norm() / ref.norm()).item(), 5)))
+                    rel_bf16_vs_fp32=round(((bf16 - ref).norm() / ref.norm()).item(), 5)), device)
 
 
 def run_quality(device: str) -> None:
@@ -77,7 +72,7 @@ def run_quality(device: str) -> None:
             other = make(quant, attn).generate("a woman smiles", **kw)
             record(dict(bench="fp8_sampling", model=name, steps=8, quant=quant, attention_quant=attn,
                         latent_cos=round(cosine(base.latents, other.latents), 6),
-                        frames_psnr_db=round(psnr(base.frames, other.frames), 2)))
+                        frames_psnr_db=round(psnr(base.frames, other.frames), 2)), device)
 
 
 def _mid_engine(device: str, quant: str | None, attention_quant: str | None = None) -> Engine:
@@ -108,18 +103,15 @@ def run_speed(layers: int, reps: int) -> None:
             seg = Segments(tuple(n), torch.tensor([[500.0] + [0.0] * (len(n) - 1)] * 2, device="cuda"))
             kv = dit.prepare_text([torch.randn(100, 4096, device="cuda", dtype=torch.bfloat16)] * 2)
             with torch.no_grad():
-                for _ in range(2):
-                    dit.forward_groups(lat, [0, f][:len(lat)], seg, kv)
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                for _ in range(reps):
-                    dit.forward_groups(lat, [0, f][:len(lat)], seg, kv)
-                torch.cuda.synchronize()
-            times[quant or "bf16"] = (time.perf_counter() - t0) / reps
+                m = measure(lambda: dit.forward_groups(lat, [0, f][:len(lat)], seg, kv), warmup=1, reps=reps,
+                            device="cuda", inspect=None)
+            times[quant or "bf16"] = m.median_s
             del dit
             torch.cuda.empty_cache()
         record(dict(bench="fp8_speed", tokens=sum(n), batch=2, layers=layers, seconds_bf16=round(times["bf16"], 4),
-                    seconds_fp8=round(times["fp8"], 4), speedup=round(times["bf16"] / times["fp8"], 3)))
+                    seconds_fp8=round(times["fp8"], 4), speedup=round(times["bf16"] / times["fp8"], 3),
+                    timing="median of --reps CUDA-event-timed forwards after an untimed first call and one warm-up"),
+               "cuda")
 
 
 def main() -> None:

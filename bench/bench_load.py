@@ -5,7 +5,7 @@ that were touched (clean page cache the kernel can drop); anonymous memory is wh
 and it should equal the bf16 weights (~10 GB): no second full-size copy.
 
 Not run in CI (it needs ~20 GB of disk and ~11 GB of memory):
-    python bench/bench_load.py --dir /tmp/wan5b            # writes once, then loads
+    python bench/bench_load.py --dir /tmp/wan5b            # writes once, then loads (or python -m anyid_rt.bench.bench_load)
     python bench/bench_load.py --dir /tmp/wan5b --keep     # keep the checkpoint for later runs
 """
 from __future__ import annotations
@@ -14,7 +14,6 @@ import argparse
 import json
 import resource
 import shutil
-import threading
 import time
 from pathlib import Path
 
@@ -22,9 +21,9 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from anyid_rt.bench.timing import RESULTS, AnonPeak, append_jsonl, environment
 from anyid_rt.config import DiTConfig
 from anyid_rt.models import WanDiT, load_dit
-
 
 
 def write_random_checkpoint(folder: Path, shards: int = 3) -> None:
@@ -51,40 +50,6 @@ def write_random_checkpoint(folder: Path, shards: int = 3) -> None:
         "num_layers": cfg.num_layers, "text_len": cfg.text_len}))
 
 
-def _environment() -> dict:
-    import platform
-    import subprocess
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
-    return dict(host_cpu=platform.processor() or platform.machine(), cores=__import__("os").cpu_count(),
-                torch=torch.__version__, commit=commit, date=time.strftime("%Y-%m-%d %H:%M:%S"))
-
-
-class PeakAnon:
-    """Samples RssAnon from /proc/self/status every 10 ms (anonymous memory: what loading really holds)."""
-
-    def __init__(self):
-        self.peak_kb = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            for line in open("/proc/self/status"):
-                if line.startswith("RssAnon:"):
-                    self.peak_kb = max(self.peak_kb, int(line.split()[1]))
-            time.sleep(0.01)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", type=Path, default=Path("/tmp/anyid_wan5b_random"))
@@ -94,7 +59,7 @@ def main() -> None:
     if not (args.dir / "config.json").exists():
         write_random_checkpoint(args.dir)
     size_gb = sum(f.stat().st_size for f in args.dir.iterdir()) / 1e9
-    with PeakAnon() as anon:
+    with AnonPeak() as anon:
         t0 = time.perf_counter()
         model = load_dit(args.dir, dtype=args.dtype, device="cpu", backend="torch")
         seconds = time.perf_counter() - t0
@@ -103,12 +68,9 @@ def main() -> None:
     record = dict(bench="load_dit", checkpoint_gb=round(size_gb, 2), dtype=args.dtype, params=params,
                   model_gb=round(param_gb, 2), load_s=round(seconds, 1),
                   peak_rss_gb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 2),
-                  peak_anon_gb=round(anon.peak_kb * 1024 / 1e9, 2), **_environment())
+                  peak_anon_gb=round(anon.peak_bytes / 1e9, 2), **environment("cpu"))
     print(json.dumps(record, indent=2))
-    out = Path(__file__).parent / "results" / "load.jsonl"
-    out.parent.mkdir(exist_ok=True)
-    with out.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+    append_jsonl(RESULTS / "load.jsonl", [record])
     if not args.keep:
         shutil.rmtree(args.dir)
 

@@ -14,11 +14,7 @@ the same tokens. Appends JSON lines to <out>/bench_modulation.jsonl, plots
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+from anyid_rt.bench import report, timing
 
 CASES = [(2, (880, 26400), 3072), (2, (27280, 30800), 3072)]  # (B, seg_lens, D)
 DRY_CASES = [(1, (5, 32), 48), (1, (5, 40, 5), 40)]
@@ -28,10 +24,12 @@ def ops(B: int, seg_lens: tuple[int, ...], D: int, device: str, act_dtype):
     """name -> (inputs, triton fn, reference fn); activations in act_dtype, residual and modulation in fp32."""
     import torch
 
+    from anyid_rt.kernels import SegmentMap
     from anyid_rt.kernels import modulation as m
     from anyid_rt.kernels import norm as n
 
     L, S = sum(seg_lens), len(seg_lens)
+    seg = SegmentMap.from_lens(seg_lens, device)  # its index is read by the references only (8 bytes a token)
     x = torch.randn(B, L, D, device=device).to(act_dtype)
     shift, scale, gate = torch.randn(3, B, S, D, device=device).unbind(0)
     residual = torch.randn(B, L, D, device=device)
@@ -40,8 +38,8 @@ def ops(B: int, seg_lens: tuple[int, ...], D: int, device: str, act_dtype):
     angles = torch.rand(L, head_dim // 2, device=device) * 100
     rope = (angles.cos(), angles.sin())  # [L, D/2] fp32, read as traffic
     return {
-        "layernorm_modulate": ((x, shift, scale, seg_lens), m.layernorm_modulate, m.layernorm_modulate_ref),
-        "gated_residual": ((residual, x, gate, seg_lens), m.gated_residual, m.gated_residual_ref),
+        "layernorm_modulate": ((x, shift, scale, seg), m.layernorm_modulate, m.layernorm_modulate_ref),
+        "gated_residual": ((residual, x, gate, seg), m.gated_residual, m.gated_residual_ref),
         "rms_norm": ((x, w, 1e-6), n.rms_norm, n.rms_norm_ref),
         "rms_norm_rope": ((x, w, 1e-6, rope, D // head_dim), n.rms_norm_rope, n.rms_norm_rope_ref),
         "layer_norm": ((x, w, b, 1e-6), n.layer_norm, n.layer_norm_ref),
@@ -58,16 +56,16 @@ def traffic_bytes(inputs, out) -> int:
 
 
 def main() -> None:
-    p = common.parser(__doc__.split("\n\n")[0])
+    p = timing.parser(__doc__.split("\n\n")[0])
     p.add_argument("--compile", action="store_true", help="also time the references under torch.compile")
     args = p.parse_args()
-    device = common.setup(args)
+    device = timing.setup(args)
 
     import torch
 
-    env = common.env_record(device)
+    env = timing.environment(device)
     act_dtype = torch.float16 if args.dry_run else torch.bfloat16
-    print(f"{env['device']}  torch {env['torch']}  triton {env['triton']}", flush=True)
+    print(f"{env['device_name']}  torch {env['torch']}  triton {env['triton']}", flush=True)
     records = []
     for B, seg_lens, D in (DRY_CASES if args.dry_run else CASES):
         L = sum(seg_lens)
@@ -83,25 +81,25 @@ def main() -> None:
                 compiled = torch.compile(ref, dynamic=False)
                 providers["torch-compile"] = lambda: compiled(*inputs)  # noqa: B023 (timed in this iteration)
             for provider, timed in providers.items():
-                t = common.bench_ms(timed, args)
+                t = timing.bench_ms(timed, args)
                 rec = {"bench": "modulation", "op": name, "provider": provider, "B": B, "L": L, "D": D,
                        "seg_lens": list(seg_lens), "act_dtype": str(act_dtype).removeprefix("torch."),
                        "bytes": nbytes, **t, "gbps": nbytes / (t["ms"] * 1e-3) / 1e9,
-                       "peak_gib": common.peak_memory(timed, device),
+                       "peak_gib": timing.peak_memory(timed, device),
                        "max_abs_diff_vs_ref": diff if provider == "triton" else None, **env}
-                common.print_row(rec, ("op", "provider", "L", "D", "ms", "gbps", "max_abs_diff_vs_ref"))
+                timing.print_row(rec, ("op", "provider", "L", "D", "ms", "gbps", "max_abs_diff_vs_ref"))
                 records.append(rec)
             del half, half_dst
-        common.append_jsonl(args.out / "bench_modulation.jsonl", [r for r in records if r["L"] == L and r["B"] == B])
+        timing.append_jsonl(args.out / "bench_modulation.jsonl", [r for r in records if r["L"] == L and r["B"] == B])
     # plot: GB/s per op and provider at the largest case, against the copy bandwidth of the same traffic
     largest = [r for r in records if r["L"] == max(r["L"] for r in records)]
     op_names = list(dict.fromkeys(r["op"] for r in largest))
     series: dict[str, list[float]] = {}
     for r in largest:
         series.setdefault(r["provider"], [0.0] * len(op_names))[op_names.index(r["op"])] = r["gbps"]
-    common.bar_plot(args.out / "bench_modulation.png", op_names, series, "GB/s (read + written)",
+    report.bar_plot(args.out / "bench_modulation.png", op_names, series, "GB/s (read + written)",
                     f"memory-bound kernels, B={largest[0]['B']} L={largest[0]['L']} D={largest[0]['D']} "
-                    f"{largest[0]['act_dtype']} - {env['device']}")
+                    f"{largest[0]['act_dtype']} - {env['device_name']}")
     print(f"{len(records)} records -> {args.out / 'bench_modulation.jsonl'}")
 
 

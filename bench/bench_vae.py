@@ -5,9 +5,12 @@ values. Peak memory: CUDA `max_memory_allocated` on a GPU (reset before each pha
 of the process (VmHWM, reset per phase through /proc/self/clear_refs where Linux allows it, else the
 process-lifetime `ru_maxrss`, which only grows). Each phase also reports its peak above the memory in use
 when it started (weights, inputs). CPU numbers are coarse: the C allocator keeps memory freed by an
-earlier phase, so a later phase can reuse it without raising the RSS.
+earlier phase, so a later phase can reuse it without raising the RSS, and the output of a phase's first call
+is kept (on the host) while its timed calls run. Times: the best of --repeats timed calls after the untimed
+first call and --warmup more (bench/timing.py `measure`).
 
     python bench/bench_vae.py                                  # full size: 1280x704x121, latent [48,31,44,80]
+    python -m anyid_rt.bench.bench_vae ...                     # the same
     python bench/bench_vae.py --preset tiny --height 64 --width 64 --frames 9
     python bench/bench_vae.py --dtype bf16 --tile 24x40 --overlap 8
 
@@ -16,110 +19,30 @@ Prints a table and appends one JSON line per run to bench/results/vae.jsonl.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import math
-import platform
-import resource
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from anyid_rt.config import PRESETS, VAEConfig  # noqa: E402
+from anyid_rt.bench.timing import RESULTS, PhasePeak, append_jsonl, environment, measure
+from anyid_rt.config import DTYPES, PRESETS, VAEConfig, parse_dtype
+from anyid_rt.engine import TINY_DEFAULTS, Defaults
 from anyid_rt.models.random_weights import random_vae
-from anyid_rt.models.vae import VAETiling  # noqa: E402
+from anyid_rt.models.vae import VAETiling
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DEFAULT_SHAPES = {"wan2.2-ti2v-5b": (704, 1280, 121), "tiny": (64, 64, 9)}  # (height, width, frames)
-
-
-# ---- memory ---------------------------------------------------------------------------------------------
-
-def _read_status_kb(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
+DEFAULT_SHAPES = {"wan2.2-ti2v-5b": Defaults(), "tiny": TINY_DEFAULTS}  # the engine's default video per preset
 
 
-class PeakMemory:
-    """Peak memory of one phase: CUDA allocator peak on a GPU, process peak RSS on a CPU."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.how = "cuda_max_memory_allocated" if device.type == "cuda" else "cpu_peak_rss"
-        self.start_gib = 0.0  # memory in use when the phase started (weights, inputs, kept outputs)
-
-    def reset(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.start_gib = torch.cuda.memory_allocated(self.device) / 2 ** 30
-            return
-        self.start_gib = (_read_status_kb("VmRSS") or 0) / 2 ** 20
-        try:  # "5" resets VmHWM (peak RSS) to the current RSS (Linux >= 4.0)
-            Path("/proc/self/clear_refs").write_text("5")
-            self.how = "cpu_peak_rss(VmHWM, reset per phase)"
-        except OSError:
-            self.how = "cpu_peak_rss(ru_maxrss, process lifetime)"
-
-    def peak_gib(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            return torch.cuda.max_memory_allocated(self.device) / 2 ** 30
-        kb = _read_status_kb("VmHWM") if "VmHWM" in self.how else None
-        if kb is None:
-            kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-        return kb / 2 ** 20
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device: torch.device, mem: PeakMemory, repeats: int, warmup: int):
-    """Run fn warmup + repeats times; returns (result of the last run, best seconds, (peak GiB, peak GiB
+def timed(fn, device: torch.device, mem: PhasePeak, repeats: int, warmup: int):
+    """One phase: (the first call's output on the host, best seconds of the timed calls, (peak GiB, peak GiB
     above the memory in use when the phase started))."""
-    for _ in range(warmup):
-        out = fn()
-        del out
-    best, out = math.inf, None
     mem.reset()
-    for _ in range(repeats):
-        out = None
-        _sync(device)
-        t0 = time.perf_counter()
-        out = fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
+    m = measure(fn, warmup=warmup, reps=repeats, device=device, inspect=lambda out: out.cpu())
     peak = mem.peak_gib()
-    return out, best, (peak, peak - mem.start_gib)
+    return m.first_result, m.timing.min_ms / 1e3, (peak, peak - mem.start_gib)
 
 
 # ---- helpers --------------------------------------------------------------------------------------------
-
-def _git(*cmd: str) -> str:
-    try:
-        return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
 
 def parse_tile(text: str | None, lh: int, lw: int, overlap: int) -> VAETiling:
     """'HxW' in latent pixels, or None for an automatic 2x2 grid: tiles of ceil((size + overlap) / 2), with
@@ -150,18 +73,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16" if torch.cuda.is_available() else "fp32")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=1, help="timed runs per phase (the best is reported)")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed runs per phase (default 1 on CUDA, 0 on CPU)")
+    ap.add_argument("--warmup", type=int, default=None,
+                    help="untimed runs per phase after the untimed first call (default 1 on CUDA, 0 on CPU)")
     ap.add_argument("--skip-untiled", action="store_true", help="skip the untiled decode (if it does not fit)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "vae.jsonl"))
+    ap.add_argument("--out", default=str(RESULTS / "vae.jsonl"))
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype]
+    dtype = parse_dtype(args.dtype, "--dtype")
     warmup = args.warmup if args.warmup is not None else (1 if device.type == "cuda" else 0)
     cfg = VAEConfig.preset(args.preset)
-    dh, dw, dt = DEFAULT_SHAPES[args.preset]
-    h, w, t = args.height or dh, args.width or dw, args.frames or dt
+    default = DEFAULT_SHAPES[args.preset]
+    h, w, t = args.height or default.height, args.width or default.width, args.frames or default.num_frames
     s, tc = cfg.spatial_compression, cfg.temporal_compression
     if h % s or w % s or (t - 1) % tc:
         raise SystemExit(f"need H, W multiples of {s} and frames = {tc}n+1; got {h}x{w}x{t}")
@@ -175,7 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
     g = torch.Generator().manual_seed(args.seed + 1)
     video = (torch.rand(1, 3, t, h, w, generator=g) * 2 - 1).to(device)
     latent = torch.randn(lat_shape, generator=g).to(device)
-    mem = PeakMemory(device)
+    mem = PhasePeak(device)
+    env = environment(device)
 
     rows = []
     with torch.inference_mode():
@@ -187,18 +112,16 @@ def main(argv: list[str] | None = None) -> dict:
         tiled, tdec_s, tdec_mem = timed(lambda: vae.decode(latent, tile=tiling), device, mem, args.repeats, warmup)
         rows.append((f"decode tiled {tiling.tile_h}x{tiling.tile_w}/{tiling.overlap}", lat_shape,
                      tuple(tiled.shape), tdec_s, tdec_mem))
-        tiled = tiled.cpu()
         untiled = None
         if not args.skip_untiled:
             untiled, dec_s, dec_mem = timed(lambda: vae.decode(latent), device, mem, args.repeats, warmup)
             rows.append(("decode", lat_shape, tuple(untiled.shape), dec_s, dec_mem))
-            untiled = untiled.cpu()
     seam = None
     if untiled is not None:
         d = (tiled - untiled).abs()
         seam = {"max_abs": d.max().item(), "mean_abs": d.mean().item()}
 
-    print(f"Wan2.2 VAE [{args.preset}] {args.dtype} on {device_name(device)}; weights {params_gib:.2f} GiB "
+    print(f"Wan2.2 VAE [{args.preset}] {args.dtype} on {env['device_name']}; weights {params_gib:.2f} GiB "
           f"(random, built in {t_build:.1f} s); memory: {mem.how}")
     print(f"{'phase':<26} {'input':<24} {'output':<24} {'seconds':>9} {'peak GiB':>9} {'above start':>11}")
     for name, shape_in, shape_out, sec, (peak, extra) in rows:
@@ -209,11 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"mean {seam['mean_abs']:.5f}")
 
     record = {
-        "bench": "vae", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": _git("rev-parse", "HEAD") or None,
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
-        "host": platform.node(), "torch": torch.__version__, "cuda": torch.version.cuda, "device": device_name(device),
-        "preset": args.preset, "dtype": args.dtype, "video_shape": [1, 3, t, h, w], "latent_shape": list(lat_shape),
+        "bench": "vae", **env, "preset": args.preset, "dtype": args.dtype, "video_shape": [1, 3, t, h, w], "latent_shape": list(lat_shape),
         "tiling": {"tile_h": tiling.tile_h, "tile_w": tiling.tile_w, "overlap": tiling.overlap},
         "repeats": args.repeats, "warmup": warmup, "weights_gib": round(params_gib, 4), "memory": mem.how,
         "encode_s": enc_s, "encode_peak_gib": enc_mem[0], "encode_peak_above_start_gib": enc_mem[1],
@@ -223,11 +142,8 @@ def main(argv: list[str] | None = None) -> dict:
         "decode_tiled_s": tdec_s, "decode_tiled_peak_gib": tdec_mem[0], "decode_tiled_peak_above_start_gib": tdec_mem[1],
         "tiled_vs_untiled": seam,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-    print(f"appended to {out}")
+    append_jsonl(args.out, [record])
+    print(f"appended to {args.out}")
     return record
 
 

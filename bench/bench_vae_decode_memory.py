@@ -3,43 +3,45 @@ frames): the second chunk is the steady state every later chunk repeats, so its 
 apart from the output buffer (121 frames x 3 x 704 x 1280 x 4 B = 1.31 GB, not included). CPU convolutions
 use their own workspaces, so a GPU figure (bench/bench_vae.py) will differ.
 
-Run: python bench/bench_vae_decode_memory.py none        (untiled)
+Run: python bench/bench_vae_decode_memory.py none        (untiled; or python -m anyid_rt.bench.bench_vae_decode_memory)
      python bench/bench_vae_decode_memory.py 22,40,8     (2x2 tiles of 22x40 latent pixels, overlap 8)
 Appends to bench/results/vae_decode_memory.jsonl. Takes ~15-20 min per run on 2 CPU cores.
 """
-import json, subprocess, sys, time, threading
-from pathlib import Path
+from __future__ import annotations
+
+import argparse
+import json
+import time
 
 import torch
+
+from anyid_rt.bench.timing import RESULTS, AnonPeak, append_jsonl, environment
 from anyid_rt.config import VAEConfig
 from anyid_rt.models.random_weights import random_vae
 from anyid_rt.models.vae import VAETiling
 
-tile = sys.argv[1] if len(sys.argv) > 1 else "none"
-torch.set_num_threads(2)
-vae = random_vae(VAEConfig(), seed=0)
-weights_gb = sum(p.numel() * 4 for p in vae.parameters()) / 1e9
-peak = [0]
-def sample():
-    while True:
-        for line in open("/proc/self/status"):
-            if line.startswith("RssAnon:"):
-                peak[0] = max(peak[0], int(line.split()[1]) * 1024)
-        time.sleep(0.05)
-threading.Thread(target=sample, daemon=True).start()
-time.sleep(0.2)
-base = peak[0]
-z = torch.randn(1, 48, 2, 44, 80)
-t0 = time.time()
-with torch.inference_mode():
-    out = vae.decode(z, tile=None if tile == "none" else VAETiling.of(tuple(int(v) for v in tile.split(","))))
-sec = time.time() - t0
-commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                        cwd=Path(__file__).parent).stdout.strip()
-row = dict(bench="vae_decode_memory", device="cpu", dtype="fp32", tile=tile, out_shape=list(out.shape),
-           weights_gb=round(weights_gb, 2), base_anon_gb=round(base / 1e9, 2), peak_anon_gb=round(peak[0] / 1e9, 2),
-           activation_peak_gb=round((peak[0] - base) / 1e9, 2), seconds=round(sec, 1), torch=torch.__version__,
-           commit=commit, date=time.strftime("%Y-%m-%d %H:%M:%S"))
-print(json.dumps(row))
-with open(Path(__file__).parent / "results" / "vae_decode_memory.jsonl", "a") as f:
-    f.write(json.dumps(row) + "\n")
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("tile", nargs="?", default="none", help="none, or tile_h,tile_w,overlap in latent pixels")
+    tile = ap.parse_args(argv).tile
+    torch.set_num_threads(2)
+    vae = random_vae(VAEConfig(), seed=0)
+    weights_gb = sum(p.numel() * 4 for p in vae.parameters()) / 1e9
+    z = torch.randn(1, 48, 2, 44, 80)
+    tiling = None if tile == "none" else VAETiling.of(tuple(int(v) for v in tile.split(",")))
+    with torch.inference_mode(), AnonPeak(interval=0.05) as anon:
+        t0 = time.perf_counter()  # one decode of ~15 minutes: a single wall-clock reading
+        out = vae.decode(z, tile=tiling)
+        seconds = time.perf_counter() - t0
+    row = dict(bench="vae_decode_memory", tile=tile, out_shape=list(out.shape), weights_gb=round(weights_gb, 2),
+               base_anon_gb=round(anon.base_bytes / 1e9, 2), peak_anon_gb=round(anon.peak_bytes / 1e9, 2),
+               activation_peak_gb=round((anon.peak_bytes - anon.base_bytes) / 1e9, 2), seconds=round(seconds, 1),
+               dtype="fp32", **environment("cpu"))
+    print(json.dumps(row))
+    append_jsonl(RESULTS / "vae_decode_memory.jsonl", [row])
+    return row
+
+
+if __name__ == "__main__":
+    main()

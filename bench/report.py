@@ -4,7 +4,9 @@ the device's measured matmul ceiling and its datasheet peak.
 
 For every device it shows the latest measurement of each (case, variant) and of each stage, with the run
 it came from (date, commit, command), so that every number can be reproduced. Records of other benchmarks
-(without the `anyid_rt.bench/1` schema, e.g. load.jsonl) are counted and left out.
+(without the `anyid_rt.bench/1` schema, e.g. load.jsonl) are counted and left out. Also here: the short
+table `anyid-rt bench` prints at the end of a run (`summary_lines`), and the line and bar plots of the kernel
+benchmarks (`plot`, `bar_plot`).
 
     python bench/report.py                                  # reads and writes bench/results/
     python bench/report.py --results $OUT --out $OUT        # on a GPU machine, next to the run
@@ -13,9 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
+# The e2e records' schema, defined here (bench/run.py writes it) because this file also runs on its own, where
+# the package is not installed (a GPU machine), and imports nothing of it.
 SCHEMA = "anyid_rt.bench/1"
 STEP_PLOT = "latency_vs_tokens.png"
 TFLOPS_PLOT = "tflops_vs_ceiling.png"
@@ -177,13 +182,60 @@ def markdown(records: list[dict], other: int = 0) -> str:
     return "\n".join(out)
 
 
+def summary_lines(records: list[dict]) -> list[str]:
+    """The short table `anyid-rt bench` prints last (ceiling, stages, guided steps, videos), so that the end of
+    a run's output carries its numbers."""
+    lines = []
+    for rec in records:
+        if rec["kind"] == "ceiling" and rec["status"] == "ok":
+            lines.append(f"ceiling: matmul {rec['matmul_tflops']:.4g} TFLOP/s, copy {rec['copy_gbps']:.4g} GB/s")
+        elif rec["kind"] == "stage":
+            name = rec["stage"] + (":" + rec["case"] if rec.get("case") else "")
+            val = (f"{rec['seconds'] * 1e3:10.1f} ms  peak {_f(rec.get('peak_mem_gb'), '.2f', '-')} GB"
+                   if rec["status"] == "ok" else f"{rec['status']}: {str(rec.get('reason'))[:90]}")
+            lines.append(f"stage {name:28s} {val}")
+    lines.append(f"{'case':5s} {'variant':20s} {'ms/step':>9s} {'p20-p80':>17s} {'TFLOP/s':>8s} {'MFU':>6s} "
+                 f"{'vs ceil':>7s} {'speedup':>7s} {'relerr':>8s} {'s/video':>8s}")
+    for rec in records:
+        if rec["kind"] != "dit_step":
+            continue
+        if rec["status"] != "ok":
+            lines.append(f"{rec['case']:5s} {rec['variant']:20s} {rec['status']}: {str(rec.get('reason'))[:100]}")
+            continue
+        t = rec["timing"]
+        speedup = rec.get("speedup_vs_baseline")
+        lines.append(f"{rec['case']:5s} {rec['variant']:20s} {t['median_ms']:9.1f} "
+                     f"{t['p20_ms']:8.1f}-{t['p80_ms']:<8.1f} {rec['tflops']:8.4g} {_f(rec['mfu_peak'], '6.1%', '-')} "
+                     f"{_f(rec['mfu_ceiling'], '7.1%', '-')} {_f(speedup, '6.2f', '-')}{'x' if speedup else ' '} "
+                     f"{_f(rec.get('relerr_vs_torch'), '8.1e', '-')} {_f(rec['video']['total_s'], '8.1f', '-')}")
+    for rec in records:
+        if rec["kind"] == "video":
+            lines.append(f"video {rec['case']}: " + (
+                f"{rec['total_s']:.2f} s end to end ({rec['variant']}, {rec['steps']} steps; composed estimate "
+                f"{_f(rec['composed_total_s'], '.2f', '-')} s)" if rec["status"] == "ok"
+                else f"{rec['status']}: {str(rec.get('reason'))[:100]}"))
+    return lines
+
+
+def _pyplot(required: bool = True):
+    """matplotlib.pyplot with the file backend. Where it is missing (the GPU machines may lack it): an
+    ImportError, or None when the plot is optional (the JSON lines are the record, plots a convenience)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        if required:
+            raise
+        print("matplotlib not installed: no plots", file=sys.stderr)
+        return None
+    return plt
+
+
 def plot_latency(records: list[dict], path: Path) -> Path:
     """Median latency per guided step against the token count (p20-p80 as error bars), per device and variant."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     steps = [r for r in latest(records, "dit_step", lambda r: (r.get("case"), r.get("variant")))
              if r.get("status") == "ok"]
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -216,11 +268,7 @@ def plot_latency(records: list[dict], path: Path) -> Path:
 def plot_tflops(records: list[dict], path: Path) -> Path:
     """Achieved TFLOP/s per variant and case, against the matmul ceiling measured in the same run (dashed)
     and the datasheet dense bf16 peak (dotted); one panel per device."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     steps = [r for r in latest(records, "dit_step", lambda r: (r.get("case"), r.get("variant")))
              if r.get("status") == "ok"]
     devices = sorted({_device(r) for r in steps}) or ["(no data)"]
@@ -253,6 +301,54 @@ def plot_tflops(records: list[dict], path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _save(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def plot(path: Path, series: dict[str, list[tuple[float, float]]], xlabel: str, ylabel: str, title: str,
+         hlines: dict[str, float] | None = None, logx: bool = True) -> bool:
+    """Line plot of {label: [(x, y)]} with optional labelled horizontal reference lines (kernel benchmarks);
+    False when matplotlib is missing."""
+    plt = _pyplot(required=False)
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, pts in series.items():
+        if pts:
+            xs, ys = zip(*sorted(pts))
+            ax.plot(xs, ys, marker="o", label=label)
+    for label, y in (hlines or {}).items():
+        ax.axhline(y, linestyle="--", linewidth=1, color="gray")
+        ax.annotate(label, (0.01, y), xycoords=("axes fraction", "data"), fontsize=8, va="bottom")
+    if logx:
+        ax.set_xscale("log", base=2)
+    _save(fig, ax, path, xlabel, ylabel, title)
+    plt.close(fig)
+    return True
+
+
+def bar_plot(path: Path, groups: list[str], series: dict[str, list[float]], ylabel: str, title: str) -> bool:
+    """Grouped bars: one group per entry of `groups`, one bar per series (values in group order)."""
+    plt = _pyplot(required=False)
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    width = 0.8 / max(1, len(series))
+    for i, (label, values) in enumerate(series.items()):
+        ax.bar([g + i * width for g in range(len(groups))], values, width, label=label)
+    ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], groups, fontsize=8)
+    _save(fig, ax, path, "", ylabel, title)
+    plt.close(fig)
+    return True
 
 
 def write_report(results: Path, out: Path | None = None) -> dict[str, Path]:

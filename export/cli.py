@@ -4,6 +4,7 @@
     anyid-rt export onnx --model Wan2.2-TI2V-5B --lora anyid.safetensors --dtype bf16 --quantize fp8 --out out/onnx
     anyid-rt export trt --onnx out/onnx --preset wan2.2-ti2v-5b --precision fp8 --bucket 1280x704
     anyid-rt export triton-repo --preset tiny --out out/repo
+    anyid-rt serve --prepare                     # once per environment (the server stub's numpy<2)
     anyid-rt serve --model-repository out/repo
 
 `anyid_rt.cli` registers these with `add_parser(subparsers)` and `add_serve_parser(subparsers)`; the module
@@ -47,9 +48,9 @@ def check_dit(dit, path: Path, layouts=((2, 2, 3), ((1, 2, 3),)), batch: int = 2
     """Max |ONNX Runtime - PyTorch `forward_groups`| over a layout (target grid, reference grids)."""
     import torch
 
-    from ..models.dit import Segments
+    from ..models.dit import Segments, unpatchify
     from .graph_engine import ort_dit_call, ort_session
-    from .onnx_dit import dit_inputs, unpatchify_tokens
+    from .onnx_dit import dit_inputs
 
     target, refs = layouts
     g = torch.Generator().manual_seed(1)
@@ -65,7 +66,7 @@ def check_dit(dit, path: Path, layouts=((2, 2, 3), ((1, 2, 3),)), batch: int = 2
     with torch.no_grad():
         ref = dit.forward_groups([z.to(device) for z in lat], starts, seg, ctx).float().cpu()
     out = ort_dit_call(ort_session(path))(dit_inputs(dit.cfg, lat, starts, seg, ctx))
-    return float((unpatchify_tokens(dit.cfg, out, target) - ref).abs().max())
+    return float((unpatchify(dit.cfg, out, target) - ref).abs().max())
 
 
 def cmd_export_onnx(args) -> int:
@@ -142,9 +143,9 @@ def _quantize(args, engine, dit_path: Path, out: Path) -> dict:
 
 
 def _bundled_refs() -> list[str]:
-    from ..cli import ASSETS
+    from ..media import ASSET_DIR
 
-    return [str(ASSETS / "astronaut.png"), str(ASSETS / "astronaut_clip.mp4")]
+    return [str(ASSET_DIR / "astronaut.png"), str(ASSET_DIR / "astronaut_clip.mp4")]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -211,12 +212,23 @@ def cmd_export_triton_repo(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .serve import serve
+    from .serve import prepare_stub_site, serve
 
+    if args.prepare:
+        if args.model_repository:
+            print("anyid-rt serve: error: --prepare is the one-time setup and serves nothing; run it without "
+                  "--model-repository, then serve", file=sys.stderr)
+            return 2
+        folder = prepare_stub_site(args.stub_dir)
+        print(f"the Triton Python backend stub's numpy<2 is ready in {folder}" if folder else
+              "this environment's numpy is 1.x, which the Triton Python backend stub uses: nothing to prepare")
+        return 0
+    if not args.model_repository:
+        print("anyid-rt serve: error: the following arguments are required: --model-repository", file=sys.stderr)
+        return 2
     return serve(args.model_repository, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                  metrics_port=args.metrics_port, log_file=args.log_file, startup_timeout=args.startup_timeout,
-                 log_verbose=args.log_verbose, extra_args=args.server_arg or (),
-                 install_stub_numpy=not args.no_install_stub_numpy)
+                 log_verbose=args.log_verbose, extra_args=args.server_arg or (), stub_dir=args.stub_dir)
 
 
 def _guard(func):
@@ -301,8 +313,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     """Register `serve` on an argparse subparsers object."""
-    s = subparsers.add_parser("serve", help="run Triton Inference Server (from nvidia-pytriton) on a repository")
-    s.add_argument("--model-repository", required=True)
+    s = subparsers.add_parser(
+        "serve", help="run Triton Inference Server (from nvidia-pytriton) on a repository",
+        description="Run the nvidia-pytriton wheel's tritonserver on a model repository. Once per environment "
+                    "first: `anyid-rt serve --prepare` (the server's Python backend stub needs a numpy<2 of its "
+                    "own where this environment has numpy 2; that command installs it with pip, serving never "
+                    "installs anything and fails naming that command until it has run).")
+    s.add_argument("--model-repository", help="the folder of `anyid-rt export triton-repo` (required to serve)")
+    s.add_argument("--prepare", action="store_true",
+                   help="one-time setup, then exit: pip-install the numpy<2 the Python backend stub needs into "
+                        "the stub folder (a no-op where numpy is 1.x or it is already there)")
+    s.add_argument("--stub-dir", default=None,
+                   help="the stub's numpy<2 folder, for --prepare and for serving (default: "
+                        "<environment>/share/anyid_rt/triton-stub-py3.X)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--http-port", type=int, default=8000)
     s.add_argument("--grpc-port", type=int, default=8001)
@@ -311,8 +334,6 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--log-verbose", type=int, default=0)
     s.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for readiness")
     s.add_argument("--server-arg", action="append", default=None, help="extra tritonserver argument (repeat)")
-    s.add_argument("--no-install-stub-numpy", action="store_true",
-                   help="do not pip-install the numpy<2 the Python backend stub needs; fail instead")
     s.set_defaults(func=_guard(cmd_serve))
     return s
 

@@ -1,7 +1,7 @@
 """Run `Engine.generate` with the DiT forward and the VAE decode going through exported graphs.
 
 `GraphDiT` and `GraphVAE` stand in for `WanDiT` and `WanVAE` inside an `Engine` (they provide what
-`Engine.generate` uses: `cfg`, `prepare_text`, `forward_groups`; `encode`, `decode`, `parameters`), and call
+`Engine.generate` uses: `cfg`, `prepare_text`, `forward_groups`; `cfg`, `dtype`, `encode`, `decode`), and call
 the graphs through plain functions of tensors. The same code serves three back ends:
 
 - onnxruntime sessions (`onnx_engine`): the CPU check that the exported graphs generate the same video as
@@ -21,9 +21,9 @@ import torch
 
 from ..config import DiTConfig
 from ..engine import Engine
-from ..models.dit import Segments
+from ..models.dit import Segments, grid_of, pad_context, unpatchify
 from ..models.vae import WanVAE
-from .onnx_dit import DIT_INPUTS, dit_inputs, grid_of, pad_context, unpatchify_tokens
+from .onnx_dit import DIT_INPUTS, dit_inputs
 from .onnx_vae import decode_streaming
 
 DiTCall = Callable[[dict[str, torch.Tensor]], torch.Tensor]
@@ -44,7 +44,7 @@ class GraphDiT:
                        context: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         grid = grid_of(self.cfg, latents[0])
         tokens = self.call(dit_inputs(self.cfg, latents, frame_starts, segments, context))
-        return unpatchify_tokens(self.cfg, tokens.to(latents[0].device), grid)
+        return unpatchify(self.cfg, tokens.to(latents[0].device), grid)
 
 
 class GraphVAE:
@@ -54,8 +54,9 @@ class GraphVAE:
         self.vae, self.first, self.step = vae, first, step
         self.cfg = vae.cfg
 
-    def parameters(self):
-        return self.vae.parameters()
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vae.dtype
 
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         return self.vae.encode(frames)

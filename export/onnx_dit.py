@@ -1,8 +1,8 @@
 """The DiT's denoising forward as a graph of tensors only, for ONNX / TensorRT.
 
-`WanDiT.forward_groups` takes Python ints (segment lengths, per-group grids, RoPE frame starts); those do
-not export as dynamic dimensions. `DiTStep` reuses the WanDiT's modules and weights unchanged and moves
-every Python-int decision to the host, as tensors:
+The graph is `WanDiT.forward_tokens` itself, traced: `DiTStep` is a thin module around the WanDiT (same
+modules and weights) that splits and joins its inputs, and `dit_inputs` is the host side of one
+`forward_groups` call, built with the model's own helpers (models/dit.py):
 
     input           shape                     what (host side: `dit_inputs`)
     tokens          [B, N, Cp]                patchified noisy target latent, Cp = 48*1*2*2 = 192
@@ -19,11 +19,12 @@ every Python-int decision to the host, as tensors:
 Target and reference inputs are separate so that every dimension is a free input dimension (N, R, B):
 the output length is N by construction, and a TensorRT optimisation profile gives N and R their own
 ranges (resolution x frames buckets, reference-count buckets). Modulation is per segment ([B, S, 6, dim])
-and picked per token with a Gather on `seg_index`; the text K/V are recomputed inside the graph each call
-(2 x 512 x dim^2 per block: about 0.1% of a 5B forward at 27k tokens), which keeps the graph's inputs few.
+and picked per token by a Gather on the segment index (the torch references' form); the text K/V are
+recomputed inside the graph each call (2 x 512 x dim^2 per block: about 0.1% of a 5B forward at 27k
+tokens), which keeps the graph's inputs few.
 
-Numerics follow the WanDiT's torch path: fp32 time embedding, modulation, norms, gates, residual stream
-and head; the large linears in the weights' dtype (export a bf16 model for a bf16 graph).
+Numerics are the WanDiT's torch path: fp32 time embedding, modulation, norms, gates, residual stream and
+head; the large linears in the weights' dtype (export a bf16 model for a bf16 graph).
 """
 from __future__ import annotations
 
@@ -32,13 +33,12 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import DiTConfig
-from ..kernels.attention import attention_ref
-from ..kernels.norm import layer_norm_ref, rms_norm_ref
-from ..models.dit import Segments, WanDiT, rope_table, sinusoidal_embedding
+from ..kernels import SegmentMap, dit_ops
+from ..models.dit import (Segments, WanDiT, group_grids, pad_context, patchify, rope_tables,
+                          sinusoidal_embedding)
 
 DIT_INPUTS = ("tokens", "ref_tokens", "t_freq", "seg_index", "ref_seg_index", "rope_cos", "rope_sin",
               "ref_rope_cos", "ref_rope_sin", "context")
@@ -46,66 +46,21 @@ DIT_OUTPUTS = ("velocity",)
 OPSET = 18
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Host side: the Python-int layout -> graph tensors, and back
-# ---------------------------------------------------------------------------------------------------------
-
-def patchify_tokens(latent: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
-    """[B, C, F, h, w] -> [B, F/pt * h/ph * w/pw, C*pt*ph*pw], token order (f, h, w), channels (C, pt, ph, pw):
-    the order of the patch-embedding Conv3d's flattened weight, so that the conv becomes a linear."""
-    B, C, f, h, w = latent.shape
-    pt, ph, pw = patch
-    x = latent.reshape(B, C, f // pt, pt, h // ph, ph, w // pw, pw)
-    x = x.permute(0, 2, 4, 6, 1, 3, 5, 7)                                  # [B, f', h', w', C, pt, ph, pw]
-    return x.reshape(B, (f // pt) * (h // ph) * (w // pw), C * pt * ph * pw)
-
-
-def grid_of(cfg: DiTConfig, latent: torch.Tensor) -> tuple[int, int, int]:
-    pt, ph, pw = cfg.patch_size
-    if latent.ndim != 5 or latent.shape[1] != cfg.in_dim:
-        raise ValueError(f"latent must be [B, {cfg.in_dim}, F, h, w], got {tuple(latent.shape)}")
-    _, _, f, h, w = latent.shape
-    if f % pt or h % ph or w % pw:
-        raise ValueError(f"latent grid (F={f}, h={h}, w={w}) is not divisible by the patch {cfg.patch_size}")
-    return f // pt, h // ph, w // pw
-
-
-def pad_context(cfg: DiTConfig, context: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
-    """[B, text_len, text_dim] zero-padded context from [B, L, text_dim] or a list of [L_i, text_dim]."""
-    rows = list(context.unbind(0)) if isinstance(context, torch.Tensor) and context.ndim == 3 else list(context)
-    out = []
-    for i, c in enumerate(rows):
-        if c.ndim != 2 or c.shape[1] != cfg.text_dim or c.shape[0] > cfg.text_len:
-            raise ValueError(f"context {i} must be [L <= {cfg.text_len}, {cfg.text_dim}], got {tuple(c.shape)}")
-        out.append(F.pad(c.float(), (0, 0, 0, cfg.text_len - c.shape[0])))
-    return torch.stack(out)
-
-
 def dit_inputs(cfg: DiTConfig, latents: Sequence[torch.Tensor], frame_starts: Sequence[int], segments: Segments,
                context: torch.Tensor | Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
     """The graph inputs of one `forward_groups(latents, frame_starts, segments, context)` call (fp32 / int64,
     on the latents' device). Needs only the config: no weights, so a TensorRT/Triton client can call it."""
-    if len(latents) != len(frame_starts) or not latents:
-        raise ValueError("give one RoPE frame start per latent group (at least the target)")
-    grids = [grid_of(cfg, z) for z in latents]
+    grids = group_grids(cfg, latents, frame_starts, segments)
     B, device = latents[0].shape[0], latents[0].device
-    sizes = [f * h * w for f, h, w in grids]
-    if sum(segments.lens) != sum(sizes) or tuple(segments.t.shape) != (B, len(segments.lens)):
-        raise ValueError(f"segments {segments.lens} with t {tuple(segments.t.shape)} do not cover {sum(sizes)} "
-                         f"tokens of batch {B}")
-    seg = torch.repeat_interleave(torch.arange(len(segments.lens), device=device),
-                                  torch.tensor(segments.lens, device=device))  # [L] int64
-    tables = [rope_table(g, s, cfg, device) for g, s in zip(grids, frame_starts)]
-    cos, sin = torch.cat([c for c, _ in tables]), torch.cat([s for _, s in tables])  # [L, D/2]
-    n = sizes[0]
-    refs = [patchify_tokens(z.float(), cfg.patch_size) for z in latents[1:]]
-    ref_tokens = torch.cat(refs, 1) if refs else latents[0].new_zeros(B, 0, cfg.in_dim * cfg.patch_numel).float()
-    ctx = pad_context(cfg, context).to(device)
+    n = grids[0][0] * grids[0][1] * grids[0][2]  # target tokens
+    seg = SegmentMap.from_lens(segments.lens, device).index  # [L] int64
+    cos, sin = rope_tables(cfg, grids, frame_starts, device)  # [L, D/2] each
+    tokens = torch.cat([patchify(cfg, z.float()) for z in latents], dim=1)  # [B, L, Cp]
+    ctx = pad_context(cfg, context).float().to(device)
     if ctx.shape[0] != B:
         raise ValueError(f"context batch {ctx.shape[0]} != latent batch {B}")
     return {
-        "tokens": patchify_tokens(latents[0].float(), cfg.patch_size),
-        "ref_tokens": ref_tokens,
+        "tokens": tokens[:, :n].contiguous(), "ref_tokens": tokens[:, n:].contiguous(),
         "t_freq": sinusoidal_embedding(segments.t.to(device), cfg.freq_dim),
         "seg_index": seg[:n].contiguous(), "ref_seg_index": seg[n:].contiguous(),
         "rope_cos": cos[:n].contiguous(), "rope_sin": sin[:n].contiguous(),
@@ -114,91 +69,25 @@ def dit_inputs(cfg: DiTConfig, latents: Sequence[torch.Tensor], frame_starts: Se
     }
 
 
-def unpatchify_tokens(cfg: DiTConfig, tokens: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
-    """Velocity tokens [B, F*H*W, pt*ph*pw*C] (C fastest) -> [B, C, F*pt, H*ph, W*pw] fp32 (as WanDiT.unpatchify)."""
-    (f, h, w), (pt, ph, pw), C = grid, cfg.patch_size, cfg.out_dim
-    x = tokens.reshape(tokens.shape[0], f, h, w, pt, ph, pw, C)
-    return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(tokens.shape[0], C, f * pt, h * ph, w * pw).float()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The graph
-# ---------------------------------------------------------------------------------------------------------
-
-def _linear_fp32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return F.linear(x.float(), layer.weight.float(), layer.bias.float())
-
-
 class DiTStep(nn.Module):
-    """`WanDiT.forward_groups` with tensor inputs (see the module docstring). Holds the WanDiT's modules
-    (same parameters, not copies) and always runs the torch reference ops, whatever the DiT's backend."""
+    """`WanDiT.forward_tokens` with the graph's inputs (see the module docstring). Holds the WanDiT (same
+    parameters, not copies) and runs the torch reference ops whatever the DiT's backend: they trace to plain
+    ONNX operators, where the Triton kernels would need plugins."""
 
     def __init__(self, dit: WanDiT):
         super().__init__()
         self.dit = dit
-        self.cfg = dit.cfg
+        self.ops = dit_ops("torch")
 
     def forward(self, tokens: torch.Tensor, ref_tokens: torch.Tensor, t_freq: torch.Tensor,
                 seg_index: torch.Tensor, ref_seg_index: torch.Tensor, rope_cos: torch.Tensor,
                 rope_sin: torch.Tensor, ref_rope_cos: torch.Tensor, ref_rope_sin: torch.Tensor,
                 context: torch.Tensor) -> torch.Tensor:
-        dit, cfg = self.dit, self.cfg
-        cdt = dit.compute_dtype
-        n = tokens.shape[1]
-        # patch embedding as a linear over patchified tokens: [B, L, Cp] -> [B, L, dim] fp32 residual stream
-        w = dit.patch_embedding.weight
-        x = F.linear(torch.cat([tokens, ref_tokens], 1).to(cdt), w.reshape(w.shape[0], -1),
-                     dit.patch_embedding.bias).float()
-        seg = torch.cat([seg_index, ref_seg_index])                              # [L]
-        rope = (torch.cat([rope_cos, ref_rope_cos]), torch.cat([rope_sin, ref_rope_sin]))  # 2 x [L, D/2]
-
-        # time embedding per segment, fp32: e [B, S, dim], e0 [B, S, 6, dim]
-        e = _linear_fp32(dit.time_embedding[2], F.silu(_linear_fp32(dit.time_embedding[0], t_freq)))
-        e0 = _linear_fp32(dit.time_projection[1], F.silu(e)).unflatten(2, (6, cfg.dim))
-        ctx = dit.text_embedding(context.to(cdt))                                # [B, text_len, dim]
-
-        for blk in dit.blocks:
-            x = self._block(blk, x, e0, seg, rope, ctx)
-
-        # head on the target tokens only
-        x = x[:, :n]
-        shift, scale = (dit.head.modulation.float()[:, None] + e[:, :, None]).unbind(2)  # [B, S, dim] each
-        h = self._modulate(x, shift, scale, seg_index, torch.float32)
-        return F.linear(h, dit.head.head.weight.float(), dit.head.head.bias.float())     # [B, N, Cp] fp32
-
-    # -- pieces of one block, per-token modulation through Gather on the segment index ----------------------
-    def _modulate(self, x, shift, scale, seg, dtype):
-        """LayerNorm (no affine, fp32) * (1 + scale[seg]) + shift[seg]; x [B, L, dim], shift/scale [B, S, dim]."""
-        normed = F.layer_norm(x.float(), (x.shape[-1],), eps=self.cfg.eps)
-        return (normed * (1 + scale[:, seg]) + shift[:, seg]).to(dtype)
-
-    def _block(self, blk, x, e0, seg, rope, ctx):
-        cfg = self.cfg
-        cdt = blk.ffn[0].weight.dtype
-        shift_sa, scale_sa, gate_sa, shift_ffn, scale_ffn, gate_ffn = (blk.modulation.float()[:, None] + e0).unbind(2)
-        h = self._modulate(x, shift_sa, scale_sa, seg, cdt)                      # [B, L, dim]
-        x = x + self._self_attn(blk.self_attn, h, rope).float() * gate_sa[:, seg]
-        h = layer_norm_ref(x, blk.norm3.weight, blk.norm3.bias, cfg.eps).to(cdt)
-        x = x + self._cross_attn(blk.cross_attn, h, ctx).float()
-        h = self._modulate(x, shift_ffn, scale_ffn, seg, cdt)
-        return x + blk.ffn(h).float() * gate_ffn[:, seg]
-
-    def _self_attn(self, m, x, rope):
-        B, L, _ = x.shape
-        H, D, eps = self.cfg.num_heads, self.cfg.head_dim, self.cfg.eps
-        q = rms_norm_ref(m.q(x), m.norm_q.weight, eps).view(B, L, H, D)
-        k = rms_norm_ref(m.k(x), m.norm_k.weight, eps).view(B, L, H, D)
-        v = m.v(x).view(B, L, H, D)
-        return m.o(attention_ref(q, k, v, rope, rope).reshape(B, L, H * D))
-
-    def _cross_attn(self, m, x, ctx):
-        B, L, _ = x.shape
-        Lt = ctx.shape[1]
-        H, D, eps = self.cfg.num_heads, self.cfg.head_dim, self.cfg.eps
-        q = rms_norm_ref(m.q(x), m.norm_q.weight, eps).view(B, L, H, D)
-        k = rms_norm_ref(m.k(ctx), m.norm_k.weight, eps).view(B, Lt, H, D)
-        v = m.v(ctx).view(B, Lt, H, D)
-        return m.o(attention_ref(q, k, v).reshape(B, L, H * D))
+        rope = (torch.cat([rope_cos, ref_rope_cos]), torch.cat([rope_sin, ref_rope_sin]))  # 2 x [N + R, D/2]
+        out = self.dit.forward_tokens(torch.cat([tokens, ref_tokens], 1), t_freq,
+                                      SegmentMap(torch.cat([seg_index, ref_seg_index])), rope,
+                                      self.dit.embed_text(context, self.ops), self.ops)
+        return out[:, :tokens.shape[1]]  # [B, N, Cp] fp32: the target's velocity tokens
 
 
 def run_dit_step(step: DiTStep, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -298,5 +187,5 @@ def save_program(prog, path: Path) -> None:
     prog.save(str(path), external_data=big)
 
 
-__all__ = ["DiTStep", "DIT_INPUTS", "DIT_OUTPUTS", "dit_inputs", "patchify_tokens", "unpatchify_tokens",
-           "pad_context", "sample_inputs", "export_dit_onnx", "run_dit_step", "save_program"]
+__all__ = ["DiTStep", "DIT_INPUTS", "DIT_OUTPUTS", "dit_inputs", "sample_inputs", "export_dit_onnx", "run_dit_step",
+           "save_program"]

@@ -33,11 +33,12 @@ import torch
 from torch import nn
 
 from ..models.dit import WanDiT
+from ..models.linears import BLOCK_LINEARS, HIGH_PRECISION_LINEARS
 
-# linears inside the transformer blocks: quantised. Everything else stays in high precision.
-QUANTIZED = re.compile(r"^blocks\.\d+\.(self_attn|cross_attn)\.[qkvo]$|^blocks\.\d+\.ffn\.[02]$")
-HIGH_PRECISION = re.compile(r"^(patch_embedding|time_embedding\.\d+|time_projection\.\d+|text_embedding\.\d+|"
-                            r"head\.head)$")
+# every linear inside the transformer blocks, text K/V included (the graph runs them on every call):
+# quantised. The embedders and the head stay in high precision (models/linears.py).
+QUANTIZED = re.compile(r"^blocks\.\d+\.(" + "|".join(map(re.escape, BLOCK_LINEARS)) + ")$")
+HIGH_PRECISION = re.compile("^(" + "|".join(map(re.escape, HIGH_PRECISION_LINEARS)) + ")$")
 FORMATS = {"fp8": 448.0, "int8": 127.0}  # largest representable magnitude
 QDQ_OPSET = 19  # first opset with FP8 QuantizeLinear / DequantizeLinear
 

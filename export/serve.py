@@ -19,11 +19,13 @@ Two facts about the wheel's stub (checked with nvidia-pytriton 0.7.0 / Triton 2.
   front of sys.path, before the module imports numpy.
 - It is built with a pybind11 that predates numpy 2: with numpy 2.x every tensor it hands to Python holds
   its first element repeated (measured: [1.5, 2, 3] arrives as [1.5, 1.5, 1.5]). nvidia-pytriton pins
-  numpy<2 for that reason. Where this environment has numpy 2, the server gets a numpy<2 of its own
-  (`prepare_stub_site`: installed once with pip into the environment's share/ folder) and the rest of the
-  environment keeps numpy 2. The stub imports numpy from C++ before any Python code runs, with '' (the
-  working directory) first on its sys.path: the server is started in that folder, so that import finds
-  the numpy<2 (the preamble keeps it first for later imports too).
+  numpy<2 for that reason. Where this environment has numpy 2, the server gets a numpy<2 of its own in a
+  stub folder (default: the environment's share/ folder) and the rest of the environment keeps numpy 2.
+  Preparing that folder is an explicit one-time step, `anyid-rt serve --prepare` (`prepare_stub_site`,
+  which runs pip); serving never installs anything and fails naming that command when the folder is not
+  prepared (`require_stub_site`). The stub imports numpy from C++ before any Python code runs, with ''
+  (the working directory) first on its sys.path: the server is started in that folder, so that import
+  finds the numpy<2 (the preamble keeps it first for later imports too).
 
     with TritonServer("repo") as server:        # free ports when none are given
         print(server.http_url, server.grpc_url)
@@ -71,7 +73,8 @@ def wheel_paths() -> dict[str, Path]:
              "stub": root / "python_backend_stubs" / version / "triton_python_backend_stub", "libs": libs,
              "caches": root / "caches"}
     if not paths["stub"].is_file():
-        have = sorted(p.name for p in (root / "python_backend_stubs").iterdir()) if (root / "python_backend_stubs").is_dir() else []
+        stubs = root / "python_backend_stubs"
+        have = sorted(p.name for p in stubs.iterdir()) if stubs.is_dir() else []
         raise ServerError(f"nvidia-pytriton has no Python backend stub for Python {version} (it has {have}); "
                           "run with one of those Python versions")
     for key in ("server", "python_backend"):
@@ -118,7 +121,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def stub_site_dir() -> Path:
-    """Where the stub's numpy<2 lives: inside this environment (removed with it)."""
+    """The default stub folder for the numpy<2: inside this environment (removed with it)."""
     v = f"{sys.version_info.major}.{sys.version_info.minor}"
     return Path(sys.prefix) / "share" / "anyid_rt" / f"triton-stub-py{v}"
 
@@ -137,21 +140,41 @@ def _numpy_major(path: Path | None = None) -> int | None:
     return None
 
 
-def prepare_stub_site(install: bool = True, quiet: bool = False) -> Path | None:
-    """The folder holding a numpy<2 for the stub, installed with pip on first use (`install`), or None when
-    this environment's numpy is already 1.x. Raises ServerError naming the command when it cannot."""
+def prepare_command(stub_dir: str | Path | None = None) -> str:
+    """The one-time command that prepares `stub_dir` (the default folder when None)."""
+    target = Path(stub_dir).resolve() if stub_dir is not None else stub_site_dir().resolve()
+    return "anyid-rt serve --prepare" + ("" if target == stub_site_dir().resolve() else f" --stub-dir {target}")
+
+
+def require_stub_site(stub_dir: str | Path | None = None) -> Path | None:
+    """The prepared stub folder holding a numpy<2, or None when this environment's numpy is already 1.x
+    (the stub then uses it). Raises ServerError, in one line naming the command to run, when the folder
+    has not been prepared; installs nothing."""
     if (_numpy_major() or 1) < 2:
         return None
-    target = stub_site_dir()
+    target = (Path(stub_dir) if stub_dir is not None else stub_site_dir()).resolve()  # the server's cwd
+    if _numpy_major(target) != 1:
+        raise ServerError(f"the Triton Python backend stub needs a numpy<2 of its own (this environment has numpy "
+                          f"2) and {target} holds none; prepare it once with: {prepare_command(stub_dir)}")
+    return target
+
+
+def prepare_stub_site(stub_dir: str | Path | None = None, quiet: bool = False) -> Path | None:
+    """The one-time preparation behind `anyid-rt serve --prepare`: installs a numpy<2 for the stub with pip
+    into `stub_dir` (default `stub_site_dir()`) unless one is there already. Returns the folder, or None when
+    this environment's numpy is 1.x (nothing to prepare). Raises ServerError when pip fails."""
+    if (_numpy_major() or 1) < 2:
+        return None
+    target = (Path(stub_dir) if stub_dir is not None else stub_site_dir()).resolve()
     if _numpy_major(target) == 1:
         return target
-    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target), "numpy<2"]
-    if not install:
-        raise ServerError(f"this environment has numpy 2, which the Triton Python backend stub of nvidia-pytriton "
-                          f"cannot use; install a numpy<2 for it with: {' '.join(cmd)}")
+    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--upgrade", "--target", str(target),
+           "numpy<2"]
     if not quiet:
-        print(f"installing numpy<2 for the Triton Python backend stub into {target} (once) ...", flush=True)
-    shutil.rmtree(target, ignore_errors=True)
+        print(f"installing numpy<2 for the Triton Python backend stub into {target} ...", flush=True)
+    # a stale numpy (2.x, or a half install) goes; nothing else: the folder may be one the user named
+    for stale in [target / "numpy", target / "numpy.libs", *target.glob("numpy-*.dist-info")]:
+        shutil.rmtree(stale, ignore_errors=True)
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0 or _numpy_major(target) != 1:
         raise ServerError(f"could not install numpy<2 for the Triton stub ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
@@ -182,7 +205,7 @@ class TritonServer:
     def __init__(self, model_repository: str | Path, *, host: str = "127.0.0.1", http_port: int | None = None,
                  grpc_port: int | None = None, metrics_port: int | None = None, log_file: str | Path | None = None,
                  startup_timeout: float = 300.0, stop_timeout: float = 30.0, log_verbose: int = 0,
-                 extra_args: Sequence[str] = (), install_stub_numpy: bool = True):
+                 extra_args: Sequence[str] = (), stub_dir: str | Path | None = None):
         self.repo = Path(model_repository).resolve()
         if not self.repo.is_dir():
             raise FileNotFoundError(f"model repository not found: {self.repo} (write one with "
@@ -195,7 +218,7 @@ class TritonServer:
         self.log_verbose, self.extra_args = log_verbose, list(extra_args)
         self._own_log = log_file is None
         self.log_path = Path(log_file).resolve() if log_file else None
-        self.install_stub_numpy = install_stub_numpy
+        self.stub_dir = stub_dir  # the numpy<2 folder of `anyid-rt serve --prepare`; None: the default one
         self.process: subprocess.Popen | None = None
         self._tmp: str | None = None
 
@@ -221,7 +244,7 @@ class TritonServer:
     def start(self) -> "TritonServer":
         if self.process is not None:
             raise ServerError("server already started")
-        stub_site = prepare_stub_site(install=self.install_stub_numpy)
+        stub_site = require_stub_site(self.stub_dir)  # before anything starts: fails naming the command
         self._tmp = tempfile.mkdtemp(prefix="anyid-tritonserver-")
         backends = assemble_backends(Path(self._tmp) / "backends")
         if self.log_path is None:
@@ -306,11 +329,14 @@ def _kill_group(pid: int) -> None:
 
 def serve(model_repository: str | Path, *, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 8001,
           metrics_port: int = 8002, log_file: str | None = None, startup_timeout: float = 600.0,
-          log_verbose: int = 0, extra_args: Sequence[str] = (), install_stub_numpy: bool = True) -> int:
-    """Run the server in the foreground until Ctrl-C / SIGTERM, then stop it cleanly. Returns an exit code."""
+          log_verbose: int = 0, extra_args: Sequence[str] = (), stub_dir: str | Path | None = None) -> int:
+    """Run the server in the foreground until Ctrl-C / SIGTERM, then stop it cleanly. Returns an exit code.
+    Raises ServerError naming `anyid-rt serve --prepare` before anything starts when the stub folder is not
+    prepared."""
+    require_stub_site(stub_dir)
     server = TritonServer(model_repository, host=host, http_port=http_port, grpc_port=grpc_port,
                           metrics_port=metrics_port, log_file=log_file, startup_timeout=startup_timeout,
-                          log_verbose=log_verbose, extra_args=extra_args, install_stub_numpy=install_stub_numpy)
+                          log_verbose=log_verbose, extra_args=extra_args, stub_dir=stub_dir)
 
     def on_term(signum, frame):
         raise KeyboardInterrupt
@@ -333,4 +359,4 @@ def serve(model_repository: str | Path, *, host: str = "127.0.0.1", http_port: i
 
 
 __all__ = ["TritonServer", "ServerError", "serve", "assemble_backends", "wheel_paths", "server_env", "free_port",
-           "prepare_stub_site", "stub_site_dir"]
+           "prepare_stub_site", "require_stub_site", "prepare_command", "stub_site_dir"]

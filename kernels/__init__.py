@@ -7,7 +7,7 @@ An unsupported combination raises an error that names the fix; nothing falls bac
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -25,13 +25,37 @@ def resolve_backend(backend: str, device: torch.device | str | None) -> str:
 
 
 @dataclass(frozen=True)
+class SegmentMap:
+    """Which modulation row each token of a [B, L, ...] sequence uses. Segments are runs of consecutive tokens
+    (ARCHITECTURE.md section 5, "Timesteps as segments"), held in two forms:
+
+    index: [L] int64, each token's segment: what the torch references gather by, so that they depend on no
+        Python int and trace into a graph whose token counts are dynamic (export/onnx_dit.py);
+    lens: the runs' token counts as Python ints, what the Triton kernels launch over (one launch per segment).
+        None when the layout is a graph input, which only the references can run.
+    """
+
+    index: torch.Tensor
+    lens: tuple[int, ...] | None = None
+
+    @staticmethod
+    def from_lens(lens: Sequence[int], device: torch.device | str | None = None) -> "SegmentMap":
+        lens = tuple(int(n) for n in lens)
+        if any(n < 0 for n in lens):
+            raise ValueError(f"negative segment length in {lens}")
+        # built on the CPU, where the output length needs no device sync, then moved
+        index = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens, dtype=torch.long))
+        return SegmentMap(index if device is None else index.to(device), lens)
+
+
+@dataclass(frozen=True)
 class DiTOps:
     """The ops a DiT forward calls; one instance per model, picked at construction."""
 
     backend: str
-    attention: Callable  # (q, k, v, rope_q, rope_k) -> out, [B, L, H, D]
-    layernorm_modulate: Callable  # (x, shift, scale, seg_lens, eps, out_dtype) -> [B, L, D]
-    gated_residual: Callable  # (residual, y, gate, seg_lens) -> residual + y * gate (fp32)
+    attention: Callable  # (q, k, v) -> softmax(q k^T / sqrt(D)) v, [B, Lq, H, D]
+    layernorm_modulate: Callable  # (x, shift, scale, segments: SegmentMap, eps, out_dtype) -> [B, L, D]
+    gated_residual: Callable  # (residual, y, gate, segments: SegmentMap) -> residual + y * gate (fp32)
     rms_norm: Callable  # (x, weight, eps) -> x / rms(x) * weight
     rms_norm_rope: Callable  # (x, weight, eps, rope, num_heads) -> RoPE per head of rms_norm(x), [B, L, H*D]
     layer_norm: Callable  # (x, weight, bias, eps) -> affine LayerNorm computed in fp32

@@ -12,16 +12,9 @@ import triton
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-# The (major, minor) capability of a GPU that is not here, set only inside
-# `anyid_rt.kernels.cross_compile.compile_only()`: the launchers then take CPU tensors and compile for that
-# GPU without launching anything (a resource report: shared memory, registers, spills per config).
-_cross_target: tuple[int, int] | None = None
-
 
 def device_capability(device: torch.device) -> tuple[int, int] | None:
     """(major, minor) of the CUDA device the kernels run on; None for CPU tensors (the interpreter)."""
-    if _cross_target is not None:
-        return _cross_target
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
     return torch.cuda.get_device_capability(device)
@@ -68,40 +61,7 @@ def flat_rows(x: torch.Tensor) -> torch.Tensor:
 
 def check_triton_device(t: torch.Tensor) -> None:
     """Triton kernels take CUDA tensors; CPU tensors only under the interpreter (tests)."""
-    if t.device.type != "cuda" and not INTERPRET and _cross_target is None:
+    if t.device.type != "cuda" and not INTERPRET:
         raise RuntimeError(f"the Triton kernels need CUDA tensors, got one on {t.device}; use backend='torch' "
                            "(or set TRITON_INTERPRET=1 before importing triton, for tests)")
 
-
-# ----------------------------------------------------------------------------------------------------------
-# Test helpers (tests/test_<op>.py): fresh random seeds and tolerances that calibrate themselves.
-# ----------------------------------------------------------------------------------------------------------
-def fresh_seed() -> int:
-    """Seed torch's RNG from ANYID_TEST_SEED if set, else randomly; return the seed for failure messages."""
-    seed = int(os.environ.get("ANYID_TEST_SEED", torch.seed() % 2**31))
-    torch.manual_seed(seed)
-    return seed
-
-
-def assert_calibrated(out: torch.Tensor, out_ref: torch.Tensor, out_pt: torch.Tensor, what: str,
-                      factor: float = 2.0, rel_floor: float = 1e-5) -> None:
-    """Flash-attention's rule: max|out - ref| <= factor * max|pt - ref| + atol.
-
-    out_ref is the reference in fp32, out_pt the same reference at the kernel's precision. atol is the
-    rounding noise of a trivial fp32 operation on the reference ((ref + 0.3 - 0.3) - ref) or, if larger,
-    rel_floor * max(1, max|ref|): the fp32 accumulation-order floor, which governs only where out_pt is
-    itself exact (fp32 runs, fp32 outputs), since the low-precision error is orders of magnitude above it.
-    """
-    ref = out_ref.double()
-    err = (out.double() - ref).abs()
-    pt_err = (out_pt.double() - ref).abs().max().item() if out_pt.numel() else 0.0
-    noise = ((out_ref.float() + 0.3 - 0.3).double() - ref).abs().max().item() if ref.numel() else 0.0
-    atol = max(noise, rel_floor * max(1.0, ref.abs().max().item() if ref.numel() else 0.0))
-    bound = factor * pt_err + atol
-    worst = err.max().item() if err.numel() else 0.0
-    if not worst <= bound:  # also fails on NaN
-        idx = tuple(int(i) for i in torch.unravel_index(torch.nan_to_num(err, nan=float("inf")).argmax(), err.shape))
-        n_bad = int((~(err <= bound)).sum())
-        raise AssertionError(f"{what}: max error {worst:.3e} > bound {bound:.3e} (= {factor} x torch low-precision "
-                             f"error {pt_err:.3e} + atol {atol:.3e}); {n_bad}/{err.numel()} elements over, worst at "
-                             f"{idx}: got {out[idx].item():.6g}, reference {out_ref[idx].item():.6g}")

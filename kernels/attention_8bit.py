@@ -1,33 +1,32 @@
-"""8-bit attention (SageAttention-style) with the Wan RoPE: INT8 Q/K with smoothed K, FP8 or 16-bit P/V.
+"""8-bit attention (SageAttention-style): INT8 Q/K with smoothed K, FP8 or 16-bit P/V.
 
-Same contract as `attention.attention_ref` (q [B, Lq, H, D], k and v [B, Lk, H, D], RoPE given per token as
-fp32 (cos, sin) tables [L, D/2] for interleaved pairs or None, softmax scale 1/sqrt(D), no mask, not causal;
-output [B, Lq, H, D] in q.dtype), forward only (inference). `attention_8bit_ref` is the plain-PyTorch
-emulation of exactly the quantisation below: the spec, the CPU / export path and the kernel's test oracle.
-`attention_8bit` is the Triton implementation (a quantisation pre-pass, then one attention kernel).
+Same contract as `attention.attention_ref` (q [B, Lq, H, D], k and v [B, Lk, H, D], as the DiT's q/k norm
+leaves them, RoPE applied; softmax scale 1/sqrt(D), no mask, not causal; output [B, Lq, H, D] in q.dtype),
+forward only (inference). `attention_8bit_ref` is the plain-PyTorch emulation of exactly the quantisation
+below: the spec, the CPU / export path and the kernel's test oracle. `attention_8bit` is the Triton
+implementation (a quantisation pre-pass, then one attention kernel).
 
-Numerics (both implementations, in this order):
+Numerics (both implementations, in this order, in fp32 unless stated):
 
-1. RoPE on q and k in fp32 (`apply_rope_ref` on fp32 inputs; not rounded back to the input dtype).
-2. Smooth K: subtract its mean over tokens per (batch, head, channel). Every score of a query row then
+1. Smooth K: subtract its mean over tokens per (batch, head, channel). Every score of a query row then
    shifts by the same q . mean, so softmax(QK^T) is unchanged, but a per-channel offset shared by all keys
    no longer sets the INT8 scale.
-3. INT8 Q and K, symmetric, one scale per token and head: scale = amax over the D channels / 127,
+2. INT8 Q and K, symmetric, one scale per token and head: scale = amax over the D channels / 127,
    x8 = trunc(x * (127 / amax) +- 0.5) (round half away from zero: Triton has no portable rint, and this
    form is computed identically by both). Q's scale also carries sm_scale * log2(e), so the scores come out
    in log2 units. Per-token rather than per-block scales: the same kernel cost (one more multiply per score;
    the scale vectors are loaded once per tile) for 1.6x lower error (a Q/K-only emulation on q and k with
    outlier channels: relative L2 error 2.6e-2 per token, 4.1e-2 with 32-row Q and 128-row K blocks).
-4. S = (q8 @ k8^T, exact in int32) * k_scale * q_scale, fp32.
-5. Online softmax over key tiles of KV_TILE = 128 keys, in order, in fp32: m = running row max,
+3. S = (q8 @ k8^T, exact in int32) * k_scale * q_scale, fp32.
+4. Online softmax over key tiles of KV_TILE = 128 keys, in order, in fp32: m = running row max,
    P = exp2(S - (m - log2 448)) for the FP8 path, so that P lies in [0, 448], the E4M3 range, without a
    multiply; P = exp2(S - m) for the 16-bit path; the row sum l accumulates the unrounded fp32 P. The tile
    width is part of the numerics (P is rounded relative to the running max), so it is fixed, not tuned.
-6. P @ V per tile as a fresh fp32-accumulated dot, added to the fp32 accumulator (acc = acc * alpha + P_t V_t:
+5. P @ V per tile as a fresh fp32-accumulated dot, added to the fp32 accumulator (acc = acc * alpha + P_t V_t:
    Hopper's FP8 MMA accumulates with reduced precision, so no dot's sum grows longer than one tile).
    pv="fp8": P rounded to E4M3 (nearest-even, saturating), V quantised per (batch, head, channel) over all
    tokens, v8 = e4m3(v * (448 / amax)), v_scale = amax / 448. pv="bf16" / "fp16": P and V in that dtype.
-7. out = acc / l (* v_scale), rounded to q.dtype.
+6. out = acc / l (* v_scale), rounded to q.dtype.
 
 Accuracy (tests/test_attention_8bit.py: the emulation against fp64 attention, L=512, D=128, scores of std 2,
 130 seeds): keys with a per-channel mean of 12x their token spread give a relative L2 error of 2.0e-2 on
@@ -51,24 +50,21 @@ import triton
 import triton.language as tl
 
 from ._utils import INTERPRET, check_triton_device, config_family, device_capability
-from .attention import Rope, load_tile, apply_rope_ref, rotate_pairs
+from .attention import DTYPES, HEAD_DIMS, LOG2E, load_tile
 
 PV_DTYPES = {"fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16, "fp16": torch.float16}
-_HEAD_DIMS = (32, 64, 128)
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-KV_TILE = 128  # keys per online-softmax step (fixed: part of the numerics, see step 5)
+KV_TILE = 128  # keys per online-softmax step (fixed: part of the numerics, see step 4)
 INT8_MAX = 127.0
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
-_LOG2E = 1.4426950408889634
 _LOG2_FP8_MAX = math.log2(FP8_MAX)
 
 
 class Quantized(NamedTuple):
     """What the attention kernel reads: quantised operands and their fp32 scales (all per batch and head)."""
 
-    q8: torch.Tensor  # [B, H, Lq, D] int8, RoPE applied
+    q8: torch.Tensor  # [B, H, Lq, D] int8
     q_scale: torch.Tensor  # [B, H, Lq] fp32 per row, times sm_scale * log2(e)
-    k8: torch.Tensor  # [B, H, Lk, D] int8, RoPE applied, smoothed
+    k8: torch.Tensor  # [B, H, Lk, D] int8, smoothed
     k_scale: torch.Tensor  # [B, H, Lk] fp32 per row
     v: torch.Tensor  # [B, H, Lk, D] view: e4m3 stored token-contiguous ([B, H, D, Lk]), or bf16 / fp16
     v_scale: torch.Tensor | None  # [B, H, D] fp32 for e4m3 V, None for 16-bit V
@@ -90,20 +86,15 @@ def _quant_int8_ref(x: torch.Tensor, extra: float) -> tuple[torch.Tensor, torch.
     return x8.contiguous(), (amax / INT8_MAX * extra).contiguous()
 
 
-def quantize_8bit_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope_q: Rope = None, rope_k: Rope = None,
-                      *, pv: str = "fp8", smooth_k: bool = True) -> Quantized:
-    """Steps 1-3 and V's rounding (step 6) of the module docstring, in torch."""
+def quantize_8bit_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pv: str = "fp8",
+                      smooth_k: bool = True) -> Quantized:
+    """Steps 1-2 and V's rounding (step 5) of the module docstring, in torch."""
     _check_pv(pv)
     D = q.shape[-1]
-    qf, kf = q.float(), k.float()
-    if rope_q is not None:
-        qf = apply_rope_ref(qf, *rope_q)  # fp32 in, fp32 out
-    if rope_k is not None:
-        kf = apply_rope_ref(kf, *rope_k)
-    qf, kf = qf.transpose(1, 2), kf.transpose(1, 2)  # [B, H, L, D]
+    qf, kf = q.float().transpose(1, 2), k.float().transpose(1, 2)  # [B, H, L, D]
     if smooth_k:
         kf = kf - kf.sum(dim=2, keepdim=True) / kf.shape[2]
-    q8, q_scale = _quant_int8_ref(qf, _LOG2E / math.sqrt(D))
+    q8, q_scale = _quant_int8_ref(qf, LOG2E / math.sqrt(D))
     k8, k_scale = _quant_int8_ref(kf, 1.0)
     if pv == "fp8":
         vf = v.float().transpose(1, 2)  # [B, H, Lk, D]
@@ -117,7 +108,7 @@ def quantize_8bit_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope_q:
 
 
 def attention_8bit_core_ref(x: Quantized, out_dtype: torch.dtype) -> torch.Tensor:
-    """Steps 4-7 on quantised operands: the attention kernel's arithmetic, tile by tile. Returns [B, Lq, H, D]."""
+    """Steps 3-6 on quantised operands: the attention kernel's arithmetic, tile by tile. Returns [B, Lq, H, D]."""
     B, H, Lq, D = x.q8.shape
     Lk = x.k8.shape[2]
     fp8 = x.v_scale is not None
@@ -142,11 +133,11 @@ def attention_8bit_core_ref(x: Quantized, out_dtype: torch.dtype) -> torch.Tenso
     return out.transpose(1, 2).to(out_dtype)  # [B, Lq, H, D]
 
 
-def attention_8bit_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope_q: Rope = None, rope_k: Rope = None,
-                       *, pv: str = "fp8", smooth_k: bool = True) -> torch.Tensor:
+def attention_8bit_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pv: str = "fp8",
+                       smooth_k: bool = True) -> torch.Tensor:
     """Plain-PyTorch 8-bit attention: the module docstring's numerics, exactly. Returns [B, Lq, H, D] in q.dtype."""
     _check_inputs(q, k, v)
-    return attention_8bit_core_ref(quantize_8bit_ref(q, k, v, rope_q, rope_k, pv=pv, smooth_k=smooth_k), q.dtype)
+    return attention_8bit_core_ref(quantize_8bit_ref(q, k, v, pv=pv, smooth_k=smooth_k), q.dtype)
 
 
 def _check_pv(pv: str) -> None:
@@ -183,10 +174,10 @@ def require_pv_support(pv: str, capability: tuple[int, int] | None) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Triton kernels. A pre-pass quantises Q, K (RoPE + smoothing + INT8, per row) and V (per-channel E4M3,
+# Triton kernels. A pre-pass quantises Q, K (smoothing + INT8, per row) and V (per-channel E4M3,
 # stored token-contiguous: Hopper's FP8 MMA wants its B operand K-major, and for P @ V the K dimension is the
 # token, as in Triton's FP8 attention tutorial); K's mean and V's amax come from a reduction kernel first.
-# The attention kernel then runs the online softmax of steps 4-7 over key tiles of KV_TILE keys.
+# The attention kernel then runs the online softmax of steps 3-6 over key tiles of KV_TILE keys.
 #
 # Under the Triton interpreter the fp32 -> E4M3 cast rounds wrongly (triton 3.9: 1.96 -> 1.0, 0.0019 -> 0, a
 # carry out of the mantissa is lost; 3844 of 65536 random values differed from torch), while casts of values
@@ -208,12 +199,11 @@ def _round_e4m3(x):
 
 
 @triton.jit
-def _kv_stats_kernel(K, V, CosK, SinK, KSum, VMax,
+def _kv_stats_kernel(K, V, KSum, VMax,
                      stride_kb, stride_kl, stride_kh, stride_kd, stride_vb, stride_vl, stride_vh, stride_vd,
                      H, L_K, N_BLOCKS,
-                     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, ROPE_K: tl.constexpr, SMOOTH_K: tl.constexpr,
-                     V_FP8: tl.constexpr):
-    """Program (row block, batch*head): partial column sums of rope(k) and column amax of |v|, [BH, blocks, D]."""
+                     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, SMOOTH_K: tl.constexpr, V_FP8: tl.constexpr):
+    """Program (row block, batch*head): partial column sums of k and column amax of |v|, [BH, blocks, D]."""
     pid_l = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -222,10 +212,7 @@ def _kv_stats_kernel(K, V, CosK, SinK, KSum, VMax,
     out = (pid_bh.to(tl.int64) * N_BLOCKS + pid_l) * HEAD_DIM + tl.arange(0, HEAD_DIM)
     if SMOOTH_K:
         k = load_tile(K + b * stride_kb + h * stride_kh, rows, L_K, stride_kl, stride_kd, HEAD_DIM, True)
-        k = k.to(tl.float32)
-        if ROPE_K:
-            k = rotate_pairs(k, CosK, SinK, rows, L_K, HEAD_DIM, L_K, 1.0, HEAD_DIM // 2, BLOCK, HEAD_DIM)
-        tl.store(KSum + out, tl.sum(k, 0))
+        tl.store(KSum + out, tl.sum(k.to(tl.float32), 0))
     if V_FP8:
         v = load_tile(V + b * stride_vb + h * stride_vh, rows, L_K, stride_vl, stride_vd, HEAD_DIM, True)
         v = v.to(tl.float32)
@@ -233,10 +220,9 @@ def _kv_stats_kernel(K, V, CosK, SinK, KSum, VMax,
 
 
 @triton.jit
-def _quant_int8_kernel(X, Cos, Sin, Mean, Xq, Scale, stride_xb, stride_xl, stride_xh, stride_xd, H, L,
-                       EXTRA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, ROPE: tl.constexpr,
-                       SMOOTH: tl.constexpr):
-    """Program (row block, batch*head): rows of x -> RoPE -> minus Mean -> int8 [BH, L, D] + scale [BH, L]."""
+def _quant_int8_kernel(X, Mean, Xq, Scale, stride_xb, stride_xl, stride_xh, stride_xd, H, L,
+                       EXTRA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, SMOOTH: tl.constexpr):
+    """Program (row block, batch*head): rows of x -> minus Mean -> int8 [BH, L, D] + scale [BH, L]."""
     pid_l = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -244,8 +230,6 @@ def _quant_int8_kernel(X, Cos, Sin, Mean, Xq, Scale, stride_xb, stride_xl, strid
     rows = pid_l * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, HEAD_DIM)
     x = load_tile(X + b * stride_xb + h * stride_xh, rows, L, stride_xl, stride_xd, HEAD_DIM, True).to(tl.float32)
-    if ROPE:
-        x = rotate_pairs(x, Cos, Sin, rows, L, HEAD_DIM, L, 1.0, HEAD_DIM // 2, BLOCK, HEAD_DIM)
     if SMOOTH:
         x = x - tl.load(Mean + pid_bh.to(tl.int64) * HEAD_DIM + cols)[None, :]
     amax = tl.max(tl.abs(x), 1)
@@ -281,7 +265,7 @@ def _quant_v_fp8_kernel(V, Inv, Vq, stride_vb, stride_vl, stride_vh, stride_vd, 
 def _attn8_inner(acc, l_i, m_i, q, q_scale, K8, KS, V, start_n, L_K, stride_vl, stride_vd,
                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PV_FP8: tl.constexpr, P_SHIFT: tl.constexpr,
                  ROUND_IN_FP32: tl.constexpr, MASK: tl.constexpr):
-    """One key tile of the online softmax (steps 4-6): int8 scores, fp32 softmax update, fresh P @ V dot."""
+    """One key tile of the online softmax (steps 3-5): int8 scores, fp32 softmax update, fresh P @ V dot."""
     cols = start_n + tl.arange(0, BLOCK_N)
     k_ptrs = K8 + cols[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
     v_ptrs = V + cols[:, None] * stride_vl + tl.arange(0, HEAD_DIM)[None, :] * stride_vd
@@ -318,7 +302,7 @@ def _attn8_fwd_kernel(Q8, QS, K8, KS, V, VS, Out,
                       H, L_Q, L_K,
                       HEAD_DIM: tl.constexpr, PV_FP8: tl.constexpr, P_SHIFT: tl.constexpr,
                       ROUND_IN_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Program (query block, batch*head): O = softmax(S) V on quantised operands (steps 4-7)."""
+    """Program (query block, batch*head): O = softmax(S) V on quantised operands (steps 3-6)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     bh = pid_bh.to(tl.int64)
@@ -353,7 +337,7 @@ def _attn8_fwd_kernel(Q8, QS, K8, KS, V, VS, Out,
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Autotuning of the attention kernel: BLOCK_M, warps and stages only (the key tile is fixed, see step 5).
+# Autotuning of the attention kernel: BLOCK_M, warps and stages only (the key tile is fixed, see step 4).
 # One list per device family (`config_family`): sm90 (H100/H200): 128-row query blocks, deeper pipelines (K
 # and V tiles are 16 KB each at D=128 in 8 bits); sm80 (A100, INT8 Q/K and 16-bit P/V, 163 KB of shared
 # memory); sm8x (sm86, and sm89 with FP8: 99 KB, so at most two stages at 128 rows with 16-bit V). Under the
@@ -368,7 +352,7 @@ def _configs(entries: list[tuple[int, int, int]]) -> list[triton.Config]:
 
 _KEY = ["L_Q", "L_K", "HEAD_DIM", "PV_FP8"]  # the tuner adds the tensors' dtypes to the key
 #                                 (BLOCK_M, num_warps, num_stages)
-# From ptxas reports (kernels/cross_compile.py): 4-warp 128-row tiles spill 1.3-35 KB per thread and were
+# From ptxas reports (bench/cross_compile.py): 4-warp 128-row tiles spill 1.3-35 KB per thread and were
 # dropped; on sm86/sm89 (99 KB) only 2-stage 128-row and 64-row tiles fit with 16-bit P/V.
 _TUNED = {family: triton.autotune(_configs(entries), key=_KEY)(_attn8_fwd_kernel) for family, entries in (
     ("sm90", [(128, 8, 3), (128, 8, 2), (64, 4, 3), (64, 8, 3)]),
@@ -377,20 +361,18 @@ _TUNED = {family: triton.autotune(_configs(entries), key=_KEY)(_attn8_fwd_kernel
 _PREPASS_BLOCK = 64
 
 
-def quantize_8bit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope_q: Rope = None, rope_k: Rope = None,
-                  *, pv: str = "fp8", smooth_k: bool = True) -> Quantized:
+def quantize_8bit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pv: str = "fp8",
+                  smooth_k: bool = True) -> Quantized:
     """The Triton pre-pass: `quantize_8bit_ref`'s result, up to rare one-step differences where a last-bit
     difference (the K mean summed in another order, an fma on a GPU) meets a rounding boundary."""
     _check_pv(pv)
     _check_inputs(q, k, v)
     for t in (q, k, v):
         check_triton_device(t)
-    cos_q, sin_q = _rope_tables(rope_q, q.shape[1], q.shape[-1], "rope_q")
-    cos_k, sin_k = _rope_tables(rope_k, k.shape[1], k.shape[-1], "rope_k")
-    return _quantize(q, k, v, cos_q, sin_q, cos_k, sin_k, pv, smooth_k)
+    return _quantize(q, k, v, pv, smooth_k)
 
 
-def _quantize(q, k, v, cos_q, sin_q, cos_k, sin_k, pv: str, smooth_k: bool) -> Quantized:
+def _quantize(q, k, v, pv: str, smooth_k: bool) -> Quantized:
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     dev = q.device
@@ -402,10 +384,8 @@ def _quantize(q, k, v, cos_q, sin_q, cos_k, sin_k, pv: str, smooth_k: bool) -> Q
         k_sum = torch.empty((B * H, n_blocks, D), dtype=torch.float32, device=dev) if smooth_k else None
         v_max = torch.empty((B * H, n_blocks, D), dtype=torch.float32, device=dev) if fp8 else None
         _kv_stats_kernel[(n_blocks, B * H)](
-            k, v, q if cos_k is None else cos_k, q if sin_k is None else sin_k,
-            q if k_sum is None else k_sum, q if v_max is None else v_max,
-            *k.stride(), *v.stride(), H, Lk, n_blocks,
-            HEAD_DIM=D, BLOCK=blk, ROPE_K=cos_k is not None, SMOOTH_K=smooth_k, V_FP8=fp8)
+            k, v, q if k_sum is None else k_sum, q if v_max is None else v_max,  # q: a never-read pointer
+            *k.stride(), *v.stride(), H, Lk, n_blocks, HEAD_DIM=D, BLOCK=blk, SMOOTH_K=smooth_k, V_FP8=fp8)
         if smooth_k:
             k_mean = k_sum.sum(dim=1) / Lk  # [B*H, D]
         if fp8:
@@ -413,17 +393,17 @@ def _quantize(q, k, v, cos_q, sin_q, cos_k, sin_k, pv: str, smooth_k: bool) -> Q
             amax = torch.where(amax > 0, amax, 1.0)
             v_inv, v_scale = torch.full_like(amax, FP8_MAX) / amax, (amax / FP8_MAX).view(B, H, D)
 
-    def int8_rows(x, cos, sin, mean, extra):
+    def int8_rows(x, mean, extra):
         L = x.shape[1]
         x8 = torch.empty((B, H, L, D), dtype=torch.int8, device=dev)
         scale = torch.empty((B, H, L), dtype=torch.float32, device=dev)
         _quant_int8_kernel[(triton.cdiv(L, blk), B * H)](
-            x, q if cos is None else cos, q if sin is None else sin, q if mean is None else mean, x8, scale,
-            *x.stride(), H, L, EXTRA=extra, HEAD_DIM=D, BLOCK=blk, ROPE=cos is not None, SMOOTH=mean is not None)
+            x, q if mean is None else mean, x8, scale,
+            *x.stride(), H, L, EXTRA=extra, HEAD_DIM=D, BLOCK=blk, SMOOTH=mean is not None)
         return x8, scale
 
-    q8, q_scale = int8_rows(q, cos_q, sin_q, None, _LOG2E / math.sqrt(D))
-    k8, k_scale = int8_rows(k, cos_k, sin_k, k_mean, 1.0)
+    q8, q_scale = int8_rows(q, None, LOG2E / math.sqrt(D))
+    k8, k_scale = int8_rows(k, k_mean, 1.0)
     if fp8:
         v8 = torch.empty((B, H, D, Lk), dtype=torch.float8_e4m3fn, device=dev)
         _quant_v_fp8_kernel[(n_blocks, B * H)](v, v_inv, v8, *v.stride(), H, Lk, HEAD_DIM=D, BLOCK=blk,
@@ -434,7 +414,7 @@ def _quantize(q, k, v, cos_q, sin_q, cos_k, sin_k, pv: str, smooth_k: bool) -> Q
 
 
 def attention_8bit_core(x: Quantized, out_dtype: torch.dtype) -> torch.Tensor:
-    """The Triton attention kernel on quantised operands (steps 4-7); `attention_8bit_core_ref`'s result."""
+    """The Triton attention kernel on quantised operands (steps 3-6); `attention_8bit_core_ref`'s result."""
     B, H, Lq, D = x.q8.shape
     Lk = x.k8.shape[2]
     fp8 = x.v_scale is not None
@@ -461,53 +441,38 @@ def attention_8bit_core(x: Quantized, out_dtype: torch.dtype) -> torch.Tensor:
 # Forward only: no autograd is registered, and a backward through it raises.
 # ----------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("anyid_rt::attention_8bit", mutates_args=())
-def _attention_8bit_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_q: torch.Tensor | None,
-                       sin_q: torch.Tensor | None, cos_k: torch.Tensor | None, sin_k: torch.Tensor | None,
-                       pv: str, smooth_k: bool) -> torch.Tensor:
+def _attention_8bit_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pv: str, smooth_k: bool) -> torch.Tensor:
     """out [B, Lq, H, D] in q.dtype."""
     # checked here, at run time, rather than in the traced wrapper: torch.compile need not trace the query
     require_pv_support(pv, device_capability(q.device))
-    x = _quantize(q, k, v, cos_q, sin_q, cos_k, sin_k, pv, smooth_k)
-    return attention_8bit_core(x, q.dtype)
+    return attention_8bit_core(_quantize(q, k, v, pv, smooth_k), q.dtype)
 
 
 @_attention_8bit_op.register_fake
-def _(q, k, v, cos_q, sin_q, cos_k, sin_k, pv, smooth_k):
+def _(q, k, v, pv, smooth_k):
     return q.new_empty(q.shape)
 
 
-def _rope_tables(rope: Rope, L: int, D: int, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    if rope is None:
-        return None, None
-    cos, sin = rope
-    for t in (cos, sin):
-        if tuple(t.shape) != (L, D // 2):
-            raise ValueError(f"{name} tables must be [L, D/2] = [{L}, {D // 2}], got {tuple(t.shape)}")
-    return cos.detach().float().contiguous(), sin.detach().float().contiguous()
-
-
-def attention_8bit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope_q: Rope = None, rope_k: Rope = None,
-                   *, pv: str = "fp8", smooth_k: bool = True) -> torch.Tensor:
+def attention_8bit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pv: str = "fp8",
+                   smooth_k: bool = True) -> torch.Tensor:
     """Triton 8-bit attention; same contract as `attention_ref`, same numerics as `attention_8bit_ref`.
 
     pv: "fp8" (E4M3 P and per-channel V, sm89+), "bf16" or "fp16" (P and V in that dtype, also sm80).
-    smooth_k=False skips step 2 (for measurements: it costs accuracy, not time worth saving). Inputs
+    smooth_k=False skips step 1 (for measurements: it costs accuracy, not time worth saving). Inputs
     [B, L, H, D] with any strides, head dim 32, 64 or 128, fp16 / bf16 / fp32; output contiguous
     [B, Lq, H, D] in q.dtype. Inference only: no gradient. Registered as torch.ops.anyid_rt.attention_8bit.
     """
     _check_pv(pv)
     _check_inputs(q, k, v)
     B, Lq, H, D = q.shape
-    if D not in _HEAD_DIMS:
-        raise ValueError(f"head dim {D} is not supported by the Triton 8-bit attention (one of {_HEAD_DIMS}); "
+    if D not in HEAD_DIMS:
+        raise ValueError(f"head dim {D} is not supported by the Triton 8-bit attention (one of {HEAD_DIMS}); "
                          "use attention_8bit_ref")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
-        raise ValueError(f"q, k, v must share one dtype among {_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in DTYPES:
+        raise ValueError(f"q, k, v must share one dtype among {DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
     for t in (q, k, v):
         check_triton_device(t)
         if max(t.shape[1] * t.stride(1), t.shape[-1] * t.stride(-1)) >= 2**31:
             raise ValueError(f"a [B, L, H, D] slice of shape {tuple(t.shape)} with strides {t.stride()} needs "
                              "64-bit row offsets, which the 8-bit attention does not use; split the batch")
-    cos_q, sin_q = _rope_tables(rope_q, Lq, D, "rope_q")
-    cos_k, sin_k = _rope_tables(rope_k, k.shape[1], D, "rope_k")
-    return _attention_8bit_op(q, k, v, cos_q, sin_q, cos_k, sin_k, pv, smooth_k)
+    return _attention_8bit_op(q, k, v, pv, smooth_k)

@@ -1,14 +1,16 @@
 """Timestep-split adaptive LayerNorm and gated residual add.
 
-Tokens are grouped in segments that share a timestep (ARCHITECTURE.md section 5): `seg_lens` is a tuple
-of token counts, the same for every sample of the batch, summing to L; per-sample modulation rows are
-[B, S, D] in fp32 (S = len(seg_lens)). Token l of segment s uses row s. Never a [B, L, 6, D] tensor.
+Tokens are grouped in segments that share a timestep (ARCHITECTURE.md section 5), the same for every sample
+of the batch: a `SegmentMap` (kernels/__init__.py) gives each token's segment as an index tensor and, outside
+a traced graph, the segments' token counts. Per-sample modulation rows are [B, S, D] in fp32; token l of
+segment s uses row s. Never a [B, L, 6, D] tensor.
 
-`*_ref` are the spec, the CPU / export path and the test oracle; `layernorm_modulate` and `gated_residual`
-are the Triton kernels with the same contracts (and Triton backward kernels, registered through
-torch.library). A kernel launch covers one segment (grid: row blocks x batch), so a token's modulation row
-is a launch argument instead of a per-token lookup; a launch per segment (S is 1 to a few) costs a few
-microseconds against ~0.1 ms of memory traffic per launch at production sizes.
+`*_ref` are the spec, the CPU / export path and the test oracle: they gather rows by the index, so they run
+on a graph input as well. `layernorm_modulate` and `gated_residual` are the Triton kernels with the same
+contracts (and Triton backward kernels, registered through torch.library). A kernel launch covers one
+segment (grid: row blocks x batch), so a token's modulation row is a launch argument instead of a per-token
+lookup; a launch per segment (S is 1 to a few) costs a few microseconds against ~0.1 ms of memory traffic
+per launch at production sizes.
 """
 from __future__ import annotations
 
@@ -19,33 +21,33 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import SegmentMap
 from ._utils import check_triton_device, num_sms, row_tiling
 
 
-def _check_segments(L: int, rows: torch.Tensor, seg_lens: Sequence[int]) -> None:
-    if sum(seg_lens) != L or rows.shape[1] != len(seg_lens):
-        raise ValueError(f"segments {tuple(seg_lens)} do not cover L={L} with {rows.shape[1]} modulation rows")
+def _check_segments(L: int, rows: torch.Tensor, segments: SegmentMap) -> None:
+    lens = segments.lens
+    if lens is None:  # a traced layout: only the index's length is known
+        if segments.index.shape != (L,):
+            raise ValueError(f"segment index {tuple(segments.index.shape)} does not cover L={L}")
+    elif sum(lens) != L or rows.shape[1] != len(lens) or segments.index.shape != (L,):
+        raise ValueError(f"segments {lens} do not cover L={L} with {rows.shape[1]} modulation rows")
 
 
-def layernorm_modulate_ref(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, seg_lens: Sequence[int],
+def layernorm_modulate_ref(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, segments: SegmentMap,
                            eps: float = 1e-6, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """LayerNorm(x) (no affine, fp32) * (1 + scale[seg]) + shift[seg]; x [B, L, D], shift/scale [B, S, D]."""
-    _check_segments(x.shape[1], shift, seg_lens)
+    _check_segments(x.shape[1], shift, segments)
     normed = F.layer_norm(x.float(), (x.shape[-1],), eps=eps)  # [B, L, D] fp32
-    parts = []
-    for s, chunk in enumerate(normed.split(list(seg_lens), dim=1)):
-        parts.append(chunk * (1 + scale[:, s:s + 1].float()) + shift[:, s:s + 1].float())
-    return torch.cat(parts, dim=1).to(out_dtype or x.dtype)
+    idx = segments.index
+    return (normed * (1 + scale.float())[:, idx] + shift.float()[:, idx]).to(out_dtype or x.dtype)
 
 
 def gated_residual_ref(residual: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
-                       seg_lens: Sequence[int]) -> torch.Tensor:
+                       segments: SegmentMap) -> torch.Tensor:
     """residual + y * gate[seg], in fp32 (Wan keeps the residual stream in fp32). Shapes as above."""
-    _check_segments(residual.shape[1], gate, seg_lens)
-    parts = []
-    for s, chunk in enumerate(y.split(list(seg_lens), dim=1)):
-        parts.append(chunk.float() * gate[:, s:s + 1].float())
-    return residual.float() + torch.cat(parts, dim=1)
+    _check_segments(residual.shape[1], gate, segments)
+    return residual.float() + y.float() * gate.float()[:, segments.index]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -183,19 +185,24 @@ def _reduction_programs(seg_lens: Sequence[int], B: int, block_r: int, device: t
     return max(1, min(most, triton.cdiv(4 * num_sms(device), B)))
 
 
-def _check(x: torch.Tensor, rows: tuple[torch.Tensor, ...], seg_lens: Sequence[int], what: str) -> None:
+def _check(x: torch.Tensor, rows: tuple[torch.Tensor, ...], segments: SegmentMap, what: str) -> list[int]:
+    """Validate a launch; returns the segment lengths it runs over."""
     if x.dim() != 3:
         raise ValueError(f"{what}: x must be [B, L, D], got {tuple(x.shape)}")
+    if segments.lens is None:
+        raise ValueError(f"{what}: the Triton kernels launch once per segment and need the segment lengths; a "
+                         "layout given only as an index tensor (a traced graph input) runs the torch references")
     B, L, D = x.shape
     for r in rows:
-        _check_segments(L, r, seg_lens)
+        _check_segments(L, r, segments)
         if r.dim() != 3 or r.shape[0] != B or r.shape[2] != D:
-            raise ValueError(f"{what}: modulation rows must be [B, S, D] = [{B}, {len(seg_lens)}, {D}], "
+            raise ValueError(f"{what}: modulation rows must be [B, S, D] = [{B}, {len(segments.lens)}, {D}], "
                              f"got {tuple(r.shape)}")
-    if any(n < 0 for n in seg_lens):
-        raise ValueError(f"{what}: negative segment length in {tuple(seg_lens)}")
+    if any(n < 0 for n in segments.lens):
+        raise ValueError(f"{what}: negative segment length in {segments.lens}")
     for t in (x, *rows):
         check_triton_device(t)
+    return list(segments.lens)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -326,7 +333,7 @@ _gated_residual_op.register_autograd(_gated_residual_backward, setup_context=_ga
 # ----------------------------------------------------------------------------------------------------------
 # Public entry points
 # ----------------------------------------------------------------------------------------------------------
-def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, seg_lens: Sequence[int],
+def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, segments: SegmentMap,
                        eps: float = 1e-6, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Triton `layernorm_modulate_ref`: one read of x [B, L, D], one write of out [B, L, D] in out_dtype.
 
@@ -334,19 +341,19 @@ def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
     Backward (autograd): a Triton kernel for dx with per-program partial sums for dshift and dscale, reduced
     by torch (ops anyid_rt::layernorm_modulate / layernorm_modulate_bwd).
     """
-    _check(x, (shift, scale), seg_lens, "layernorm_modulate")
-    return _layernorm_modulate_op(x, shift, scale, [int(n) for n in seg_lens], float(eps), out_dtype or x.dtype)
+    seg_lens = _check(x, (shift, scale), segments, "layernorm_modulate")
+    return _layernorm_modulate_op(x, shift, scale, seg_lens, float(eps), out_dtype or x.dtype)
 
 
 def gated_residual(residual: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
-                   seg_lens: Sequence[int]) -> torch.Tensor:
+                   segments: SegmentMap) -> torch.Tensor:
     """Triton `gated_residual_ref`: a new fp32 tensor residual + y * gate[seg], gate [B, S, D].
 
     Backward (autograd): d residual = dout; a Triton kernel for dy with per-program partial sums for
     dgate, reduced by torch (ops anyid_rt::gated_residual / gated_residual_bwd).
     """
-    _check(residual, (gate,), seg_lens, "gated_residual")
+    seg_lens = _check(residual, (gate,), segments, "gated_residual")
     if y.shape != residual.shape:
         raise ValueError(f"gated_residual: y {tuple(y.shape)} must match residual {tuple(residual.shape)}")
     check_triton_device(y)
-    return _gated_residual_op(residual, y, gate, [int(n) for n in seg_lens])
+    return _gated_residual_op(residual, y, gate, seg_lens)

@@ -5,11 +5,12 @@ kernels with the same contracts: x [..., N] of any float dtype, weight/bias [N] 
 fp32 over the full last dim (any width up to 64K columns, e.g. 3072 or 3000), result in x.dtype. Backward
 (autograd) is a Triton kernel for dx with per-program partial sums for dweight / dbias, reduced by torch.
 
-`rms_norm_rope` is the self-attention's q/k norm with the RoPE rotation fused into its output (the kernel
-already holds the row, so the rotation costs no memory traffic beyond the [L, D/2] angle tables). Done here,
-each token is rotated once; done inside the attention kernel, every key tile is rotated again for every
-query block (214 times per key at 27,280 tokens) and the kernel needs more registers and shared memory
-(kernels/attention.py).
+`rms_norm_rope` is the self-attention's q/k norm with the Wan 3-axis RoPE fused into its output (the kernel
+already holds the row, so the rotation costs no memory traffic beyond the [L, D/2] angle tables). RoPE is
+given per token as (cos, sin) tables [L, D/2] in fp32 for each head's interleaved pairs:
+(x[2i], x[2i+1]) -> (x[2i] cos - x[2i+1] sin, x[2i] sin + x[2i+1] cos). Done here, each token is rotated
+once; done inside the attention kernel, every key tile would be rotated again for every query block (214
+times per key at 27,280 tokens), with more registers and shared memory.
 """
 from __future__ import annotations
 
@@ -19,7 +20,19 @@ import triton
 import triton.language as tl
 
 from ._utils import check_triton_device, flat_rows, num_sms, row_tiling
-from .attention import Rope, apply_rope_ref, rotate_pairs
+
+Rope = tuple[torch.Tensor, torch.Tensor] | None  # (cos, sin) [L, D/2] fp32, or None: no rotation
+
+
+def apply_rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of x [B, L, H, D] by per-token angles; computed in fp32, returned in x.dtype."""
+    B, L, H, D = x.shape
+    xf = x.float().reshape(B, L, H, D // 2, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]  # [B, L, H, D/2]
+    c = cos[None, :, None, :]  # [1, L, 1, D/2]
+    s = sin[None, :, None, :]
+    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)  # [B, L, H, D/2, 2]
+    return out.reshape(B, L, H, D).to(x.dtype)
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -50,6 +63,21 @@ def layer_norm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ep
 # [BLOCK_R rows, BLOCK_N columns] of x viewed as [M, N] with unit column stride.
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
+def rotate_pairs(y, Cos, Sin, rows, M, N, L, DIRECTION: tl.constexpr, HALF_D: tl.constexpr, BLOCK_R: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """Rotate the interleaved pairs (2j, 2j+1) of fp32 rows y [BLOCK_R, BLOCK_N] (heads of HALF_D pairs side by
+    side, N columns valid) by +theta (DIRECTION 1) or -theta (-1), theta = angle[row % L, j % HALF_D] from the
+    contiguous fp32 [L, HALF_D] tables Cos / Sin; rows >= M read angle 0."""
+    pairs = tl.arange(0, BLOCK_N // 2)
+    offs = (rows % L)[:, None] * HALF_D + (pairs % HALF_D)[None, :]
+    pmask = (rows < M)[:, None] & (pairs < N // 2)[None, :]
+    c = tl.load(Cos + offs, mask=pmask, other=0.0)
+    s = tl.load(Sin + offs, mask=pmask, other=0.0) * DIRECTION
+    y_e, y_o = tl.split(tl.reshape(y, [BLOCK_R, BLOCK_N // 2, 2]))
+    return tl.reshape(tl.join(y_e * c - y_o * s, y_e * s + y_o * c), [BLOCK_R, BLOCK_N])
+
+
+@triton.jit
 def _norm_fwd_kernel(X, W, Bias, Y, Cos, Sin, M, N, L, stride_xm, stride_ym, EPS: tl.constexpr,
                      IS_RMS: tl.constexpr, ROPE: tl.constexpr, HALF_D: tl.constexpr, BLOCK_R: tl.constexpr,
                      BLOCK_N: tl.constexpr):
@@ -71,7 +99,7 @@ def _norm_fwd_kernel(X, W, Bias, Y, Cos, Sin, M, N, L, stride_xm, stride_ym, EPS
         y += tl.load(Bias + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if ROPE:
         y = rotate_pairs(y.to(Y.dtype.element_ty).to(tl.float32), Cos, Sin, rows, M, N, L, 1.0, HALF_D, BLOCK_R,
-                          BLOCK_N)
+                         BLOCK_N)
     tl.store(Y + rows[:, None] * stride_ym + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 

@@ -1,8 +1,12 @@
-"""Builders shared by the tests: oracles from diffusers at tiny sizes with random (non-zero) weights."""
+"""Helpers shared by the tests: oracles from diffusers at tiny sizes with random (non-zero) weights, fresh
+seeds and self-calibrating tolerances for the kernel tests, and the official Wan2.2 i2v image sizing (an oracle
+for `media.crop_center_to`; the runtime takes the size from the caller)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from anyid_rt.config import DiTConfig
@@ -11,6 +15,38 @@ from anyid_rt.config import DiTConfig
 def relerr(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|: the error measure of the parity tests."""
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+# Kernel tests (tests/test_<op>.py): fresh random seeds and tolerances that calibrate themselves.
+def fresh_seed() -> int:
+    """Seed torch's RNG from ANYID_TEST_SEED if set, else randomly; return the seed for failure messages."""
+    seed = int(os.environ.get("ANYID_TEST_SEED", torch.seed() % 2**31))
+    torch.manual_seed(seed)
+    return seed
+
+
+def assert_calibrated(out: torch.Tensor, out_ref: torch.Tensor, out_pt: torch.Tensor, what: str,
+                      factor: float = 2.0, rel_floor: float = 1e-5) -> None:
+    """Flash-attention's rule: max|out - ref| <= factor * max|pt - ref| + atol.
+
+    out_ref is the reference in fp32, out_pt the same reference at the kernel's precision. atol is the
+    rounding noise of a trivial fp32 operation on the reference ((ref + 0.3 - 0.3) - ref) or, if larger,
+    rel_floor * max(1, max|ref|): the fp32 accumulation-order floor, which governs only where out_pt is
+    itself exact (fp32 runs, fp32 outputs), since the low-precision error is orders of magnitude above it.
+    """
+    ref = out_ref.double()
+    err = (out.double() - ref).abs()
+    pt_err = (out_pt.double() - ref).abs().max().item() if out_pt.numel() else 0.0
+    noise = ((out_ref.float() + 0.3 - 0.3).double() - ref).abs().max().item() if ref.numel() else 0.0
+    atol = max(noise, rel_floor * max(1.0, ref.abs().max().item() if ref.numel() else 0.0))
+    bound = factor * pt_err + atol
+    worst = err.max().item() if err.numel() else 0.0
+    if not worst <= bound:  # also fails on NaN
+        idx = tuple(int(i) for i in torch.unravel_index(torch.nan_to_num(err, nan=float("inf")).argmax(), err.shape))
+        n_bad = int((~(err <= bound)).sum())
+        raise AssertionError(f"{what}: max error {worst:.3e} > bound {bound:.3e} (= {factor} x torch low-precision "
+                             f"error {pt_err:.3e} + atol {atol:.3e}); {n_bad}/{err.numel()} elements over, worst at "
+                             f"{idx}: got {out[idx].item():.6g}, reference {out_ref[idx].item():.6g}")
 
 
 def noisy_(module: torch.nn.Module, scale: float = 0.1, seed: int = 0) -> torch.nn.Module:
@@ -79,3 +115,49 @@ def diffusers_pipeline_folder(folder, seed: int = 0):
                                                          flow_shift=5.0), expand_timesteps=True)
     pipe.save_pretrained(folder)
     return pipe
+
+
+# Official Wan2.2 TI2V image sizing (wan/utils/utils.py `best_output_size` and the i2v preprocessing). Test-only:
+# the runtime takes height and width from the caller and crops with `media.crop_center_to`.
+def best_output_size(w: int, h: int, dw: int = 32, dh: int = 32, max_area: int = 1280 * 704) -> tuple[int, int]:
+    """Official Wan2.2 `best_output_size`: (ow, oh), multiples of (dw, dh) with ow * oh <= max_area and the
+    aspect ratio closest to w / h (width-first candidate wins only when strictly closer). For extreme aspect
+    ratios where a candidate rounds to zero (the official code divides by zero) the other candidate is used, and if
+    both do, one block high (wide input) or one block wide (tall input)."""
+    for name, v in (("w", w), ("h", h), ("dw", dw), ("dh", dh), ("max_area", max_area)):
+        if not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"best_output_size: {name} must be a positive int, got {v!r}")
+    ratio = w / h
+    ow = (max_area * ratio) ** 0.5
+    oh = max_area / ow
+    cands = []
+    ow1 = int(ow // dw * dw)  # width first
+    if ow1 > 0:
+        oh1 = int(max_area / ow1 // dh * dh)
+        if oh1 > 0:
+            cands.append((ow1, oh1))
+    oh2 = int(oh // dh * dh)  # height first
+    if oh2 > 0:
+        ow2 = int(max_area / oh2 // dw * dw)
+        if ow2 > 0:
+            cands.append((ow2, oh2))
+    if not cands:  # extreme aspect ratio: one block high (wide input) or one block wide (tall input)
+        size = (max_area // dh // dw * dw, dh) if w > h else (dw, max_area // dw // dh * dh)
+        if 0 in size:
+            raise ValueError(f"no {dw}x{dh}-aligned size fits in area {max_area}")
+        return size
+    if len(cands) == 1:
+        return cands[0]
+    (a_w, a_h), (b_w, b_h) = cands
+    r1, r2 = a_w / a_h, b_w / b_h
+    return cands[0] if max(ratio / r1, r1 / ratio) < max(ratio / r2, r2 / ratio) else cands[1]
+
+
+def wan_i2v_image(image, max_area: int = 1280 * 704, dw: int = 32, dh: int = 32) -> torch.Tensor:
+    """The whole official TI2V image preprocessing: best_output_size, crop_center_to, [-1, 1].
+    Returns float32 [3, 1, oh, ow] (first frame of a clip)."""
+    from anyid_rt.media import crop_center_to, load_media, to_model_range
+
+    frames = load_media(image, max_frames=1)
+    ow, oh = best_output_size(frames.shape[2], frames.shape[1], dw, dh, max_area)
+    return to_model_range(crop_center_to(frames, ow, oh))

@@ -1,4 +1,4 @@
-"""Triton fused RoPE + flash attention against `attention_ref` (forward, gradients, strides, torch.library).
+"""Triton flash attention against `attention_ref` (forward, gradients, strides, torch.library).
 
 On a CPU the kernels run under TRITON_INTERPRET=1 in fp32 and fp16 (the interpreter's tl.dot is wrong for
 bf16); bf16, autotuning and torch.compile with Inductor are checked by the `gpu` tests.
@@ -14,17 +14,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
-from anyid_rt.kernels._utils import assert_calibrated, fresh_seed  # noqa: E402
+from helpers import assert_calibrated, fresh_seed  # noqa: E402
 from anyid_rt.kernels.attention import attention, attention_ref  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 REPO = Path(__file__).resolve().parents[1]
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-def _rope(L: int, D: int, device=DEV) -> tuple[torch.Tensor, torch.Tensor]:
-    angles = torch.rand(L, D // 2, device=device) * 100.0  # arbitrary angles, as 3-axis RoPE tables give
-    return angles.cos(), angles.sin()
 
 
 def _qkv(B, Lq, Lk, H, D, dtype, layout="blhd", device=DEV):
@@ -33,22 +28,21 @@ def _qkv(B, Lq, Lk, H, D, dtype, layout="blhd", device=DEV):
         q, k, v = (torch.randn(B, L, H, D, device=device) for L in (Lq, Lk, Lk))
     elif layout == "bhld":  # head-major storage, seen through a transpose
         q, k, v = (torch.randn(B, H, L, D, device=device).transpose(1, 2) for L in (Lq, Lk, Lk))
-    elif layout == "packed":  # one fused qkv projection [B, L, 3, H, D], as the DiT produces it
+    elif layout == "packed":  # one fused qkv projection [B, L, 3, H, D]
         assert Lq == Lk
         q, k, v = torch.randn(B, Lq, 3, H, D, device=device).unbind(2)
     return tuple(t.to(dtype) for t in (q, k, v))
 
 
-def _check(q, k, v, rope_q, rope_k, seed, grad=False, dout=None):
+def _check(q, k, v, seed, grad=False, dout=None):
     """Kernel vs the fp32 reference on the same (rounded) inputs, calibrated by the reference at q.dtype."""
-    what = f"attention {tuple(q.shape)} x {tuple(k.shape)} {q.dtype} rope=({rope_q is not None}, " \
-           f"{rope_k is not None}) seed={seed}"
+    what = f"attention {tuple(q.shape)} x {tuple(k.shape)} {q.dtype} seed={seed}"
     leaves = [t.detach().requires_grad_(grad) for t in (q, k, v)]
     leaves_ref = [t.detach().float().requires_grad_(grad) for t in (q, k, v)]
     leaves_pt = [t.detach().requires_grad_(grad) for t in (q, k, v)]
-    out = attention(*leaves, rope_q, rope_k)
-    out_ref = attention_ref(*leaves_ref, rope_q, rope_k)
-    out_pt = attention_ref(*leaves_pt, rope_q, rope_k)
+    out = attention(*leaves)
+    out_ref = attention_ref(*leaves_ref)
+    out_pt = attention_ref(*leaves_pt)
     assert out.shape == out_ref.shape and out.dtype == q.dtype
     assert_calibrated(out, out_ref, out_pt, what + " out")
     if grad:
@@ -61,36 +55,31 @@ def _check(q, k, v, rope_q, rope_k, seed, grad=False, dout=None):
             assert_calibrated(g, g_ref, g_pt, f"{what} d{name}")
 
 
-# (B, Lq, Lk, H, D, rope): lengths that are not multiples of the block size, Lq != Lk both ways,
-# self-attention with RoPE on both, cross-attention without, and RoPE on one side only.
+# (B, Lq, Lk, H, D), as the DiT calls it (q and k already rotated by the q/k norm): self-attention over lengths
+# that are and are not multiples of the block size, cross-attention with Lq != Lk both ways (text: a handful
+# of keys; queries over more keys), a single query row.
 FWD_CASES = [
-    (2, 37, 100, 3, 64, "qk"),
-    (1, 100, 37, 2, 32, None),
-    (2, 64, 64, 2, 128, "qk"),
-    (2, 50, 7, 2, 32, None),  # text cross-attention: a handful of keys
-    (1, 33, 70, 3, 64, "q"),
-    (1, 70, 33, 2, 32, "k"),
-    (1, 1, 5, 2, 32, "qk"),  # a single query row
+    (2, 37, 37, 3, 64),
+    (2, 64, 64, 2, 128),
+    (1, 37, 100, 3, 64),
+    (1, 100, 37, 2, 32),
+    (2, 50, 7, 2, 32),  # text cross-attention: a handful of keys
+    (1, 1, 5, 2, 32),  # a single query row
 ]
 
 
-def _ropes(Lq, Lk, D, rope):
-    return (_rope(Lq, D) if rope and "q" in rope else None), (_rope(Lk, D) if rope and "k" in rope else None)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("B,Lq,Lk,H,D", FWD_CASES)
+def test_forward_matches_reference(B, Lq, Lk, H, D, dtype):
+    seed = fresh_seed()
+    _check(*_qkv(B, Lq, Lk, H, D, dtype), seed)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("B,Lq,Lk,H,D,rope", FWD_CASES)
-def test_forward_matches_reference(B, Lq, Lk, H, D, rope, dtype):
+@pytest.mark.parametrize("B,Lq,Lk,H,D", [(2, 37, 70, 2, 64), (1, 70, 37, 3, 32), (1, 40, 40, 2, 128)])
+def test_gradients_match_reference(B, Lq, Lk, H, D, dtype):
     seed = fresh_seed()
-    _check(*_qkv(B, Lq, Lk, H, D, dtype), *_ropes(Lq, Lk, D, rope), seed)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("B,Lq,Lk,H,D,rope", [(2, 37, 70, 2, 64, "qk"), (1, 70, 37, 3, 32, None),
-                                              (1, 40, 40, 2, 128, "qk"), (1, 45, 21, 2, 32, "q")])
-def test_gradients_match_reference(B, Lq, Lk, H, D, rope, dtype):
-    seed = fresh_seed()
-    _check(*_qkv(B, Lq, Lk, H, D, dtype), *_ropes(Lq, Lk, D, rope), seed, grad=True)
+    _check(*_qkv(B, Lq, Lk, H, D, dtype), seed, grad=True)
 
 
 @pytest.mark.parametrize("layout", ["bhld", "packed"])
@@ -101,7 +90,7 @@ def test_strided_inputs(layout):
     q, k, v = _qkv(B, L, L, H, D, torch.float32, layout)
     assert not q.is_contiguous()
     dout = torch.randn(B, H, L, D, device=DEV).transpose(1, 2)
-    _check(q, k, v, *_ropes(L, L, D, "qk"), seed, grad=True, dout=dout)
+    _check(q, k, v, seed, grad=True, dout=dout)
 
 
 def test_rejects_unsupported_inputs():
@@ -110,13 +99,10 @@ def test_rejects_unsupported_inputs():
         attention(*_qkv(1, 8, 8, 2, 48, torch.float32))
     with pytest.raises(ValueError, match="one dtype"):
         attention(q, k.half(), v)
-    with pytest.raises(ValueError, match=r"\[L, D/2\]"):
-        attention(q, k, v, _rope(9, 32), None)
     with pytest.raises(ValueError, match="must be"):
         attention(q, k[:, :, :1], v)
-    cos, sin = _rope(8, 32)
-    with pytest.raises(ValueError, match="require grad"):
-        attention(q, k, v, (cos.requires_grad_(), sin), None)
+    with pytest.raises(ValueError, match="zero keys"):
+        attention(q, k[:, :0], v[:, :0])
 
 
 def test_registered_op_compiles_and_exports():
@@ -125,20 +111,19 @@ def test_registered_op_compiles_and_exports():
     seed = fresh_seed()
     B, L, H, D = 1, 40, 2, 32
     q, k, v = (t.requires_grad_() for t in _qkv(B, L, L, H, D, torch.float32))
-    cos, sin = _rope(L, D)
-    torch.library.opcheck(torch.ops.anyid_rt.attention_fwd.default, (q, k, v, cos, sin, cos, sin))
+    torch.library.opcheck(torch.ops.anyid_rt.attention_fwd.default, (q, k, v))
 
     class Attn(torch.nn.Module):
-        def forward(self, q, k, v, cos, sin):
-            return attention(q, k, v, (cos, sin), (cos, sin))
+        def forward(self, q, k, v):
+            return attention(q, k, v)
 
-    ref = attention_ref(q, k, v, (cos, sin), (cos, sin))
-    exported = torch.export.export(Attn(), (q.detach(), k.detach(), v.detach(), cos, sin))
+    ref = attention_ref(q, k, v)
+    exported = torch.export.export(Attn(), (q.detach(), k.detach(), v.detach()))
     assert "anyid_rt.attention_fwd" in exported.graph_module.code
-    assert_calibrated(exported.module()(q, k, v, cos, sin), ref, ref, f"exported attention seed={seed}")
+    assert_calibrated(exported.module()(q, k, v), ref, ref, f"exported attention seed={seed}")
 
     compiled = torch.compile(Attn(), backend="aot_eager", fullgraph=True)
-    out = compiled(q, k, v, cos, sin)
+    out = compiled(q, k, v)
     assert_calibrated(out, ref, ref, f"compiled attention seed={seed}")
     grads = torch.autograd.grad(out.square().sum(), (q, k, v))
     grads_ref = torch.autograd.grad(ref.square().sum(), (q, k, v))
@@ -161,31 +146,29 @@ def test_benchmark_dry_run(tmp_path):
 # GPU: bf16 (the production dtype), autotuned configs, Inductor
 # ----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("B,Lq,Lk,H,D,rope", [(2, 1037, 1037, 3, 128, "qk"), (1, 880, 2133, 4, 128, "qk"),
-                                              (2, 1500, 512, 2, 128, None), (2, 777, 777, 2, 64, "qk"),
-                                              (1, 515, 600, 2, 32, "k")])
+@pytest.mark.parametrize("B,Lq,Lk,H,D", [(2, 1037, 1037, 3, 128), (1, 880, 2133, 4, 128), (2, 1500, 512, 2, 128),
+                                         (2, 777, 777, 2, 64)])
 @pytest.mark.gpu
 @requires_cuda
-def test_gpu_forward_backward(B, Lq, Lk, H, D, rope, dtype):
+def test_gpu_forward_backward(B, Lq, Lk, H, D, dtype):
     seed = fresh_seed()
-    _check(*_qkv(B, Lq, Lk, H, D, dtype), *_ropes(Lq, Lk, D, rope), seed, grad=True)
+    _check(*_qkv(B, Lq, Lk, H, D, dtype), seed, grad=True)
 
 
 @pytest.mark.gpu
 @requires_cuda
 def test_gpu_fp32_and_strided():
     seed = fresh_seed()
-    _check(*_qkv(1, 300, 333, 2, 64, torch.float32, "bhld"), *_ropes(300, 333, 64, "qk"), seed, grad=True)
-    _check(*_qkv(2, 640, 640, 4, 128, torch.bfloat16, "packed"), *_ropes(640, 640, 128, "qk"), seed, grad=True)
+    _check(*_qkv(1, 300, 333, 2, 64, torch.float32, "bhld"), seed, grad=True)
+    _check(*_qkv(2, 640, 640, 4, 128, torch.bfloat16, "packed"), seed, grad=True)
 
 
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.parametrize("rope", [None, "qk"])  # None: as the DiT calls it (q and k rotated in the q/k norm)
-def test_gpu_long_sequence(rope):
+def test_gpu_long_sequence():
     """One production-length sequence (27,280 tokens, 880 per latent frame) at 2 heads."""
     seed = fresh_seed()
-    _check(*_qkv(1, 27280, 27280, 2, 128, torch.bfloat16), *_ropes(27280, 27280, 128, rope), seed)
+    _check(*_qkv(1, 27280, 27280, 2, 128, torch.bfloat16), seed)
 
 
 @pytest.mark.gpu
@@ -193,10 +176,9 @@ def test_gpu_long_sequence(rope):
 def test_gpu_inductor_compile():
     seed = fresh_seed()
     q, k, v = (t.requires_grad_() for t in _qkv(2, 300, 300, 2, 128, torch.bfloat16))
-    rope = _rope(300, 128)
 
     def f(q, k, v):
-        return attention(q, k, v, rope, rope) * 2.0
+        return attention(q, k, v) * 2.0
 
     out = torch.compile(f, fullgraph=True)(q, k, v)
     ref = f(q, k, v)  # eager kernel: same kernels, so the results agree to rounding

@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from anyid_rt import media
-from anyid_rt.cli import ASSETS, main
+from anyid_rt.cli import main
+from anyid_rt.media import ASSET_DIR as ASSETS
 
 
 def test_generate_tiny_with_references(tmp_path, capsys):

@@ -1,8 +1,11 @@
 """Every Triton kernel the DiT launches compiles for A100 (sm80), Ada (sm89) and Hopper (sm90) with at least one
 config that fits the GPU's shared memory, and uses the tensor-core instructions it is meant to.
 
-No GPU is needed: `anyid_rt.kernels.cross_compile` compiles through Triton and ptxas for a chosen target in a
-process without TRITON_INTERPRET (this test process runs the interpreter on a CPU, so it starts one).
+No GPU is needed: `anyid_rt.bench.cross_compile` compiles through Triton and ptxas for a chosen target in a
+process without TRITON_INTERPRET (this test process runs the interpreter on a CPU, so it starts one). Each
+architecture costs about half a minute of ptxas on two cores: the default run checks the inference kernels
+for Hopper (sm90, the production GPU); sm80, sm89 and the training kernels carry the `slow` marker
+(`pytest -m slow tests/test_cross_compile.py`).
 """
 import json
 import os
@@ -16,14 +19,14 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
+from anyid_rt.bench.cross_compile import KERNEL_MODULES, SHARED_LIMIT, compile_only, launch_checks_for  # noqa: E402
 from anyid_rt.kernels import _utils  # noqa: E402
-from anyid_rt.kernels.cross_compile import SHARED_LIMIT, compile_only  # noqa: E402
 
 
 def _cross_compile(tmp_path, arch: int, cases: list[str]) -> tuple[list[dict], str]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
-    proc = subprocess.run([sys.executable, "-m", "anyid_rt.kernels.cross_compile", "--arch", str(arch), "--case",
+    proc = subprocess.run([sys.executable, "-m", "anyid_rt.bench.cross_compile", "--arch", str(arch), "--case",
                            *cases, "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "kernel_resources.jsonl").read_text().splitlines()]
@@ -53,7 +56,8 @@ def _check_runnable(records: list[dict], arch: int) -> dict[str, list[dict]]:
 
 
 # sm89's 99 KB of shared memory is what the sm80 (A100, 163 KB) configs would exceed; sm90 is the production GPU
-@pytest.mark.parametrize("arch", [80, 89, 90])
+@pytest.mark.parametrize("arch", [pytest.param(80, marks=pytest.mark.slow), pytest.param(89, marks=pytest.mark.slow),
+                                  90])
 def test_inference_kernels_fit(tmp_path, arch):
     records, out = _cross_compile(tmp_path, arch, ["forward", "int8 attention", "int8-fp8 attention"])
     by_variant = _check_runnable(records, arch)
@@ -80,6 +84,7 @@ def test_inference_kernels_fit(tmp_path, arch):
         assert any("e4m3.e4m3" in m for m in mma8), mma8
 
 
+@pytest.mark.slow
 def test_training_kernels_fit_hopper(tmp_path):
     records, _ = _cross_compile(tmp_path, 90, ["backward"])
     by_variant = _check_runnable(records, 90)
@@ -94,7 +99,25 @@ def test_refuses_under_the_interpreter():
     with pytest.raises(RuntimeError, match="without TRITON_INTERPRET"):
         with compile_only(90):
             pass
-    assert _utils._cross_target is None
+
+
+def test_launch_checks_answer_for_the_target_and_are_restored():
+    """The tool steers the launchers only inside its context: the kernels' own functions come back after."""
+    from anyid_rt.kernels import attention_8bit
+
+    cpu, originals = torch.device("cpu"), (_utils.device_capability, _utils.check_triton_device)
+    bound = {m: (getattr(m, "device_capability", None), getattr(m, "check_triton_device", None))
+             for m in KERNEL_MODULES}
+    with launch_checks_for((8, 9)):
+        assert _utils.device_capability(cpu) == (8, 9) and attention_8bit.device_capability(cpu) == (8, 9)
+        assert _utils.config_family(cpu) == "sm8x"  # the configs of the target, through the module's own lookup
+        for module in KERNEL_MODULES:
+            if hasattr(module, "check_triton_device"):
+                assert module.check_triton_device(torch.zeros(1)) is None
+    assert (_utils.device_capability, _utils.check_triton_device) == originals
+    assert {m: (getattr(m, "device_capability", None), getattr(m, "check_triton_device", None))
+            for m in KERNEL_MODULES} == bound
+    assert _utils.device_capability(cpu) is None and _utils.config_family(cpu) == "sm80"
 
 
 def test_rejects_unknown_architecture():

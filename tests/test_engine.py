@@ -111,11 +111,11 @@ def test_references_batch_of_two_equals_two_separate_passes(tiny):
     """The guided batch [cond with refs, uncond with null refs + empty prompt] equals two batch-1 passes."""
     refs = [_image(1), _image(2, 64, 40)]
     prepared = tiny._prepare_references(refs, 0, H, W)
-    from anyid_rt.conditioning import step_layout
+    from anyid_rt.conditioning import StepLayout
 
     zs = [tiny.encode_pixels(p.pixels) for p in prepared]
     nulls = [tiny.null_latent(p.pixels.shape) for p in prepared]
-    layout = step_layout(tiny.layout, (3, 2, 2), [z.shape[2] for z in zs], 4, image_mode=False)
+    layout = StepLayout.build(tiny.layout, tiny.geometry, (3, 4, 4), [z.shape[2] for z in zs], image_mode=False)
     x = _noise()[None]
     ctx = tiny.text_encoder.encode(["hello", ""])
     seg2 = layout.segments(500, 2, torch.device("cpu"))

@@ -22,7 +22,7 @@ pytest.importorskip("onnxruntime", reason="the export extra is not installed: pi
 from helpers import tiny_export  # noqa: E402
 
 from anyid_rt import Engine  # noqa: E402
-from anyid_rt.cli import ASSETS  # noqa: E402
+from anyid_rt.media import ASSET_DIR as ASSETS  # noqa: E402
 from anyid_rt.config import DiTConfig, ModelConfig  # noqa: E402
 from anyid_rt.export import cli as export_cli  # noqa: E402
 from anyid_rt.export.graph_engine import GraphDiT, ort_dit_call, ort_session  # noqa: E402
@@ -32,9 +32,9 @@ from anyid_rt.export.qdq import (CALIBRATION_PROMPTS, MissingDependency, calibra
 from anyid_rt.export.trt import (Bucket, build_engine, check_profile, dit_profile, graph_kind,  # noqa: E402
                                  onnx_input_dims, profiles_for, vae_profile)
 from anyid_rt.lora import LoraWeights, save_lora  # noqa: E402
+from anyid_rt.models.linears import HIGH_PRECISION_LINEARS  # noqa: E402
 
-HIGH_PRECISION = ["patch_embedding", "time_embedding.0", "time_embedding.2", "time_projection.1", "text_embedding.0",
-                  "text_embedding.2", "head.head"]
+HIGH_PRECISION = list(HIGH_PRECISION_LINEARS)
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,10 @@ import torch
 from PIL import Image
 
 from anyid_rt import media
-from anyid_rt.media import (ASSET_DIR, MediaError, best_output_size, crop_center_to, fit_and_pad, fit_box,
-                            load_media, read_video, to_4n_plus_1, to_model_range, wan_i2v_image, write_mp4)
+from anyid_rt.media import (ASSET_DIR, MediaError, crop_center_to, fit_and_pad, fit_box, load_media, read_video,
+                            to_4n_plus_1, to_model_range, write_mp4)
+
+from helpers import best_output_size, wan_i2v_image
 
 ASTRONAUT = ASSET_DIR / "astronaut.png"
 CLIP = ASSET_DIR / "astronaut_clip.mp4"

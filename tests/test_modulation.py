@@ -16,7 +16,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
-from anyid_rt.kernels._utils import assert_calibrated, fresh_seed  # noqa: E402
+from helpers import assert_calibrated, fresh_seed  # noqa: E402
+from anyid_rt.kernels import SegmentMap  # noqa: E402
 from anyid_rt.kernels.modulation import (gated_residual, gated_residual_ref, layernorm_modulate,  # noqa: E402
                                          layernorm_modulate_ref)
 
@@ -44,9 +45,10 @@ def _check_ln_modulate(x, shift, scale, seg_lens, out_dtype, seed, grad=True):
     leaves = [t.detach().requires_grad_(grad) for t in (x, shift, scale)]
     leaves_ref = [t.detach().float().requires_grad_(grad) for t in (x, shift, scale)]
     leaves_pt = [t.detach().requires_grad_(grad) for t in (x, shift, scale)]
-    out = layernorm_modulate(*leaves, seg_lens, 1e-6, out_dtype)
-    out_ref = layernorm_modulate_ref(*leaves_ref, seg_lens, 1e-6, torch.float32)
-    out_pt = layernorm_modulate_ref(*leaves_pt, seg_lens, 1e-6, out_dtype)
+    seg = SegmentMap.from_lens(seg_lens, DEV)
+    out = layernorm_modulate(*leaves, seg, 1e-6, out_dtype)
+    out_ref = layernorm_modulate_ref(*leaves_ref, seg, 1e-6, torch.float32)
+    out_pt = layernorm_modulate_ref(*leaves_pt, seg, 1e-6, out_dtype)
     assert out.dtype == (out_dtype or x.dtype) and out.shape == x.shape
     assert_calibrated(out, out_ref, out_pt, what)
     if grad:
@@ -64,9 +66,10 @@ def _check_gated_residual(residual, y, gate, seg_lens, seed, grad=True):
     leaves = [t.detach().requires_grad_(grad) for t in (residual, y, gate)]
     leaves_ref = [t.detach().float().requires_grad_(grad) for t in (residual, y, gate)]
     leaves_pt = [t.detach().requires_grad_(grad) for t in (residual, y, gate)]
-    out = gated_residual(*leaves, seg_lens)
-    out_ref = gated_residual_ref(*leaves_ref, seg_lens)
-    out_pt = gated_residual_ref(*leaves_pt, seg_lens)
+    seg = SegmentMap.from_lens(seg_lens, DEV)
+    out = gated_residual(*leaves, seg)
+    out_ref = gated_residual_ref(*leaves_ref, seg)
+    out_pt = gated_residual_ref(*leaves_pt, seg)
     assert out.dtype == torch.float32 and out.shape == residual.shape
     assert_calibrated(out, out_ref, out_pt, what)
     if grad:
@@ -133,21 +136,43 @@ def test_shape_errors_match_reference():
     x = torch.randn(2, 25, 16, device=DEV)
     shift, scale = _mod_rows(2, 3, 16)
     for seg_lens in [(5, 17, 4), (5, 20)]:  # wrong total; wrong number of segments
+        seg = SegmentMap.from_lens(seg_lens, DEV)
         with pytest.raises(ValueError) as ref_err:
-            layernorm_modulate_ref(x, shift, scale, seg_lens)
+            layernorm_modulate_ref(x, shift, scale, seg)
         with pytest.raises(ValueError) as err:
-            layernorm_modulate(x, shift, scale, seg_lens)
+            layernorm_modulate(x, shift, scale, seg)
         assert str(err.value) == str(ref_err.value)
         with pytest.raises(ValueError) as err:
-            gated_residual(x, x, shift, seg_lens)
+            gated_residual(x, x, shift, seg)
         assert str(err.value) == str(ref_err.value)
     with pytest.raises(ValueError, match=r"\[B, S, D\]"):
-        layernorm_modulate(x, shift[:, :, :8], scale, (5, 17, 3))
+        layernorm_modulate(x, shift[:, :, :8], scale, SegmentMap.from_lens((5, 17, 3), DEV))
+    with pytest.raises(ValueError, match="negative segment length"):
+        SegmentMap.from_lens((5, -1, 21))
+
+
+def test_reference_runs_on_the_index_alone():
+    """A layout given only as an index tensor (how the exported graph receives it): the references give the
+    same result as with the lengths known; the Triton kernels, which launch per segment, refuse it by name."""
+    fresh_seed()
+    seg = SegmentMap.from_lens((5, 0, 17, 3), DEV)
+    index_only = SegmentMap(seg.index)
+    x, y = torch.randn(2, 25, 16, device=DEV), torch.randn(2, 25, 16, device=DEV)
+    shift, scale = _mod_rows(2, 4, 16)
+    assert torch.equal(layernorm_modulate_ref(x, shift, scale, index_only), layernorm_modulate_ref(x, shift, scale, seg))
+    assert torch.equal(gated_residual_ref(x, y, shift, index_only), gated_residual_ref(x, y, shift, seg))
+    with pytest.raises(ValueError, match=r"segment index \(24,\) does not cover L=25"):
+        layernorm_modulate_ref(x, shift, scale, SegmentMap(seg.index[:24]))
+    with pytest.raises(ValueError, match="need the segment lengths"):
+        layernorm_modulate(x, shift, scale, index_only)
+    with pytest.raises(ValueError, match="need the segment lengths"):
+        gated_residual(x, y, shift, index_only)
 
 
 def test_registered_ops_compile_and_export():
     seed = fresh_seed()
     seg_lens = (5, 17, 3)
+    seg = SegmentMap.from_lens(seg_lens, DEV)
     x = torch.randn(2, 25, 32, device=DEV, requires_grad=True)
     shift, scale = (t.requires_grad_() for t in _mod_rows(2, 3, 32))
     y = torch.randn(2, 25, 32, device=DEV, requires_grad=True)
@@ -157,10 +182,10 @@ def test_registered_ops_compile_and_export():
 
     class Block(torch.nn.Module):  # the DiT's norm -> (branch) -> gated residual pattern
         def forward(self, x, shift, scale, y):
-            return gated_residual(x, layernorm_modulate(x, shift, scale, seg_lens) * y, scale, seg_lens)
+            return gated_residual(x, layernorm_modulate(x, shift, scale, seg) * y, scale, seg)
 
     args = (x, shift, scale, y)
-    ref = gated_residual_ref(x, layernorm_modulate_ref(x, shift, scale, seg_lens) * y, scale, seg_lens)
+    ref = gated_residual_ref(x, layernorm_modulate_ref(x, shift, scale, seg) * y, scale, seg)
     exported = torch.export.export(Block(), tuple(t.detach() for t in args))
     assert "anyid_rt.layernorm_modulate" in exported.graph_module.code
     assert_calibrated(exported.module()(*args), ref, ref, f"exported block seed={seed}")

@@ -11,7 +11,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
-from anyid_rt.kernels._utils import assert_calibrated, fresh_seed  # noqa: E402
+from helpers import assert_calibrated, fresh_seed  # noqa: E402
 from anyid_rt.kernels.norm import (layer_norm, layer_norm_ref, rms_norm, rms_norm_ref, rms_norm_rope,  # noqa: E402
                                    rms_norm_rope_ref)
 

@@ -8,20 +8,9 @@ from torch import nn
 from anyid_rt.config import DiTConfig
 from anyid_rt.engine import Engine
 from anyid_rt.models import WanDiT
+from anyid_rt.bench.bench_fp8 import production_like_activations  # one home: the FP8 benchmark's inputs
 from anyid_rt.quant import (E4M3_MAX, FP8Linear, FP8_TARGETS, check_fp8_device, cosine, fp8_linear_ref, psnr,
                             quantize_dit_fp8_, quantize_rowwise)
-
-
-def production_like_activations(tokens: int, width: int, seed: int = 0) -> torch.Tensor:
-    """Modulated LayerNorm outputs with a few outlier channels, as DiT activations have (amplitude ~30)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(tokens, width, generator=g)
-    scale = 1 + 0.5 * torch.randn(width, generator=g)
-    shift = 0.2 * torch.randn(width, generator=g)
-    x = x * scale + shift
-    outliers = torch.randperm(width, generator=g)[:8]
-    x[:, outliers] *= 30
-    return x
 
 
 def test_quantize_rowwise_range_and_roundtrip():

@@ -8,8 +8,8 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("ftfy")
 
 from anyid_rt.config import TextEncoderConfig  # noqa: E402
-from anyid_rt.models.text_encoder import (  # noqa: E402
-    ORIGINAL_TOKENIZER, ORIGINAL_WEIGHTS, TextEncoder, clean_prompt, pad_embeddings)
+from anyid_rt.models.text_encoder import TextEncoder, clean_prompt, pad_embeddings  # noqa: E402
+from anyid_rt.models.text_encoder_loader import ORIGINAL_TOKENIZER, ORIGINAL_WEIGHTS  # noqa: E402
 
 PROMPTS = [
     "A man with short curly hair smiles at the camera, close shot.",

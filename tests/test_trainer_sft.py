@@ -72,7 +72,7 @@ def test_overfits_one_batch(root, tmp_path):
     x0, eps, sigma, t, refs, ctx, nulls = batcher([0, 3], [0, 1], 0, 0, 0)
     assert not any(nulls) and refs
     xt = add_noise(x0, eps, sigma)
-    sl = target_layout(cfg.layout, xt, refs)
+    sl = target_layout(cfg.layout, engine.geometry, xt, refs)
     opt, _ = make_optimizer(lora_parameters(dit), OptimConfig(lr=1e-2))
     losses = []
     for _ in range(60):

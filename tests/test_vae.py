@@ -7,13 +7,13 @@ import shutil
 
 import pytest
 import torch
-from helpers import diffusers_vae, noisy_, relerr
+from helpers import diffusers_vae, relerr
 from safetensors.torch import save_file
 
 from anyid_rt.config import VAEConfig
 from anyid_rt.models.checkpoint import CheckpointError
-from anyid_rt.models.vae import (VAETiling, WanVAE, diffusers_to_original_key, load_vae, patchify, save_vae_original,
-                                 unpatchify)
+from anyid_rt.models.vae import VAETiling, WanVAE, patchify, unpatchify
+from anyid_rt.models.vae_loader import diffusers_to_original_key, load_vae, save_vae_original
 
 TINY = VAEConfig.preset("tiny")
 TOL = 1e-4  # relative error vs the fp32 oracle: max|a - b| / max|b|

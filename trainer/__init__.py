@@ -3,7 +3,11 @@
 Modules (plain, no registries):
     lora       inject / merge / disable / export LoRA on the DiT's nn.Linear layers
     config     typed dataclass configs read from TOML or JSON (SFTConfig, DPOConfig)
-    data       ID groups, reference forms (face / portrait / clip), differential prompts, buckets, pairs
+    groups     ID groups: the dataset folders and their meta.json
+    references reference forms (face / portrait / clip), the face detector, crop boxes
+    prompts    AnyID's differential prompts and the description similarities behind them
+    data       training instances, buckets and the batch plan over ID groups
+    pairs      preference pairs for Flow-DPO
     cache      disk cache of VAE latents and prompt embeddings keyed by content hash
     sft        supervised training (AnyID section 4.2), `train_sft(cfg)`
     dpo        Flow-DPO (AnyID eq. 3-4), `train_dpo(cfg)`

@@ -22,6 +22,23 @@ def recipe_key(recipe: dict) -> str:
     return hashlib.sha1(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()
 
 
+_DIGESTS: dict[tuple, str] = {}
+
+
+def file_digest(path: str | Path) -> str:
+    """sha1 of a file's bytes (a source clip's part of a recipe), remembered per (path, size, mtime)."""
+    path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha1()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
 def module_fingerprint(module: nn.Module) -> str:
     """A cheap identity of a network's weights: names, shapes, dtypes and the first / last 16 values of every
     tensor (hashing all 5B parameters would take longer than it saves)."""
@@ -122,4 +139,4 @@ class Encoders:
         return e.to(self.device)
 
 
-__all__ = ["TensorCache", "Encoders", "recipe_key", "module_fingerprint"]
+__all__ = ["TensorCache", "Encoders", "recipe_key", "file_digest", "module_fingerprint"]

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..conditioning import ConditioningLayout, StepLayout, step_layout
+from ..conditioning import ConditioningLayout, StepLayout
+from ..config import TokenGeometry
 from ..engine import Engine
 from ..models.dit import Segments, WanDiT
 from ..models.dit_loader import keep_fp32
@@ -68,8 +69,7 @@ def build_engine(src: ModelSource, dtype: torch.dtype, device: torch.device,
                     if not keep_fp32(name):
                         p.data = p.data.to(dtype)
         return engine
-    name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
-    return Engine.from_pretrained(src.path, dtype=name, backend=src.backend, device=device,
+    return Engine.from_pretrained(src.path, dtype=dtype, backend=src.backend, device=device,
                                   text_encoder_device=src.text_encoder_device, layout=layout)
 
 
@@ -85,10 +85,10 @@ class GroupsForward(nn.Module):
         return self.dit.forward_groups(latents, frame_starts, segments, context)
 
 
-def target_layout(layout: ConditioningLayout, target: torch.Tensor, refs: list[torch.Tensor]) -> StepLayout:
-    """Token layout of [noisy target, references...] (no image-to-video frame)."""
-    _, _, f, h, w = target.shape
-    return step_layout(layout, (f, h // 2, w // 2), [r.shape[2] for r in refs], (h // 2) * (w // 2), False)
+def target_layout(layout: ConditioningLayout, geometry: TokenGeometry, target: torch.Tensor,
+                  refs: list[torch.Tensor]) -> StepLayout:
+    """Token layout of [noisy target [B, C, F, h, w], references...] (no image-to-video frame)."""
+    return StepLayout.build(layout, geometry, target.shape[2:], [r.shape[2] for r in refs], image_mode=False)
 
 
 def train_segments(sl: StepLayout, t: torch.Tensor) -> Segments:

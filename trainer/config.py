@@ -35,10 +35,9 @@ from typing import Any, Union
 from ..conditioning import ConditioningLayout
 from ..config import PRESETS
 from .lora import DEFAULT_TARGETS
+from .prompts import SIMILARITIES
 
 MIXED_PRECISION = ("bf16", "fp32")
-SIMILARITIES = ("auto", "minilm", "jaccard")
-REFERENCE_FORMS = ("face", "portrait", "clip")
 
 
 def _positive(where: str, **values: float) -> None:
@@ -277,7 +276,7 @@ class SFTConfig(RunConfig):
 class DPOConfig(RunConfig):
     """Flow-DPO on preference pairs (AnyID section 4.4, eq. 3-4), from the SFT LoRA merged into the base.
 
-    pairs: the JSONL file of preference pairs (anyid_rt.trainer.data.read_pairs); relative clip and reference
+    pairs: the JSONL file of preference pairs (anyid_rt.trainer.pairs.read_pairs); relative clip and reference
         paths are taken relative to `pairs_root` (default: the JSONL file's folder).
     sft_lora: the SFT LoRA merged into the base before a fresh LoRA is injected (None: start from the base).
     buckets: (frames, height, width) shapes the winner / loser clips are cropped to (nearest aspect ratio).

@@ -21,19 +21,19 @@ import torch.nn.functional as F
 
 from .. import media
 from ..conditioning import LAYOUT_METADATA_KEY, ConditioningLayout, prepare_reference
+from ..config import TokenGeometry, parse_dtype
 from ..lora import merge_lora_, read_lora
 from ..sampling import sample_training_timesteps
 from . import dist as dist_utils
-from .cache import Encoders, TensorCache
+from .cache import Encoders, TensorCache, file_digest
 from .common import (GroupsForward, LoopResult, add_noise, build_engine, check_precision, find_resume,
                      make_optimizer, restore, run_loop, sample_seed, stack_refs, target_layout, train_segments,
                      validate)
 from .config import DPOConfig, to_dict
-from .data import (BatchPlan, DataError, PreferencePair, assign_bucket, file_digest, pareto_filter, probe_video,
-                   read_pairs)
+from .data import BatchPlan, assign_bucket
+from .groups import DataError, probe_video
 from .lora import inject_lora, lora_disabled, lora_metadata, lora_parameters, save_trained_lora
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from .pairs import PreferencePair, pareto_filter, read_pairs
 
 
 def flow_dpo_loss(policy_w: torch.Tensor, policy_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor,
@@ -131,13 +131,13 @@ def load_sft_into(dit, path: str | Path) -> ConditioningLayout | None:
     return None
 
 
-def dpo_forward(model, dit, layout: ConditioningLayout, xw, xl, x0w, x0l, eps, t, refs, ctx):
+def dpo_forward(model, dit, layout: ConditioningLayout, geometry: TokenGeometry, xw, xl, x0w, x0l, eps, t, refs, ctx):
     """Policy (LoRA on, with grad) and reference (LoRA off, no grad) squared errors of winner and loser,
     run as one batch of 2B each: returns (policy_w, policy_l, ref_w, ref_l), each [B]."""
     B = xw.shape[0]
     latents = torch.cat([xw, xl])
     refs2 = [torch.cat([r, r]) for r in refs]
-    sl = target_layout(layout, latents, refs2)
+    sl = target_layout(layout, geometry, latents, refs2)
     seg = train_segments(sl, torch.cat([t, t]))
     target = torch.cat([eps - x0w, eps - x0l])
     v = model([latents, *refs2], sl.frame_starts, seg, ctx + ctx)
@@ -171,10 +171,11 @@ def evaluate_dpo(dit, layout: ConditioningLayout, batcher: DPOBatcher, beta: flo
     """Implicit accuracy and reward margin of the current LoRA against the reference (LoRA off) on every pair,
     over `draws` noise / timestep draws that training does not use (steps offset by `seed_offset`)."""
     logits = []
+    geometry = TokenGeometry.of(dit.cfg, batcher.enc.vae.cfg)
     for d in range(draws):
         for k in range(len(batcher.data)):
             x0w, x0l, eps, sigma, t, refs, ctx = batcher([k], [0], seed_offset + d, 0, 0)
-            pw, pl, rw, rl = dpo_forward(dit.forward_groups, dit, layout, add_noise(x0w, eps, sigma),
+            pw, pl, rw, rl = dpo_forward(dit.forward_groups, dit, layout, geometry, add_noise(x0w, eps, sigma),
                                          add_noise(x0l, eps, sigma), x0w, x0l, eps, t, refs, ctx)
             logits.append(flow_dpo_loss(pw, pl, rw, rl, beta)[1])
     z = torch.cat(logits)
@@ -233,8 +234,8 @@ def train_dpo(cfg: DPOConfig, *, stop_after: int | None = None) -> LoopResult:
 
     def micro_step(indices, positions, step, micro, epoch):
         x0w, x0l, eps, sigma, t, refs, ctx = batcher(indices, positions, step, micro, epoch)
-        pw, pl, rw, rl = dpo_forward(model, dit, layout, add_noise(x0w, eps, sigma), add_noise(x0l, eps, sigma),
-                                     x0w, x0l, eps, t, refs, ctx)
+        pw, pl, rw, rl = dpo_forward(model, dit, layout, engine.geometry, add_noise(x0w, eps, sigma),
+                                     add_noise(x0l, eps, sigma), x0w, x0l, eps, t, refs, ctx)
         loss, logits = flow_dpo_loss(pw, pl, rw, rl, cfg.beta)
         dpo = loss.detach()
         if cfg.sft_weight:
@@ -243,7 +244,7 @@ def train_dpo(cfg: DPOConfig, *, stop_after: int | None = None) -> LoopResult:
                       "accuracy": (logits.detach() > 0).float().mean(), "mse_winner": pw.detach().mean(),
                       "mse_loser": pl.detach().mean(), "ref_mse_winner": rw.mean(), "ref_mse_loser": rl.mean()}
 
-    save_dtype = _DTYPES[cfg.lora.save_dtype]
+    save_dtype = parse_dtype(cfg.lora.save_dtype, "lora.save_dtype")
 
     def write_lora(path: Path) -> None:
         save_trained_lora(dit, path, metadata, dtype=save_dtype)

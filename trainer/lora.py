@@ -38,11 +38,10 @@ from torch import nn
 
 from ..conditioning import LAYOUT_METADATA_KEY, ConditioningLayout
 from ..lora import LoraWeights, save_lora
+from ..models.linears import BLOCK_LINEARS
 
-DEFAULT_TARGETS: tuple[str, ...] = (
-    r"blocks\.\d+\.(self_attn|cross_attn)\.(q|k|v|o)",
-    r"blocks\.\d+\.ffn\.(0|2)",
-)
+# every linear of every block (models/linears.py), as one full-match pattern
+DEFAULT_TARGETS: tuple[str, ...] = (r"blocks\.\d+\.(" + "|".join(map(re.escape, BLOCK_LINEARS)) + ")",)
 
 # safetensors metadata keys written next to anyid_rt.conditioning.LAYOUT_METADATA_KEY
 META_RANK = "anyid.lora_rank"

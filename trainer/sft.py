@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import parse_dtype
 from ..sampling import sample_training_timesteps
 from . import dist as dist_utils
 from .cache import Encoders, TensorCache
@@ -24,8 +25,6 @@ from .common import (GroupsForward, LoopResult, add_noise, build_engine, check_p
 from .config import SFTConfig, to_dict
 from .data import BatchPlan, IDGroupDataset, InstanceSpec
 from .lora import inject_lora, lora_metadata, lora_parameters, save_trained_lora
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def flow_matching_loss(velocity: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -119,7 +118,7 @@ def train_sft(cfg: SFTConfig, *, stop_after: int | None = None, dataset: IDGroup
         restore(state, dit, optimizer, scheduler)
     plan = BatchPlan(lambda i, e: dataset.instance(i, e).key, len(dataset), cfg.batch_size * info.world_size,
                      cfg.seed)
-    layout = cfg.layout
+    layout, geometry = cfg.layout, engine.geometry
     metadata = lora_metadata(dit, layout=layout, base_model=cfg.model.name, targets=cfg.lora.targets, stage="sft",
                              extra={"anyid.similarity": dataset.similarity.name,
                                     "anyid.null_prob": repr(cfg.null_prob), "anyid.train_shift": repr(cfg.train_shift)})
@@ -135,13 +134,13 @@ def train_sft(cfg: SFTConfig, *, stop_after: int | None = None, dataset: IDGroup
     def micro_step(indices, positions, step, micro, epoch):
         x0, eps, sigma, t, refs, ctx, nulls = batcher(indices, positions, step, micro, epoch)
         xt = add_noise(x0, eps, sigma)
-        sl = target_layout(layout, xt, refs)
+        sl = target_layout(layout, geometry, xt, refs)
         v = model([xt, *refs], sl.frame_starts, train_segments(sl, t), ctx)
         loss = flow_matching_loss(v, x0, eps)
         return loss, {"loss": loss.detach(), "null_fraction": torch.tensor(sum(nulls) / len(nulls)),
                       "sigma": sigma.mean()}
 
-    save_dtype = _DTYPES[cfg.lora.save_dtype]
+    save_dtype = parse_dtype(cfg.lora.save_dtype, "lora.save_dtype")
 
     def write_lora(path: Path) -> None:
         save_trained_lora(dit, path, metadata, dtype=save_dtype)

@@ -116,7 +116,7 @@ def make_preference_pairs(root: str | Path, pairs: int = 4, frames: int = 9, siz
     The winner is a clean pan over the astronaut image, the loser the same clip degraded, so the preference is
     learnable. `dominated` extra pairs carry labels that fail the Pareto filter (a win on one track and a
     loss on the other, and a tie on both)."""
-    from .data import PreferencePair, write_pairs
+    from .pairs import PreferencePair, write_pairs
 
     root = Path(root)
     (root / "clips").mkdir(parents=True, exist_ok=True)

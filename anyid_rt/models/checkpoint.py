@@ -27,8 +27,8 @@ class CheckpointReader:
 
     `path` may be a `.safetensors` file, a `.pth` / `.pt` / `.bin` file (read with
     `torch.load(weights_only=True, mmap=True)`), a `*.safetensors.index.json`, or a folder holding one index
-    json or exactly one safetensors file. `strip_prefixes` removes single-file repack prefixes such as
-    `model.diffusion_model.` from every key.
+    json, exactly one safetensors file or exactly one torch file (e.g. transformers' `pytorch_model.bin`).
+    `strip_prefixes` removes single-file repack prefixes such as `model.diffusion_model.` from every key.
     """
 
     def __init__(self, path: str | Path, strip_prefixes: Iterable[str] = SINGLE_FILE_PREFIXES):
@@ -66,10 +66,13 @@ class CheckpointReader:
             return files[0]
         if len(files) > 1:
             raise CheckpointError(f"{path} holds several safetensors files and no index json; pass one file")
-        pth = sorted(list(path.glob("*.pth")) + list(path.glob("*.pt")))
+        pth = sorted(p for ext in ("pth", "pt", "bin") for p in path.glob(f"*.{ext}"))
         if len(pth) == 1:
             return pth[0]
-        raise CheckpointError(f"{path} holds no checkpoint (*.safetensors, *.safetensors.index.json or one *.pth)")
+        if len(pth) > 1:
+            raise CheckpointError(f"{path} holds several torch checkpoints {[p.name for p in pth]}; pass one file")
+        raise CheckpointError(f"{path} holds no checkpoint (*.safetensors, *.safetensors.index.json or one "
+                              "*.pth / *.pt / *.bin)")
 
     def _index(self, file: Path) -> list[str]:
         name = file.name
@@ -218,10 +221,3 @@ def _key_report(what: str, path: Path, missing: list[str], unexpected: list[str]
         lines.append(f"  unexpected keys ({len(unexpected)}): " + ", ".join(unexpected[:limit])
                      + (" ..." if len(unexpected) > limit else ""))
     return "\n".join(lines)
-
-
-def materialize_buffers(module: nn.Module, device: torch.device | str) -> None:
-    """Re-create non-persistent buffers left on the meta device (tables built in __init__) on `device`."""
-    for mod in module.modules():
-        if hasattr(mod, "reset_buffers"):
-            mod.reset_buffers(device)

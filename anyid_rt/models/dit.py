@@ -2,15 +2,20 @@
 
 Follows `wan/modules/model.py` (facts in shared/reference/wan22-ti2v-5b.md sections 2-6) with two changes
 of representation that keep the maths:
-- Timesteps are *segments*: runs of tokens that share a timestep (`seg_lens`, with values `seg_t` [B, S]).
-  Modulation is computed per segment ([B, S, 6, dim]) instead of per token ([B, L, 6, dim], 4.3 GB of fp32
-  at 58k tokens). A Wan-style [B, L] timestep is run-length encoded into segments.
+- Timesteps are *segments*: runs of tokens that share a timestep (`Segments`: token counts `lens`, values
+  `t` [B, S]). Modulation is computed per segment ([B, S, 6, dim]) instead of per token ([B, L, 6, dim],
+  4.3 GB of fp32 at 58k tokens). A Wan-style [B, L] timestep is run-length encoded into segments.
 - The token sequence is made of *groups*: the target latent first, then extra latents (AnyID references)
   with RoPE frame indices of their own. Only the first group's velocity is returned.
 
+One forward for every caller: `forward_tokens` takes tensors only (patchified tokens, the timestep
+sinusoid, each token's segment, RoPE tables, text K/V), so the engine, the trainer, the benchmarks and the
+ONNX export (export/onnx_dit.py, which traces it) run the same code; `forward_groups` turns a call's Python
+layout (groups, grids, RoPE frame starts, segment lengths) into those tensors, once per layout for the tables.
+
 Numerics follow Wan: the time embedding, modulation, norms, gates and head run in fp32, the residual stream
-is fp32, the large linears run in the weights' dtype. Attention, norms and modulation go through `self.ops`,
-chosen once at construction (torch references or Triton kernels).
+is fp32, the large linears run in the weights' dtype. Attention, norms and modulation go through `DiTOps`,
+chosen once at construction (torch references or Triton kernels) and handed to every module's forward.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import DiTConfig
-from ..kernels import DiTOps, dit_ops
+from ..kernels import DiTOps, SegmentMap, dit_ops
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -32,7 +37,8 @@ from ..kernels import DiTOps, dit_ops
 
 @dataclass(frozen=True)
 class Segments:
-    """Runs of tokens sharing a timestep: `lens` (python ints, same for every sample), `t` [B, S] float."""
+    """Runs of tokens sharing a timestep: `lens` (python ints, same for every sample), `t` [B, S] float.
+    The forward hands the kernels a `SegmentMap` of the same runs (`WanDiT.segment_map`, built once per layout)."""
 
     lens: tuple[int, ...]
     t: torch.Tensor
@@ -48,6 +54,11 @@ class Segments:
         starts = [0] + (torch.nonzero(change).flatten() + 1).tolist()
         lens = tuple(b - a for a, b in zip(starts, starts[1:] + [num_tokens]))
         return Segments(lens, t[:, starts].float())
+
+    def check(self, num_tokens: int, batch: int) -> None:
+        if sum(self.lens) != num_tokens or tuple(self.t.shape) != (batch, len(self.lens)):
+            raise ValueError(f"segments {self.lens} with t {tuple(self.t.shape)} do not cover {num_tokens} "
+                             f"tokens of batch {batch}")
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -84,6 +95,71 @@ def rope_table(grid: tuple[int, int, int], frame_start: int, cfg: DiTConfig,
     return torch.cos(ang).float(), torch.sin(ang).float()
 
 
+def rope_tables(cfg: DiTConfig, grids: Sequence[tuple[int, int, int]], frame_starts: Sequence[int],
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) [L, head_dim/2] fp32 of the concatenated groups, in token order."""
+    tables = [rope_table(g, s, cfg, device) for g, s in zip(grids, frame_starts)]
+    return torch.cat([c for c, _ in tables]), torch.cat([s for _, s in tables])
+
+
+def grid_of(cfg: DiTConfig, latent: torch.Tensor) -> tuple[int, int, int]:
+    """The token grid (F/pt, h/ph, w/pw) of a latent [B, in_dim, F, h, w]."""
+    if latent.ndim != 5 or latent.shape[1] != cfg.in_dim:
+        raise ValueError(f"latent must be [B, {cfg.in_dim}, F, h, w], got {tuple(latent.shape)}")
+    pt, ph, pw = cfg.patch_size
+    _, _, f, h, w = latent.shape
+    if f % pt or h % ph or w % pw:
+        raise ValueError(f"latent grid (F={f}, h={h}, w={w}) must be divisible by the patch {cfg.patch_size}; "
+                         "the pixel height and width must be multiples of 32")
+    return f // pt, h // ph, w // pw
+
+
+def group_grids(cfg: DiTConfig, latents: Sequence[torch.Tensor], frame_starts: Sequence[int],
+                segments: Segments) -> list[tuple[int, int, int]]:
+    """The token grid of each group of a `forward_groups` call, after checking the call: one RoPE frame start
+    per group, one batch size, segments covering every token."""
+    if len(latents) != len(frame_starts) or not latents:
+        raise ValueError("give one RoPE frame start per latent group (at least the target)")
+    grids = [grid_of(cfg, z) for z in latents]
+    B = latents[0].shape[0]
+    if any(z.shape[0] != B for z in latents):
+        raise ValueError(f"every group needs batch {B}, got {[z.shape[0] for z in latents]}")
+    segments.check(sum(f * h * w for f, h, w in grids), B)
+    return grids
+
+
+def patchify(cfg: DiTConfig, latent: torch.Tensor) -> torch.Tensor:
+    """[B, C, F, h, w] -> tokens [B, F/pt * h/ph * w/pw, C*pt*ph*pw], token order (f, h, w), channels (C, pt, ph,
+    pw): the order of the patch-embedding Conv3d's flattened weight, so that the embedding is a linear map."""
+    B, C, f, h, w = latent.shape
+    pt, ph, pw = cfg.patch_size
+    x = latent.reshape(B, C, f // pt, pt, h // ph, ph, w // pw, pw)
+    x = x.permute(0, 2, 4, 6, 1, 3, 5, 7)  # [B, f', h', w', C, pt, ph, pw]
+    return x.reshape(B, (f // pt) * (h // ph) * (w // pw), C * pt * ph * pw)
+
+
+def unpatchify(cfg: DiTConfig, tokens: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    """Velocity tokens [B, F*H*W, pt*ph*pw*C] (C fastest) -> [B, C, F*pt, H*ph, W*pw] fp32."""
+    (f, h, w), (pt, ph, pw), C = grid, cfg.patch_size, cfg.out_dim
+    B = tokens.shape[0]
+    x = tokens.reshape(B, f, h, w, pt, ph, pw, C)
+    return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(B, C, f * pt, h * ph, w * pw).float()
+
+
+def pad_context(cfg: DiTConfig, context: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    """Zero-pad each prompt's trimmed encoder output [L_i, text_dim] (a list, or [B, L, text_dim]) to
+    [B, text_len, text_dim], as the official model does: padded rows are not masked."""
+    rows = list(context.unbind(0)) if isinstance(context, torch.Tensor) and context.ndim == 3 else list(context)
+    out = []
+    for i, c in enumerate(rows):
+        if c.ndim != 2 or c.shape[1] != cfg.text_dim:
+            raise ValueError(f"context {i} must be [L, text_dim={cfg.text_dim}], got {tuple(c.shape)}")
+        if c.shape[0] > cfg.text_len:
+            raise ValueError(f"context {i} has {c.shape[0]} rows, more than text_len={cfg.text_len}")
+        out.append(F.pad(c, (0, 0, 0, cfg.text_len - c.shape[0])))
+    return torch.stack(out)
+
+
 @dataclass
 class TextKV:
     """Cross-attention keys and values of an embedded, zero-padded text context, one (k, v) per block.
@@ -112,86 +188,87 @@ class NormWeight(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, cfg: DiTConfig, ops: DiTOps):
+    def __init__(self, cfg: DiTConfig):
         super().__init__()
-        self.cfg, self.ops = cfg, ops
+        self.cfg = cfg
         self.q, self.k, self.v, self.o = (nn.Linear(cfg.dim, cfg.dim) for _ in range(4))
         self.norm_q, self.norm_k = NormWeight(cfg.dim), NormWeight(cfg.dim)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ops: DiTOps) -> torch.Tensor:
         B, L, _ = x.shape  # x: [B, L, dim] in the compute dtype
         H, D, eps = self.cfg.num_heads, self.cfg.head_dim, self.cfg.eps
         # RMSNorm over all heads, then RoPE, in one pass: each token is rotated once, not once per query
         # block inside the attention kernel (kernels/norm.py)
-        q = self.ops.rms_norm_rope(self.q(x), self.norm_q.weight, eps, rope, H).view(B, L, H, D)
-        k = self.ops.rms_norm_rope(self.k(x), self.norm_k.weight, eps, rope, H).view(B, L, H, D)
+        q = ops.rms_norm_rope(self.q(x), self.norm_q.weight, eps, rope, H).view(B, L, H, D)
+        k = ops.rms_norm_rope(self.k(x), self.norm_k.weight, eps, rope, H).view(B, L, H, D)
         v = self.v(x).view(B, L, H, D)
-        out = self.ops.attention(q, k, v, None, None)  # [B, L, H, D]
-        return self.o(out.reshape(B, L, H * D))
+        return self.o(ops.attention(q, k, v).reshape(B, L, H * D))  # attention: [B, L, H, D]
 
 
 class CrossAttention(nn.Module):
-    def __init__(self, cfg: DiTConfig, ops: DiTOps):
+    def __init__(self, cfg: DiTConfig):
         super().__init__()
-        self.cfg, self.ops = cfg, ops
+        self.cfg = cfg
         self.q, self.k, self.v, self.o = (nn.Linear(cfg.dim, cfg.dim) for _ in range(4))
         self.norm_q, self.norm_k = NormWeight(cfg.dim), NormWeight(cfg.dim)
 
-    def kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def kv(self, context: torch.Tensor, ops: DiTOps) -> tuple[torch.Tensor, torch.Tensor]:
         B, Lt, _ = context.shape  # embedded context [B, text_len, dim]
         H, D = self.cfg.num_heads, self.cfg.head_dim
-        k = self.ops.rms_norm(self.k(context), self.norm_k.weight, self.cfg.eps).view(B, Lt, H, D)
+        k = ops.rms_norm(self.k(context), self.norm_k.weight, self.cfg.eps).view(B, Lt, H, D)
         return k, self.v(context).view(B, Lt, H, D)
 
-    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], ops: DiTOps) -> torch.Tensor:
         B, L, _ = x.shape
         H, D = self.cfg.num_heads, self.cfg.head_dim
-        q = self.ops.rms_norm(self.q(x), self.norm_q.weight, self.cfg.eps).view(B, L, H, D)
-        out = self.ops.attention(q, kv[0], kv[1], None, None)  # all text rows, padding included, no mask
+        q = ops.rms_norm(self.q(x), self.norm_q.weight, self.cfg.eps).view(B, L, H, D)
+        out = ops.attention(q, kv[0], kv[1])  # all text rows, padding included, no mask
         return self.o(out.reshape(B, L, H * D))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: DiTConfig, ops: DiTOps):
+    def __init__(self, cfg: DiTConfig):
         super().__init__()
-        self.cfg, self.ops = cfg, ops
-        self.self_attn = SelfAttention(cfg, ops)
+        self.cfg = cfg
+        self.self_attn = SelfAttention(cfg)
         self.norm3 = NormWeight(cfg.dim, bias=True)  # affine LayerNorm before cross-attention
-        self.cross_attn = CrossAttention(cfg, ops)
+        self.cross_attn = CrossAttention(cfg)
         self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
                                  nn.Linear(cfg.ffn_dim, cfg.dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim ** 0.5)
 
-    def forward(self, x: torch.Tensor, e0: torch.Tensor, seg_lens: tuple[int, ...],
-                rope: tuple[torch.Tensor, torch.Tensor], text_kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, e0: torch.Tensor, segments: SegmentMap,
+                rope: tuple[torch.Tensor, torch.Tensor], text_kv: tuple[torch.Tensor, torch.Tensor],
+                ops: DiTOps) -> torch.Tensor:
         # x: [B, L, dim] fp32 residual stream; e0: [B, S, 6, dim] fp32 per-segment modulation
-        ops, eps, cdt = self.ops, self.cfg.eps, self.cross_attn.k.weight.dtype  # text k/v: never quantised
+        eps, cdt = self.cfg.eps, self.cross_attn.k.weight.dtype  # text k/v: never quantised
         mod = (self.modulation.float()[:, None] + e0).unbind(2)  # 6 x [B, S, dim]
         shift_sa, scale_sa, gate_sa, shift_ffn, scale_ffn, gate_ffn = mod
-        h = ops.layernorm_modulate(x, shift_sa, scale_sa, seg_lens, eps, cdt)  # [B, L, dim]
-        x = ops.gated_residual(x, self.self_attn(h, rope), gate_sa, seg_lens)
+        h = ops.layernorm_modulate(x, shift_sa, scale_sa, segments, eps, cdt)  # [B, L, dim]
+        x = ops.gated_residual(x, self.self_attn(h, rope, ops), gate_sa, segments)
         h = ops.layer_norm(x, self.norm3.weight, self.norm3.bias, eps).to(cdt)  # no modulation, no gate
-        x = x + self.cross_attn(h, text_kv).float()
-        h = ops.layernorm_modulate(x, shift_ffn, scale_ffn, seg_lens, eps, cdt)
-        return ops.gated_residual(x, self.ffn(h), gate_ffn, seg_lens)
+        x = x + self.cross_attn(h, text_kv, ops).float()
+        h = ops.layernorm_modulate(x, shift_ffn, scale_ffn, segments, eps, cdt)
+        return ops.gated_residual(x, self.ffn(h), gate_ffn, segments)
 
 
 class Head(nn.Module):
-    def __init__(self, cfg: DiTConfig, ops: DiTOps):
+    def __init__(self, cfg: DiTConfig):
         super().__init__()
-        self.cfg, self.ops = cfg, ops
+        self.cfg = cfg
         self.head = nn.Linear(cfg.dim, cfg.patch_numel * cfg.out_dim)
         self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim ** 0.5)
 
-    def forward(self, x: torch.Tensor, e: torch.Tensor, seg_lens: tuple[int, ...]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, e: torch.Tensor, segments: SegmentMap, ops: DiTOps) -> torch.Tensor:
         # x: [B, L, dim] fp32; e: [B, S, dim] fp32, the time embedding before SiLU and projection
         shift, scale = (self.modulation.float()[:, None] + e[:, :, None]).unbind(2)  # [B, S, dim] each
-        h = self.ops.layernorm_modulate(x, shift, scale, seg_lens, self.cfg.eps, torch.float32)
+        h = ops.layernorm_modulate(x, shift, scale, segments, self.cfg.eps, torch.float32)
         return F.linear(h, self.head.weight.float(), self.head.bias.float())  # fp32 head, as Wan
 
 
 class WanDiT(nn.Module):
-    """Wan2.2 DiT. `forward(latent, timestep, context)` is the Wan call; `forward_groups` the AnyID one."""
+    """Wan2.2 DiT. `forward(latent, timestep, context)` is the Wan call; `forward_groups` the AnyID one;
+    `forward_tokens` the same forward on tensors only (what both run, and what export traces)."""
 
     def __init__(self, cfg: DiTConfig, backend: str = "torch", attention_quant: str | None = None):
         super().__init__()
@@ -207,10 +284,10 @@ class WanDiT(nn.Module):
                                             nn.Linear(cfg.dim, cfg.dim))
         self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
-        self.blocks = nn.ModuleList(Block(cfg, self.ops) for _ in range(cfg.num_layers))
-        self.head = Head(cfg, self.ops)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
         self.gradient_checkpointing = False
-        self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._layout_cache: dict[tuple, object] = {}
 
     # -- inputs -------------------------------------------------------------------------------------------
     @property
@@ -218,54 +295,54 @@ class WanDiT(nn.Module):
         return self.text_embedding[0].weight.dtype
 
     def pad_context(self, context: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
-        """Zero-pad each prompt's trimmed encoder output [L_i, text_dim] to [B, text_len, text_dim]."""
-        cfg = self.cfg
-        rows = list(context.unbind(0)) if isinstance(context, torch.Tensor) and context.ndim == 3 else list(context)
-        out = []
-        for i, c in enumerate(rows):
-            if c.ndim != 2 or c.shape[1] != cfg.text_dim:
-                raise ValueError(f"context {i} must be [L, text_dim={cfg.text_dim}], got {tuple(c.shape)}")
-            if c.shape[0] > cfg.text_len:
-                raise ValueError(f"context {i} has {c.shape[0]} rows, more than text_len={cfg.text_len}")
-            out.append(F.pad(c, (0, 0, 0, cfg.text_len - c.shape[0])))
-        return torch.stack(out)
+        """`pad_context` with this model's config: [B, text_len, text_dim]."""
+        return pad_context(self.cfg, context)
+
+    def embed_text(self, context: torch.Tensor, ops: DiTOps | None = None) -> TextKV:
+        """Embed a zero-padded context [B, text_len, text_dim] and project every block's cross-attention K/V."""
+        ops = self.ops if ops is None else ops
+        # [B, text_len, dim]: the padded rows become a constant row, attended to like the others (no mask)
+        ctx = self.text_embedding(context.to(self.text_embedding[0].weight))
+        return TextKV([blk.cross_attn.kv(ctx, ops) for blk in self.blocks])
 
     def prepare_text(self, context: torch.Tensor | Sequence[torch.Tensor]) -> TextKV:
-        """Embed the (zero-padded) context and project every block's cross-attention K/V, once per prompt."""
-        ctx = self.pad_context(context).to(self.text_embedding[0].weight)
-        ctx = self.text_embedding(ctx)  # [B, text_len, dim]: padded rows become a constant, not masked
-        return TextKV([blk.cross_attn.kv(ctx) for blk in self.blocks])
+        """Pad, embed and project the text context once per prompt (a list of [L_i, text_dim] or a tensor)."""
+        return self.embed_text(pad_context(self.cfg, context))
+
+    def _cached(self, key: tuple, build):
+        """A per-layout table (RoPE, segment index), built once and reused by every step of a generation. Built
+        outside inference mode, as normal tensors, so that a later training forward can save them for backward."""
+        if key not in self._layout_cache:
+            if len(self._layout_cache) > 32:
+                self._layout_cache.clear()
+            with torch.inference_mode(False):
+                self._layout_cache[key] = build()
+        return self._layout_cache[key]
 
     def rope(self, grids: Sequence[tuple[int, int, int]], frame_starts: Sequence[int],
              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token (cos, sin) for the concatenated groups; cached per layout, never rebuilt in the step loop."""
-        key = (tuple(grids), tuple(frame_starts), str(device))
-        if key not in self._rope_cache:
-            with torch.inference_mode(False):  # normal tensors, so a later training forward can save them
-                tables = [rope_table(g, s, self.cfg, device) for g, s in zip(grids, frame_starts)]
-            if len(self._rope_cache) > 16:
-                self._rope_cache.clear()
-            self._rope_cache[key] = (torch.cat([c for c, _ in tables]), torch.cat([s for _, s in tables]))
-        return self._rope_cache[key]
+        key = ("rope", tuple(grids), tuple(frame_starts), str(device))
+        return self._cached(key, lambda: rope_tables(self.cfg, grids, frame_starts, device))
 
-    def grid_of(self, latent: torch.Tensor) -> tuple[int, int, int]:
-        cfg = self.cfg
-        if latent.ndim != 5 or latent.shape[1] != cfg.in_dim:
-            raise ValueError(f"latent must be [B, {cfg.in_dim}, F, h, w], got {tuple(latent.shape)}")
-        pt, ph, pw = cfg.patch_size
-        _, _, f, h, w = latent.shape
-        if f % pt or h % ph or w % pw:
-            raise ValueError(f"latent grid (F={f}, h={h}, w={w}) must be divisible by the patch {cfg.patch_size}; "
-                             "the pixel height and width must be multiples of 32")
-        return f // pt, h // ph, w // pw
+    def segment_map(self, lens: Sequence[int], device: torch.device) -> SegmentMap:
+        """The kernels' token -> segment map of segment lengths `lens`; cached per layout."""
+        key = ("segments", tuple(lens), str(device))
+        return self._cached(key, lambda: SegmentMap.from_lens(lens, device))
+
+    def embed_patches(self, patches: torch.Tensor) -> torch.Tensor:
+        """The patch embedding over patchified tokens [B, L, in_dim*pt*ph*pw] -> [B, L, dim] fp32: the Conv3d
+        (stride = kernel) as the linear map it is, which also traces to one MatMul with dynamic L."""
+        w = self.patch_embedding.weight  # [dim, in_dim, pt, ph, pw]
+        return F.linear(patches.to(w.dtype), w.flatten(1), self.patch_embedding.bias).float()
 
     # -- forward ------------------------------------------------------------------------------------------
     def forward(self, latent: torch.Tensor, timestep: torch.Tensor,
                 context: torch.Tensor | Sequence[torch.Tensor] | TextKV) -> torch.Tensor:
         """Wan call: latent [B, 48, F, h, w], timestep [B] or [B, L] (per token), context [B, Lt, text_dim]
         or a list of [L_i, text_dim] (or a prepared TextKV). Returns the velocity [B, 48, F, h, w] fp32."""
-        grid = self.grid_of(latent)
-        seg = Segments.from_timesteps(timestep.to(latent.device), grid[0] * grid[1] * grid[2])
+        f, h, w = grid_of(self.cfg, latent)
+        seg = Segments.from_timesteps(timestep.to(latent.device), f * h * w)
         return self.forward_groups([latent], [0], seg, context)
 
     def forward_groups(self, latents: Sequence[torch.Tensor], frame_starts: Sequence[int], segments: Segments,
@@ -274,49 +351,45 @@ class WanDiT(nn.Module):
         sequence through every block; segments cover all tokens in that order. Returns the velocity of
         the first group [B, 48, F0, h0, w0] fp32."""
         cfg = self.cfg
-        if len(latents) != len(frame_starts) or not latents:
-            raise ValueError("give one RoPE frame start per latent group (at least the target)")
-        B = latents[0].shape[0]
-        grids = [self.grid_of(z) for z in latents]
-        if any(z.shape[0] != B for z in latents):
-            raise ValueError(f"every group needs batch {B}, got {[z.shape[0] for z in latents]}")
-        num_tokens = sum(f * h * w for f, h, w in grids)
-        if sum(segments.lens) != num_tokens or segments.t.shape != (B, len(segments.lens)):
-            raise ValueError(f"segments {segments.lens} with t {tuple(segments.t.shape)} do not cover "
-                             f"{num_tokens} tokens of batch {B}")
+        grids = group_grids(cfg, latents, frame_starts, segments)
+        B, device = latents[0].shape[0], latents[0].device
         text_kv = context if isinstance(context, TextKV) else self.prepare_text(context)
         if text_kv.batch != B:
             raise ValueError(f"context batch {text_kv.batch} != latent batch {B}")
-        device = latents[0].device
-        cdt = self.patch_embedding.weight.dtype
+        out = self.forward_tokens(
+            torch.cat([patchify(cfg, z) for z in latents], dim=1),  # [B, L, in_dim*pt*ph*pw]
+            sinusoidal_embedding(segments.t.to(device), cfg.freq_dim),  # [B, S, freq_dim]
+            self.segment_map(segments.lens, device), self.rope(grids, frame_starts, device), text_kv)
+        f0, h0, w0 = grids[0]
+        return unpatchify(cfg, out[:, :f0 * h0 * w0], grids[0])  # the target group's tokens
 
-        # patch embedding, per group, then one token sequence
-        x = torch.cat([self.patch_embedding(z.to(cdt)).flatten(2).transpose(1, 2) for z in latents], dim=1)
-        x = x.float()  # [B, L, dim] fp32 residual stream
-        rope = self.rope(grids, frame_starts, device)
+    def forward_tokens(self, patches: torch.Tensor, t_freq: torch.Tensor, segments: SegmentMap,
+                       rope: tuple[torch.Tensor, torch.Tensor], text_kv: TextKV,
+                       ops: DiTOps | None = None) -> torch.Tensor:
+        """The forward on tensors only, every host-side decision of a call already in its inputs:
 
+        patches [B, L, in_dim*pt*ph*pw]  patchified latents of every group, in sequence order (`patchify`)
+        t_freq  [B, S, freq_dim] fp32    Wan's timestep sinusoid per segment (`sinusoidal_embedding`, float64
+                                         on the host)
+        segments                         each token's segment (index [L]; lengths where the kernels need them)
+        rope    2 x [L, head_dim/2] fp32 RoPE (cos, sin) per token (`rope_tables`)
+        text_kv                          per-block cross-attention K/V (`embed_text`)
+        ops                              this model's ops unless given (the export traces the torch references)
+
+        Returns the velocity tokens [B, L, pt*ph*pw*out_dim] fp32 of every token, (pt, ph, pw, C) order.
+        """
+        cfg = self.cfg
+        ops = self.ops if ops is None else ops
+        x = self.embed_patches(patches)  # [B, L, dim] fp32 residual stream
         # time embedding per segment (fp32): e [B, S, dim], e0 [B, S, 6, dim]
-        sin = sinusoidal_embedding(segments.t.to(device), cfg.freq_dim)  # [B, S, freq_dim]
-        e = _linear_fp32(self.time_embedding[2], F.silu(_linear_fp32(self.time_embedding[0], sin)))
+        e = _linear_fp32(self.time_embedding[2], F.silu(_linear_fp32(self.time_embedding[0], t_freq)))
         e0 = _linear_fp32(self.time_projection[1], F.silu(e)).unflatten(2, (6, cfg.dim))
-
         for i, block in enumerate(self.blocks):
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, e0, segments.lens, rope, text_kv.kv[i], use_reentrant=False)
+                x = checkpoint(block, x, e0, segments, rope, text_kv.kv[i], ops, use_reentrant=False)
             else:
-                x = block(x, e0, segments.lens, rope, text_kv.kv[i])
-
-        f0, h0, w0 = grids[0]
-        n0 = f0 * h0 * w0
-        out = self.head(x, e, segments.lens)[:, :n0]  # [B, n0, pt*ph*pw*C], target tokens only
-        return self.unpatchify(out, grids[0])
-
-    def unpatchify(self, tokens: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
-        """[B, F*H*W, pt*ph*pw*C] (C fastest) -> [B, C, F*pt, H*ph, W*pw]."""
-        (f, h, w), (pt, ph, pw), C = grid, self.cfg.patch_size, self.cfg.out_dim
-        B = tokens.shape[0]
-        x = tokens.view(B, f, h, w, pt, ph, pw, C)
-        return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(B, C, f * pt, h * ph, w * pw).float()
+                x = block(x, e0, segments, rope, text_kv.kv[i], ops)
+        return self.head(x, e, segments, ops)
 
 
 def _linear_fp32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -335,4 +408,5 @@ def count_flops(cfg: DiTConfig, num_tokens: int, kv_tokens: int | None = None) -
     return float(cfg.num_layers * (linears + attention) + 2 * L * d * cfg.patch_numel * (cfg.in_dim + cfg.out_dim))
 
 
-__all__ = ["WanDiT", "Segments", "TextKV", "sinusoidal_embedding", "rope_table", "count_flops"]
+__all__ = ["WanDiT", "Segments", "TextKV", "sinusoidal_embedding", "rope_table", "rope_tables", "grid_of",
+           "group_grids", "patchify", "unpatchify", "pad_context", "count_flops"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import DiTConfig
+from ..config import DiTConfig, parse_dtype
 from ..kernels import resolve_backend
 from .checkpoint import CheckpointError, CheckpointReader, load_into
 from .dit import WanDiT
@@ -157,7 +157,7 @@ def load_dit(path: str | Path, dtype: torch.dtype | str = torch.bfloat16, device
     Weights are read one tensor at a time (safetensors mmap), cast to `dtype` (norms, modulation, time
     embedding and head stay fp32) and placed on `device`; no second full-size copy is held.
     """
-    dtype = _parse_dtype(dtype)
+    dtype = parse_dtype(dtype)
     path = _resolve_path(Path(path))
     reader = CheckpointReader(path)
     layout = detect_layout(reader.keys())
@@ -212,17 +212,3 @@ def save_dit(model: WanDiT, path: str | Path, layout: str = "original", shards: 
         weight_map.update({k: name for k in part})
     (path / "diffusion_pytorch_model.safetensors.index.json").write_text(
         json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
-
-
-_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-           "fp32": torch.float32, "float32": torch.float32}
-
-
-def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        if dtype not in (torch.bfloat16, torch.float16, torch.float32):
-            raise ValueError(f"unsupported dtype {dtype}; use bf16, fp16 or fp32")
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"unsupported dtype {dtype!r}; use one of {sorted(_DTYPES)}")
-    return _DTYPES[dtype]

@@ -75,7 +75,7 @@ def random_umt5(cfg: TextEncoderConfig, *, dtype: torch.dtype = torch.float32, d
     N(0, 1/fan_in). Needs transformers."""
     from transformers import UMT5EncoderModel
 
-    from .text_encoder import umt5_config
+    from .text_encoder_loader import umt5_config
 
     device = torch.device(device)
     with torch.device("meta"):

@@ -18,55 +18,22 @@ the encoder can stay on the CPU while the DiT runs on a GPU.
 
 All weights are held in ONE dtype. transformers' own `from_pretrained` keeps the FFN output projection `wo` in fp32
 (`_keep_in_fp32_modules`), which turns the residual stream into fp32 from the first layer on; the official Wan code
-runs the whole encoder in bf16, so both loaders here build the model themselves and follow the official numerics.
-
-Checkpoint layouts accepted by `TextEncoder.from_pretrained(path)`:
-
-* diffusers: a pipeline folder holding `text_encoder/` (config.json + model.safetensors, sharded safetensors with an
-  index, or pytorch_model.bin) and `tokenizer/`; or the `text_encoder/` folder itself (the tokenizer is then taken
-  from the sibling `tokenizer/` folder or from the same folder);
-* original Wan: a folder holding `models_t5_umt5-xxl-enc-bf16.pth` and the tokenizer in `google/umt5-xxl/`, or the
-  .pth file itself. Original key names are mapped to transformers names (`original_to_hf`) and the configuration is
-  derived from the tensor shapes.
-
-The model is built on the meta device and the checkpoint tensors are assigned to it (`load_state_dict(assign=True)`),
-converted one tensor at a time, so no second full-size copy is made (a .pth is memory-mapped; with matching dtype on
-the CPU the parameters stay mapped). Missing, unexpected or wrongly shaped keys raise a ValueError that names them.
+runs the whole encoder in bf16, so the loader here (`models/text_encoder_loader.py`, which also lists the accepted
+checkpoint layouts) builds the model itself and follows the official numerics.
 """
 from __future__ import annotations
 
 import html
-import json
 import re
-from collections import OrderedDict
-from dataclasses import replace
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
-from ..config import TextEncoderConfig
-
-ORIGINAL_WEIGHTS = "models_t5_umt5-xxl-enc-bf16.pth"
-ORIGINAL_TOKENIZER = "google/umt5-xxl"
-
-_DTYPES = {
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-}
-
-
-def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        if dtype not in (torch.bfloat16, torch.float16, torch.float32):
-            raise ValueError(f"text encoder dtype must be bf16, fp16 or fp32, got {dtype}")
-        return dtype
-    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
-        return _DTYPES[dtype.lower()]
-    raise ValueError(f"unknown dtype {dtype!r}; use a torch dtype or one of {sorted(_DTYPES)}")
-
+from ..cache import CacheInfo, LRUCache
+from ..config import TextEncoderConfig, parse_dtype
+from .text_encoder_loader import ORIGINAL_TOKENIZER, ORIGINAL_WEIGHTS, hf_to_original, load_umt5
 
 def _require_transformers():
     try:
@@ -105,246 +72,6 @@ def _validate_prompts(prompts) -> list[str]:
                 raise TypeError(f"prompt [{i}] must be a str, got {type(p).__name__} ({p!r:.60})")
         return list(prompts)
     raise TypeError(f"prompt must be a str or a list of str, got {type(prompts).__name__} ({prompts!r:.60})")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Key mapping, original Wan T5 <-> transformers UMT5EncoderModel
-# ---------------------------------------------------------------------------------------------------------------
-
-_BLOCK_MAP = {
-    "attn.q.weight": "layer.0.SelfAttention.q.weight",
-    "attn.k.weight": "layer.0.SelfAttention.k.weight",
-    "attn.v.weight": "layer.0.SelfAttention.v.weight",
-    "attn.o.weight": "layer.0.SelfAttention.o.weight",
-    "pos_embedding.embedding.weight": "layer.0.SelfAttention.relative_attention_bias.weight",
-    "norm1.weight": "layer.0.layer_norm.weight",
-    "norm2.weight": "layer.1.layer_norm.weight",
-    "ffn.gate.0.weight": "layer.1.DenseReluDense.wi_0.weight",
-    "ffn.fc1.weight": "layer.1.DenseReluDense.wi_1.weight",
-    "ffn.fc2.weight": "layer.1.DenseReluDense.wo.weight",
-}
-_BLOCK_MAP_INV = {v: k for k, v in _BLOCK_MAP.items()}
-_TOP_MAP = {"token_embedding.weight": "shared.weight", "norm.weight": "encoder.final_layer_norm.weight"}
-_TOP_MAP_INV = {v: k for k, v in _TOP_MAP.items()}
-_ORIG_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
-_HF_BLOCK_RE = re.compile(r"^encoder\.block\.(\d+)\.(.+)$")
-
-
-def original_to_hf(state: dict) -> dict:
-    """Rename original Wan T5 keys to transformers names; keys with no mapping keep their name (and will be
-    reported as unexpected). `token_embedding` becomes `shared` (the encoder's embed_tokens is tied to it)."""
-    names = _original_name_map(state.keys())
-    return {names[k]: v for k, v in state.items()}
-
-
-def hf_to_original(state: dict) -> dict:
-    """Inverse of `original_to_hf`; `encoder.embed_tokens.weight` (a tied copy of `shared`) is dropped."""
-    out = {}
-    for k, v in state.items():
-        m = _HF_BLOCK_RE.match(k)
-        if k == "encoder.embed_tokens.weight":
-            continue
-        if k in _TOP_MAP_INV:
-            out[_TOP_MAP_INV[k]] = v
-        elif m and m.group(2) in _BLOCK_MAP_INV:
-            out[f"blocks.{m.group(1)}.{_BLOCK_MAP_INV[m.group(2)]}"] = v
-        else:
-            raise KeyError(f"no original-layout name for {k!r}")
-    return out
-
-
-def _hf_to_original_name(k: str) -> str:
-    m = _HF_BLOCK_RE.match(k)
-    if k in _TOP_MAP_INV:
-        return _TOP_MAP_INV[k]
-    if k == "encoder.embed_tokens.weight":
-        return "token_embedding.weight"
-    if m and m.group(2) in _BLOCK_MAP_INV:
-        return f"blocks.{m.group(1)}.{_BLOCK_MAP_INV[m.group(2)]}"
-    return k
-
-
-def _is_original_layout(keys) -> bool:
-    return any(k == "token_embedding.weight" or k.startswith("blocks.") for k in keys)
-
-
-def config_from_original(state: dict, base: TextEncoderConfig | None = None) -> TextEncoderConfig:
-    """Derive the encoder sizes from original-layout tensor shapes (max_distance and text_len from `base`)."""
-    base = base or TextEncoderConfig()
-    need = ["token_embedding.weight", "blocks.0.attn.q.weight", "blocks.0.ffn.fc1.weight",
-            "blocks.0.pos_embedding.embedding.weight"]
-    missing = [k for k in need if k not in state]
-    if missing:
-        raise ValueError(f"original-layout umT5 checkpoint is missing keys needed to infer its sizes: {missing}")
-    vocab, dim = _shape(state, "token_embedding.weight")
-    buckets, heads = _shape(state, "blocks.0.pos_embedding.embedding.weight")
-    inner = _shape(state, "blocks.0.attn.q.weight")[0]
-    dim_ffn = _shape(state, "blocks.0.ffn.fc1.weight")[0]
-    layers = 1 + max(int(m.group(1)) for k in state.keys() if (m := _ORIG_BLOCK_RE.match(k)))
-    if inner % heads:
-        raise ValueError(f"attention width {inner} is not a multiple of the {heads} heads of the position bias")
-    return replace(base, vocab_size=int(vocab), dim=int(dim), dim_kv=int(inner // heads), num_heads=int(heads),
-                   dim_ffn=int(dim_ffn), num_layers=int(layers), num_buckets=int(buckets))
-
-
-def umt5_config(cfg: TextEncoderConfig):
-    """The transformers `UMT5Config` of a `TextEncoderConfig` (umT5: gated-gelu FFN, per-layer relative bias)."""
-    from transformers import UMT5Config
-
-    return UMT5Config(
-        vocab_size=cfg.vocab_size, d_model=cfg.dim, d_kv=cfg.dim_kv, num_heads=cfg.num_heads, d_ff=cfg.dim_ffn,
-        num_layers=cfg.num_layers, num_decoder_layers=cfg.num_layers,
-        relative_attention_num_buckets=cfg.num_buckets, relative_attention_max_distance=cfg.max_distance,
-        feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, dropout_rate=0.1,
-        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-
-
-def _config_from_hf(hf_cfg, base: TextEncoderConfig | None = None) -> TextEncoderConfig:
-    base = base or TextEncoderConfig()
-    if getattr(hf_cfg, "model_type", "umt5") not in ("umt5", "t5"):
-        raise ValueError(f"text_encoder/config.json describes a {hf_cfg.model_type!r} model, expected umt5")
-    return replace(base, vocab_size=hf_cfg.vocab_size, dim=hf_cfg.d_model, dim_kv=hf_cfg.d_kv,
-                   num_heads=hf_cfg.num_heads, dim_ffn=hf_cfg.d_ff, num_layers=hf_cfg.num_layers,
-                   num_buckets=hf_cfg.relative_attention_num_buckets,
-                   max_distance=hf_cfg.relative_attention_max_distance)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Reading checkpoint files
-# ---------------------------------------------------------------------------------------------------------------
-
-def _read_pth(path: Path) -> dict:
-    sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict):
-        raise ValueError(f"{path} does not hold a state dict (got {type(sd).__name__})")
-    return sd
-
-
-class _LazySafetensors:
-    """name -> tensor, read on access from one or more safetensors files (tensors are read and converted one at a
-    time, never all at once). `renamed(fn)` gives a view with new names for the same tensors."""
-
-    def __init__(self, files: list[Path] | None = None):
-        from safetensors import safe_open
-
-        self._where: dict[str, tuple] = {}
-        for f in files or []:
-            h = safe_open(str(f), framework="pt", device="cpu")
-            for k in h.keys():
-                self._where[k] = (h, k)
-
-    def keys(self):
-        return self._where.keys()
-
-    def __contains__(self, k):
-        return k in self._where
-
-    def __len__(self):
-        return len(self._where)
-
-    def __getitem__(self, k):
-        h, name = self._where[k]
-        return h.get_tensor(name)
-
-    def shape(self, k) -> tuple:
-        h, name = self._where[k]
-        return tuple(h.get_slice(name).get_shape())
-
-    def renamed(self, mapping: dict) -> "_LazySafetensors":
-        out = _LazySafetensors()
-        out._where = {mapping.get(k, k): v for k, v in self._where.items()}
-        return out
-
-
-def _read_hf_weights(folder: Path):
-    idx = folder / "model.safetensors.index.json"
-    if idx.is_file():
-        files = sorted({folder / f for f in json.loads(idx.read_text())["weight_map"].values()})
-        return _LazySafetensors(files)
-    if (folder / "model.safetensors").is_file():
-        return _LazySafetensors([folder / "model.safetensors"])
-    shards = sorted(folder.glob("model-*-of-*.safetensors"))
-    if shards:
-        return _LazySafetensors(shards)
-    if (folder / "pytorch_model.bin").is_file():
-        return _read_pth(folder / "pytorch_model.bin")
-    raise FileNotFoundError(f"no weights in {folder}: looked for model.safetensors, model.safetensors.index.json, "
-                            f"model-*-of-*.safetensors and pytorch_model.bin")
-
-
-def _shape(sd, k) -> tuple:
-    return sd.shape(k) if isinstance(sd, _LazySafetensors) else tuple(sd[k].shape)
-
-
-def _original_name_map(keys) -> dict:
-    """old name -> transformers name for every key of an original-layout checkpoint (unmapped keys kept)."""
-    out = {}
-    for k in keys:
-        m = _ORIG_BLOCK_RE.match(k)
-        if k in _TOP_MAP:
-            out[k] = _TOP_MAP[k]
-        elif m and m.group(2) in _BLOCK_MAP:
-            out[k] = f"encoder.block.{m.group(1)}.{_BLOCK_MAP[m.group(2)]}"
-        else:
-            out[k] = k
-    return out
-
-
-def _build_model(cfg: TextEncoderConfig, state, dtype: torch.dtype, device, source: str,
-                 original_names: bool = False):
-    """Build UMT5EncoderModel on the meta device and assign `state` (transformers names) to it. With
-    `original_names`, keys in error messages are shown as `original name (transformers name)`."""
-    from transformers import UMT5EncoderModel
-
-    with torch.device("meta"):
-        model = UMT5EncoderModel(umt5_config(cfg))
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    names = list(state.keys())
-    have = set(names)
-    tied = ("shared.weight", "encoder.embed_tokens.weight")
-    emb_key = next((k for k in tied if k in have), None)
-    provided = have | (set(tied) if emb_key else set())
-    missing = sorted(set(expected) - provided)
-    unexpected = sorted(provided - set(expected))
-    bad_shape = sorted(k for k in have & set(expected) if _shape(state, k) != expected[k])
-    if missing or unexpected or bad_shape:
-        inv = _hf_to_original_name if original_names else (lambda k: k)
-
-        def show(k):
-            o = inv(k)
-            return k if o == k else f"{o} ({k})"
-
-        def fmt(xs):
-            xs = [show(x) for x in xs]
-            return ", ".join(xs[:20]) + (f" ... ({len(xs)} in all)" if len(xs) > 20 else "")
-        parts = [f"umT5 checkpoint {source} does not match the encoder built from its configuration"]
-        if missing:
-            parts.append(f"missing keys: {fmt(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {fmt(unexpected)}")
-        if bad_shape:
-            parts.append("shape mismatches: " + ", ".join(
-                f"{show(k)} checkpoint {_shape(state, k)} vs model {expected[k]}" for k in bad_shape[:20]))
-        raise ValueError("; ".join(parts))
-
-    device = torch.device(device)
-    tensors = {}
-    for k in names:
-        if k == "encoder.embed_tokens.weight" and emb_key == "shared.weight":
-            continue  # tied duplicate; read `shared` only
-        t = state[k]
-        tensors["shared.weight" if k in tied else k] = t.to(device=device, dtype=dtype)
-        del t
-    tensors["encoder.embed_tokens.weight"] = tensors["shared.weight"]
-    model.load_state_dict(tensors, strict=True, assign=True)
-    model.set_input_embeddings(model.shared)  # re-tie: one embedding parameter, not two
-    for n, p in list(model.named_parameters()) + list(model.named_buffers()):
-        if p.is_meta:  # pragma: no cover - guards against a transformers change
-            raise RuntimeError(f"umT5 tensor {n} was not loaded")
-    model.requires_grad_(False)
-    return model.eval()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -393,13 +120,6 @@ def tiny_tokenizer(vocab_size: int = 512):
 # TextEncoder
 # ---------------------------------------------------------------------------------------------------------------
 
-class CacheInfo(NamedTuple):
-    hits: int
-    misses: int
-    maxsize: int
-    currsize: int
-
-
 class TextEncoder(nn.Module):
     """umT5 encoder + tokenizer with the official cleaning/trimming and an LRU cache of prompt embeddings.
 
@@ -418,8 +138,6 @@ class TextEncoder(nn.Module):
     def __init__(self, model: nn.Module, tokenizer, config: TextEncoderConfig, *, cache_size: int = 64,
                  full_length: bool = True, batch_size: int = 8):
         super().__init__()
-        if not isinstance(cache_size, int) or cache_size < 0:
-            raise ValueError(f"cache_size must be an int >= 0, got {cache_size!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         self.model = model.eval()
@@ -427,10 +145,7 @@ class TextEncoder(nn.Module):
         self.config = config
         self.full_length = bool(full_length)
         self.batch_size = batch_size
-        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._cache_size = cache_size
-        self._hits = 0
-        self._misses = 0
+        self._cache: LRUCache[str, torch.Tensor] = LRUCache(cache_size)  # cleaned prompt -> [L, dim]
 
     # -- construction ---------------------------------------------------------------------------------------
     @classmethod
@@ -441,57 +156,8 @@ class TextEncoder(nn.Module):
         file (.pth / .safetensors, either key layout; then pass `tokenizer_path` unless a `google/umt5-xxl/` or
         `tokenizer/` folder sits beside it). Extra keyword arguments go to the constructor (cache_size, ...)."""
         _require_transformers()
-        from transformers import AutoTokenizer, UMT5Config
-
-        dtype = _resolve_dtype(dtype)
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"text encoder path {path} does not exist")
-        base = replace(TextEncoderConfig(), text_len=text_len)
-        tok_candidates: list[Path] = []
-        if path.is_file():
-            weights_file = path
-            state = (_LazySafetensors([path]) if path.suffix == ".safetensors" else _read_pth(path))
-            tok_candidates = [path.parent / ORIGINAL_TOKENIZER, path.parent / "tokenizer", path.parent,
-                              path.parent.parent / "tokenizer"]
-            cfg = None
-        elif (path / "text_encoder").is_dir():
-            weights_file = path / "text_encoder"
-            state = _read_hf_weights(weights_file)
-            cfg = _config_from_hf(UMT5Config.from_pretrained(str(weights_file)), base)
-            tok_candidates = [path / "tokenizer"]
-        elif (path / ORIGINAL_WEIGHTS).is_file():
-            weights_file = path / ORIGINAL_WEIGHTS
-            state = _read_pth(weights_file)
-            cfg = None
-            tok_candidates = [path / ORIGINAL_TOKENIZER]
-        elif (path / "config.json").is_file():
-            weights_file = path
-            state = _read_hf_weights(path)
-            cfg = _config_from_hf(UMT5Config.from_pretrained(str(path)), base)
-            tok_candidates = [path.parent / "tokenizer", path]
-        else:
-            raise FileNotFoundError(
-                f"no umT5 text encoder found in {path}: expected a diffusers pipeline folder (text_encoder/ + "
-                f"tokenizer/), a text_encoder folder (config.json + weights), or an original Wan folder "
-                f"({ORIGINAL_WEIGHTS} + {ORIGINAL_TOKENIZER}/)")
-
-        original = _is_original_layout(state.keys())
-        if original:
-            cfg = cfg or config_from_original(state, base)
-            names = _original_name_map(state.keys())
-            state = state.renamed(names) if isinstance(state, _LazySafetensors) else original_to_hf(state)
-        elif cfg is None:
-            cfg = _config_from_hf_state(state, base)
-
-        if tokenizer_path is not None:
-            tok_candidates = [Path(tokenizer_path)]
-        tok_dir = next((p for p in tok_candidates if _has_tokenizer(p)), None)
-        if tok_dir is None:
-            raise FileNotFoundError("no tokenizer found; looked in " + ", ".join(str(p) for p in tok_candidates)
-                                    + " (pass tokenizer_path=)")
-        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
-        model = _build_model(cfg, state, dtype, device, str(weights_file), original_names=original)
+        model, tokenizer, cfg = load_umt5(path, parse_dtype(dtype, "text encoder dtype"), device,
+                                          tokenizer_path=tokenizer_path, text_len=text_len)
         return cls(model, tokenizer, cfg, **kwargs)
 
     @classmethod
@@ -502,7 +168,7 @@ class TextEncoder(nn.Module):
         from .random_weights import random_umt5
 
         cfg = TextEncoderConfig.preset("tiny")
-        model = random_umt5(cfg, dtype=_resolve_dtype(dtype), device=device, seed=seed)
+        model = random_umt5(cfg, dtype=parse_dtype(dtype, "text encoder dtype"), device=device, seed=seed)
         return cls(model, tiny_tokenizer(cfg.vocab_size), cfg, **kwargs)
 
     def save_pretrained(self, folder: str | Path) -> Path:
@@ -573,30 +239,23 @@ class TextEncoder(nn.Module):
 
         Returned in `dtype` (default: the model's dtype) on `device` (default: the encoder's device). The empty
         string is allowed (the unconditional prompt; it encodes to `</s>` alone, L = 1). Repeated prompts
-        (after cleaning) are served from the LRU cache; returned tensors are copies, never cache storage."""
+        (after cleaning) are served from the LRU cache; a prompt repeated within one call is encoded (and
+        counted) once. Returned tensors are copies, never cache storage."""
         texts = _validate_prompts(prompts)
         cleaned = [clean_prompt(t) for t in texts]
         found: dict[str, torch.Tensor] = {}
         todo: list[str] = []
-        for c in cleaned:
-            if c in found or c in todo:
-                self._hits += 1
-            elif c in self._cache:
-                self._cache.move_to_end(c)
-                found[c] = self._cache[c]
-                self._hits += 1
-            else:
+        for c in dict.fromkeys(cleaned):  # distinct prompts, in order
+            e = self._cache.get(c)
+            if e is None:
                 todo.append(c)
-                self._misses += 1
+            else:
+                found[c] = e
         for i in range(0, len(todo), self.batch_size):
             chunk = todo[i:i + self.batch_size]
             for c, e in zip(chunk, self._encode_batch(chunk)):
                 found[c] = e
-                if self._cache_size:
-                    self._cache[c] = e
-                    self._cache.move_to_end(c)
-                    while len(self._cache) > self._cache_size:
-                        self._cache.popitem(last=False)
+                self._cache.put(c, e)
         out = []
         device = torch.device(device) if device is not None else self.device
         for c in cleaned:
@@ -607,19 +266,11 @@ class TextEncoder(nn.Module):
 
     # -- cache ----------------------------------------------------------------------------------------------
     def cache_info(self) -> CacheInfo:
-        return CacheInfo(self._hits, self._misses, self._cache_size, len(self._cache))
+        return self._cache.info()
 
     def clear_cache(self) -> None:
         """Drop every cached embedding and reset the hit/miss counters."""
         self._cache.clear()
-        self._hits = self._misses = 0
-
-    def set_cache_size(self, size: int) -> None:
-        if not isinstance(size, int) or size < 0:
-            raise ValueError(f"cache size must be an int >= 0, got {size!r}")
-        self._cache_size = size
-        while len(self._cache) > size:
-            self._cache.popitem(last=False)
 
 
 def pad_embeddings(embeddings: Sequence[torch.Tensor], length: int = 512) -> torch.Tensor:
@@ -640,26 +291,5 @@ def pad_embeddings(embeddings: Sequence[torch.Tensor], length: int = 512) -> tor
 
 # -- helpers used by from_pretrained ------------------------------------------------------------------------
 
-def _has_tokenizer(p: Path) -> bool:
-    return p.is_dir() and any((p / f).is_file() for f in ("tokenizer.json", "spiece.model", "tokenizer_config.json"))
 
-
-def _config_from_hf_state(state, base: TextEncoderConfig) -> TextEncoderConfig:
-    """Sizes from a transformers-named state dict without config.json (a bare .safetensors / .pth file)."""
-    def shape(k):
-        if k not in state:
-            raise ValueError(f"umT5 checkpoint is missing {k!r}, needed to infer its sizes")
-        return _shape(state, k)
-
-    emb = "shared.weight" if "shared.weight" in state else "encoder.embed_tokens.weight"
-    vocab, dim = shape(emb)
-    buckets, heads = shape("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
-    inner = shape("encoder.block.0.layer.0.SelfAttention.q.weight")[0]
-    dim_ffn = shape("encoder.block.0.layer.1.DenseReluDense.wi_1.weight")[0]
-    layers = 1 + max(int(m.group(1)) for k in state.keys() if (m := _HF_BLOCK_RE.match(k)))
-    return replace(base, vocab_size=vocab, dim=dim, dim_kv=inner // heads, num_heads=heads, dim_ffn=dim_ffn,
-                   num_layers=layers, num_buckets=buckets)
-
-
-__all__ = ["TextEncoder", "CacheInfo", "clean_prompt", "pad_embeddings", "original_to_hf", "hf_to_original",
-           "config_from_original", "umt5_config", "tiny_tokenizer", "ORIGINAL_WEIGHTS", "ORIGINAL_TOKENIZER"]
+__all__ = ["TextEncoder", "CacheInfo", "clean_prompt", "pad_embeddings", "tiny_tokenizer"]

@@ -10,29 +10,40 @@ compiled kernels matter. Per kernel and config it records shared memory (against
 per-block limit), registers, spilled bytes, the tensor-core instructions in the PTX (wgmma / mma, their
 operand types) and how many programs fit on one SM.
 
-    python -m anyid_rt.kernels.cross_compile --arch 80 89 90 [--dtype bf16] [--out bench/results]
+    python -m anyid_rt.bench.cross_compile --arch 80 89 90 [--dtype bf16] [--out bench/results]
+    python bench/cross_compile.py ...                   (the same)
 
 Needs a process without TRITON_INTERPRET (the interpreter replaces the kernels at import). The numbers are
 this machine's Triton's (`triton.__version__` is in each record); a GPU machine with another Triton may
 allocate differently, and none of this replaces timing the kernels there (bench/gpu_suite.sh).
+
+A tool, not runtime: the kernels know nothing of it. Inside `compile_only` it replaces, for its duration, the
+two launch-path functions that ask which GPU runs a kernel (`kernels._utils.device_capability`, which picks
+configs and instructions, and `check_triton_device`, which refuses CPU tensors) wherever a kernel module
+bound them, and puts them back on exit.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import io
 import json
 import re
-import subprocess
 import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from unittest import mock
 
 import torch
 import triton
 
-from . import _utils
+from anyid_rt.bench.timing import environment
+from anyid_rt.config import DiTConfig, parse_dtype
+from anyid_rt.kernels import _utils, attention, attention_8bit, modulation, norm
+from anyid_rt.models.dit import Segments
+from anyid_rt.models.random_weights import random_dit
+
+KERNEL_MODULES = (attention, attention_8bit, modulation, norm)
 
 # Largest dynamic shared memory one program may use (cudaDevAttrMaxSharedMemoryPerBlockOptin, bytes), what
 # Triton compares a compiled kernel's `shared` with before launching it: A100, RTX 30xx / A10, RTX 40xx / L4 /
@@ -162,6 +173,22 @@ class _Recorder:
 
 
 @contextlib.contextmanager
+def launch_checks_for(capability: tuple[int, int]):
+    """Within: every kernel module's `device_capability` answers `capability` for any device and its
+    `check_triton_device` accepts CPU tensors, so that the launchers take the CPU tensors of the exercises
+    and pick the configs of that GPU. Each binding is restored on exit (mock.patch.object)."""
+    replacements = {_utils.device_capability: lambda device: capability,
+                    _utils.check_triton_device: lambda t: None}
+    with contextlib.ExitStack() as stack:
+        for module in (_utils, *KERNEL_MODULES):
+            for name, value in list(vars(module).items()):
+                for original, replacement in replacements.items():
+                    if value is original:
+                        stack.enter_context(mock.patch.object(module, name, replacement))
+        yield
+
+
+@contextlib.contextmanager
 def compile_only(arch: int):
     """Within: Triton compiles for sm`arch` and launches nothing; the launchers accept CPU tensors.
 
@@ -191,22 +218,20 @@ def compile_only(arch: int):
 
     saved_driver = driver._active
     saved_knobs = knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile
-    saved_target = _utils._cross_target
     caches = _jit_functions()
     try:
-        driver.set_active(_StandInDriver(arch))
-        knobs.nvidia.dump_ptxas_log = True  # ptxas runs with -v; its log carries registers and spills
-        knobs.compilation.always_compile = True  # a cached binary would come without that log
-        _utils._cross_target = (arch // 10, arch % 10)
-        JITFunction.run, Autotuner.run = compile_launch, compile_every_config
-        for fn in caches:  # binders hold the target they were made for
-            fn.device_caches.clear()
-        yield recorder
+        with launch_checks_for((arch // 10, arch % 10)):
+            driver.set_active(_StandInDriver(arch))
+            knobs.nvidia.dump_ptxas_log = True  # ptxas runs with -v; its log carries registers and spills
+            knobs.compilation.always_compile = True  # a cached binary would come without that log
+            JITFunction.run, Autotuner.run = compile_launch, compile_every_config
+            for fn in caches:  # binders hold the target they were made for
+                fn.device_caches.clear()
+            yield recorder
     finally:
         JITFunction.run, Autotuner.run = jit_run, tuner_run
         driver._active = saved_driver
         knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = saved_knobs
-        _utils._cross_target = saved_target
         for fn in caches:
             fn.device_caches.clear()
 
@@ -215,10 +240,8 @@ def _jit_functions() -> list:
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
-    from . import attention, attention_8bit, modulation, norm
-
     found = []
-    for module in (attention, attention_8bit, modulation, norm):
+    for module in KERNEL_MODULES:
         for obj in vars(module).values():
             fn = obj.fn if isinstance(obj, Autotuner) else obj
             if isinstance(fn, JITFunction) and fn not in found:
@@ -236,10 +259,6 @@ CASES = ("forward", "backward", "int8 attention", "int8-fp8 attention")
 
 def _exercise(case: str, dtype: torch.dtype, arch: int) -> str | None:
     """Run one exercise; returns why it was refused (a clear error the runtime raises) or None."""
-    from ..models.random_weights import random_dit
-    from ..config import DiTConfig
-    from ..models.dit import Segments
-
     cfg = replace(DiTConfig.preset("wan2.2-ti2v-5b"), num_layers=1)
     attention_quant = {"int8 attention": "int8", "int8-fp8 attention": "int8-fp8"}.get(case)
     dit = random_dit(cfg, dtype=dtype, device="cpu", backend="triton", attention_quant=attention_quant)
@@ -281,25 +300,18 @@ def markdown_table(records: list[CompiledConfig]) -> str:
     return "\n".join([head] + [r.row() for r in rows])
 
 
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m anyid_rt.kernels.cross_compile", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m anyid_rt.bench.cross_compile", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, nargs="+", default=[80, 89, 90], choices=sorted(SHARED_LIMIT))
     p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     p.add_argument("--case", nargs="+", choices=CASES, default=list(CASES))
     p.add_argument("--out", type=Path, help="append JSON lines to OUT/kernel_resources.jsonl, the table to "
-                                            "OUT/kernel_resources.md")
+                                            "OUT/kernel_resources.md (e.g. bench/results)")
     args = p.parse_args(argv)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                commit=_git_commit(), triton=triton.__version__, torch=torch.__version__, dtype=args.dtype)
+    dtype = parse_dtype(args.dtype, "--dtype")
+    env = environment("cpu")
+    meta = dict(date=env["date"], commit=(env["commit"] or "unknown")[:7], triton=triton.__version__,
+                torch=torch.__version__, dtype=args.dtype)
     all_records, problems = [], []
     for arch in args.arch:
         records, refused = cross_compile(arch, dtype, tuple(args.case))

@@ -1,0 +1,102 @@
+"""Preference pairs for Flow-DPO: two generated clips of the same inputs and which one is better, per track.
+
+One JSONL line per pair (`read_pairs`); the labels say, for identity fidelity and for prompt following,
+whether the winner is better (+1), equal (0) or worse (-1) than the loser. `pareto_filter` keeps the pairs
+whose winner is not worse on either track and better on one.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from .groups import DataError
+
+_LABELS = {"winner": 1, "better": 1, "tie": 0, "equal": 0, "loser": -1, "worse": -1}
+
+
+def _label(v, where: str) -> int:
+    if isinstance(v, bool):
+        raise DataError(f"{where}: a label is 1 / 0 / -1 or \"winner\" / \"tie\" / \"loser\", got {v!r}")
+    if isinstance(v, int) and v in (-1, 0, 1):
+        return v
+    if isinstance(v, str) and v.lower() in _LABELS:
+        return _LABELS[v.lower()]
+    raise DataError(f"{where}: a label is 1 / 0 / -1 or \"winner\" / \"tie\" / \"loser\", got {v!r}")
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One matchup: the inputs (prompt, references, primary) and two generated clips. The labels say, per
+    track, whether the winner is better (+1), equal (0) or worse (-1) than the loser: `identity` (identity
+    fidelity judged against the whole ID group) and `prompt` (primary-referenced prompt controllability)."""
+
+    prompt: str
+    references: tuple[str, ...]
+    winner: str
+    loser: str
+    identity: int
+    prompt_following: int
+    primary: int = 0
+
+    def to_json(self) -> dict:
+        return {"prompt": self.prompt, "references": list(self.references), "primary": self.primary,
+                "winner": self.winner, "loser": self.loser,
+                "labels": {"identity": self.identity, "prompt": self.prompt_following}}
+
+
+def read_pairs(path: str | Path, root: str | Path | None = None) -> list[PreferencePair]:
+    """Read a JSONL file, one pair per line:
+    {"prompt": str, "references": [paths], "primary": 0, "winner": path, "loser": path,
+     "labels": {"identity": 1|0|-1, "prompt": 1|0|-1}}   (labels may also be "winner"/"tie"/"loser").
+    Relative paths are resolved against `root` (default: the JSONL file's folder); files must exist."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"pairs file not found: {path}")
+    base = Path(root) if root is not None else path.parent
+    pairs = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            d = json.loads(line)
+        except ValueError as e:
+            raise DataError(f"{where}: invalid JSON: {e}") from e
+        missing = [k for k in ("prompt", "references", "winner", "loser", "labels") if k not in d]
+        if missing:
+            raise DataError(f"{where}: missing {missing}")
+        refs = d["references"]
+        if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
+            raise DataError(f"{where}: references must be a non-empty list of paths")
+        labels = d["labels"]
+        if not isinstance(labels, dict) or set(labels) != {"identity", "prompt"}:
+            raise DataError(f"{where}: labels must be {{\"identity\": ..., \"prompt\": ...}}")
+        primary = d.get("primary", 0)
+        if not isinstance(primary, int) or not 0 <= primary < len(refs):
+            raise DataError(f"{where}: primary={primary!r} is not an index into references")
+        resolve = lambda p: str(p if Path(p).is_absolute() else base / p)  # noqa: E731
+        files = [resolve(r) for r in refs] + [resolve(d["winner"]), resolve(d["loser"])]
+        for f in files:
+            if not Path(f).is_file():
+                raise DataError(f"{where}: file not found: {f}")
+        pairs.append(PreferencePair(str(d["prompt"]), tuple(files[:-2]), files[-2], files[-1],
+                                    _label(labels["identity"], f"{where} identity"),
+                                    _label(labels["prompt"], f"{where} prompt"), primary))
+    return pairs
+
+
+def write_pairs(path: str | Path, pairs: Sequence[PreferencePair]) -> Path:
+    path = Path(path)
+    path.write_text("".join(json.dumps(p.to_json()) + "\n" for p in pairs))
+    return path
+
+
+def pareto_filter(pairs: Sequence[PreferencePair]) -> list[PreferencePair]:
+    """Keep the pairs whose winner Pareto-dominates the loser: not worse on either track, better on one."""
+    return [p for p in pairs
+            if p.identity >= 0 and p.prompt_following >= 0 and (p.identity > 0 or p.prompt_following > 0)]
+
+
+__all__ = ["PreferencePair", "read_pairs", "write_pairs", "pareto_filter"]
