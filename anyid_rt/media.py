@@ -12,6 +12,9 @@ Conventions
   orientation applied), videos `.mp4 .mov .webm .mkv .avi .gif` through PyAV (all frames, or the first
   `max_frames`). Anything else is a `MediaError`, as is a missing, unreadable or corrupt file or a clip with no
   frames.
+* an encoded file in memory (`bytes`, `bytearray`, `memoryview`, `io.BytesIO`), e.g. a server request's payload:
+  an image when PIL recognises PNG, JPEG, WebP or BMP (as the image extensions above), otherwise a video for PyAV
+  (GIF included, as for files); neither is a `MediaError`.
 * a `PIL.Image.Image`.
 * a numpy array or torch tensor. dtype: uint8 ([0, 255]) or floating point in [0, 1] (a tolerance of 1e-3 is
   clamped). Floats outside [0, 1] are rejected, never guessed: [-1, 1] data (our model range) must be mapped with
@@ -24,13 +27,26 @@ Conventions
 * Grayscale is repeated to RGB; an alpha channel (RGBA, LA, palette transparency, 4-channel arrays) is composited
   over black, the default padding colour; 16-bit grayscale images are scaled to 8 bits.
 A Python object of another type raises TypeError.
+
+Reference clips (`load_clip`)
+-----------------------------
+A reference keeps at most `max_frames` frames (4n+1): `clip_indices` is the rule (`to_4n_plus_1` applies it to
+frames in memory). A video is decoded streaming: every frame is decoded, but only the frames the rule keeps are
+converted to RGB, fitted to the working size and stored, so memory is that of the result (at most `max_frames`
+fitted frames), not of the clip. The rule needs the frame count before the first frame is kept: the container's
+count, or, when it states none (Matroska / WebM, some AVI), a count of the stream's packets (a demux pass, no
+decoding). The decode pass counts the frames it decodes to the end; where that differs from the count it started
+from (an edit list, a wrong header), a second pass selects by the decoded count. The selection is therefore always
+exactly the one `to_4n_plus_1` makes on the whole decoded clip; a wrong count costs time (one more pass), never
+memory or a different frame.
 """
 from __future__ import annotations
 
+import io
 import math
 from fractions import Fraction
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Iterable, NamedTuple, Sequence, Union
 
 import numpy as np
 import torch
@@ -41,6 +57,8 @@ VIDEO_EXTENSIONS = (".mp4", ".mov", ".webm", ".mkv", ".avi", ".gif")
 LAYOUTS = ("HW", "HWC", "CHW", "THWC", "CTHW")
 H264_ENCODERS = ("libx264", "h264", "libopenh264")
 _FLOAT_TOL = 1e-3
+_PIL_IMAGE_FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "BMP")  # PIL's names for what IMAGE_EXTENSIONS hold
+InMemoryFile = Union[bytes, bytearray, memoryview, io.BytesIO]
 
 
 class MediaError(ValueError):
@@ -89,47 +107,237 @@ def _load_image(path: Path) -> np.ndarray:
         raise MediaError(f"{path}: not a readable image ({type(e).__name__}: {e}); supported: {_supported()}") from e
 
 
+def _in_memory(x) -> bytes | None:
+    """The bytes of an encoded file held in memory; None for any other input."""
+    if isinstance(x, bytes):
+        return x
+    if isinstance(x, (bytearray, memoryview)):
+        return bytes(x)
+    if isinstance(x, io.BytesIO):
+        return x.getvalue()
+    return None
+
+
+def _image_from_bytes(data: bytes, what: str) -> np.ndarray | None:
+    """uint8 [1, H, W, 3] if `data` is an image PIL recognises as PNG / JPEG / WebP / BMP; None otherwise (then
+    it is a video, GIF included, which PyAV decodes as it does a .gif file)."""
+    from PIL import Image
+
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise MediaError(f"{what}: image too large to load safely ({e})") from e
+    except (OSError, SyntaxError, ValueError):  # not an image PIL knows: a video, or garbage PyAV will refuse
+        return None
+    with img:
+        if img.format not in _PIL_IMAGE_FORMATS:
+            return None
+        try:
+            img.load()
+            return _pil_to_rgb_array(img)[None]
+        except Image.DecompressionBombError as e:
+            raise MediaError(f"{what}: image too large to load safely ({e})") from e
+        except (OSError, SyntaxError, ValueError) as e:
+            raise MediaError(f"{what}: a {img.format} image that cannot be read ({type(e).__name__}: {e})") from e
+
+
 class VideoData(NamedTuple):
     frames: torch.Tensor  # uint8 [T, H, W, 3]
     fps: float | None
     codec: str
 
 
-def _decode_video(path: Path, max_frames: int | None) -> VideoData:
+class _Video(NamedTuple):
+    """A video to decode: a path or the bytes of a file, and how errors name it."""
+
+    src: str | bytes
+    what: str
+
+
+class _Fit(NamedTuple):
+    """Where kept frames go: fitted inside height x width, centred, padded with `pad` (RGB)."""
+
+    height: int
+    width: int
+    pad: tuple[int, int, int]
+
+
+class _Decoded(NamedTuple):
+    frames: np.ndarray | None  # uint8 [k, h, w, 3], the kept frames (None when none was reached)
+    count: int  # frames decoded
+    fps: float | None
+    codec: str
+
+
+def _open_video(video: _Video):
     import av
 
     try:
-        container = av.open(str(path))
+        return av.open(io.BytesIO(video.src) if isinstance(video.src, bytes) else video.src)
     except (av.FFmpegError, OSError, ValueError) as e:
-        raise MediaError(f"{path}: not a readable video ({type(e).__name__}: {e}); supported: {_supported()}") from e
+        kind = "an image or video" if isinstance(video.src, bytes) else "a readable video"
+        raise MediaError(f"{video.what}: not {kind} ({type(e).__name__}: {e}); supported: {_supported()}") from e
+
+
+def _stated_frames(stream) -> int:
+    """The frame count the container states for a stream; 0 when it states none (Matroska, WebM)."""
+    return int(stream.frames or 0)
+
+
+def _stated_seconds(container, stream) -> float | None:
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    return container.duration / 1_000_000 if container.duration else None  # AV_TIME_BASE units
+
+
+def _too_long(video: _Video, frames: int | None, seconds: float | None, max_source_frames: int | None,
+              max_seconds: float | None) -> None:
+    if max_source_frames is not None and frames is not None and frames > max_source_frames:
+        raise MediaError(f"{video.what}: the clip has more than {max_source_frames} frames, the limit")
+    if max_seconds is not None and seconds is not None and seconds > max_seconds:
+        raise MediaError(f"{video.what}: the clip lasts {seconds:.3g} s, longer than the limit of {max_seconds:g} s")
+
+
+def _frame_count(video: _Video, max_source_frames: int | None, max_seconds: float | None) -> int:
+    """The clip's frame count as the container states it, else its packets counted (a demux pass, nothing decoded).
+    Refuses a clip whose stated length passes a limit before anything is decoded."""
+    import av
+
+    container = _open_video(video)
     with container:
         if not container.streams.video:
-            raise MediaError(f"{path}: the file has no video stream")
+            raise MediaError(f"{video.what}: the file has no video stream")
+        stream = container.streams.video[0]
+        n = _stated_frames(stream)
+        _too_long(video, n or None, _stated_seconds(container, stream), max_source_frames, max_seconds)
+        if n:
+            return n
+        try:
+            for packet in container.demux(stream):
+                n += packet.size > 0  # the final empty packet only flushes the demuxer
+                _too_long(video, n, None, max_source_frames, None)
+        except (av.FFmpegError, OSError) as e:
+            raise MediaError(f"{video.what}: reading failed after {n} packet(s) ({type(e).__name__}: {e})") from e
+    return n
+
+
+def _decode(video: _Video, keep: np.ndarray | None = None, first: int | None = None, fit: _Fit | None = None,
+            to_end: bool = False, max_source_frames: int | None = None,
+            max_seconds: float | None = None) -> _Decoded:
+    """One decoding pass, converting and storing only the frames it keeps.
+
+    keep: increasing frame indices to keep (stored in order in a buffer of len(keep) frames, allocated once);
+    None keeps every frame, or the first `first`. Decoding stops after the last kept frame unless `to_end` (to
+    count the clip's frames). fit: each kept frame is fitted as it arrives (`fit_and_pad`'s geometry), so only
+    fitted frames are stored. Refuses a clip longer than max_source_frames / max_seconds (stated or decoded)."""
+    import av
+
+    container = _open_video(video)
+    with container:
+        if not container.streams.video:
+            raise MediaError(f"{video.what}: the file has no video stream")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        frames: list[np.ndarray] = []
+        _too_long(video, _stated_frames(stream) or None, _stated_seconds(container, stream), max_source_frames,
+                  max_seconds)
+        slots = None if keep is None else {int(i): k for k, i in enumerate(keep)}
+        stop = (first if keep is None else int(keep[-1]) + 1) if not to_end else None
+        out: np.ndarray | None = None
+        kept: list[np.ndarray] = []
+        size = box = start_time = None
+        count = 0
         try:
             for frame in container.decode(stream):
-                frames.append(frame.to_ndarray(format="rgb24"))
-                if max_frames is not None and len(frames) >= max_frames:
+                if size is None:
+                    size = (frame.height, frame.width)
+                    box = fit_box(*size, fit.height, fit.width) if fit else None
+                    start_time = frame.time
+                elif (frame.height, frame.width) != size:
+                    raise MediaError(f"{video.what}: the frame size changes inside the clip (from {size[1]}x{size[0]} "
+                                     f"to {frame.width}x{frame.height} at frame {count})")
+                _too_long(video, count + 1, None if frame.time is None or start_time is None
+                          else frame.time - start_time, max_source_frames, max_seconds)
+                k = count if slots is None else slots.get(count)
+                if k is not None:
+                    rgb = frame.to_ndarray(format="rgb24")  # uint8 [h, w, 3]
+                    if slots is None:
+                        kept.append(_fitted(rgb[None], fit, box)[0] if fit else rgb)
+                    else:
+                        if out is None:
+                            out = _canvas(len(keep), fit) if fit else np.empty((len(keep), *rgb.shape), np.uint8)
+                        _paste(out[k], rgb, box) if fit else np.copyto(out[k], rgb)
+                count += 1
+                if stop is not None and count >= stop:
                     break
+        except MediaError:
+            raise
         except (av.FFmpegError, OSError, ValueError) as e:
-            raise MediaError(f"{path}: decoding failed after {len(frames)} frame(s) ({type(e).__name__}: {e})") from e
+            raise MediaError(f"{video.what}: decoding failed after {count} frame(s) ({type(e).__name__}: {e})") from e
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         fps = float(rate) if rate else None
         codec = stream.codec_context.name
-    if not frames:
-        raise MediaError(f"{path}: the video has zero frames")
-    if len({f.shape for f in frames}) != 1:
-        raise MediaError(f"{path}: the frame size changes inside the clip ({sorted({f.shape for f in frames})})")
-    return VideoData(torch.from_numpy(np.stack(frames)), fps, codec)
+    if count == 0:
+        raise MediaError(f"{video.what}: the video has zero frames")
+    if slots is None:
+        out = np.stack(kept)
+    return _Decoded(out, count, fps, codec)
+
+
+def _clip_from_video(video: _Video, max_frames: int, fit: _Fit | None, max_source_frames: int | None,
+                     max_seconds: float | None) -> np.ndarray:
+    """The frames `clip_indices` keeps, decoded streaming (see the module docstring): uint8 [T, h, w, 3]."""
+    n = max(1, _frame_count(video, max_source_frames, max_seconds))
+    for _ in range(2):
+        got = _decode(video, clip_indices(n, max_frames), fit=fit, to_end=True, max_source_frames=max_source_frames,
+                      max_seconds=max_seconds)
+        if got.count == n:
+            return got.frames
+        n = got.count  # the count was wrong (an edit list, a header): decoding is deterministic, select again
+    raise MediaError(f"{video.what}: two decoding passes gave different frame counts; the file is unreliable")
 
 
 def read_video(path: str | Path, max_frames: int | None = None) -> VideoData:
-    """Decode a video file: (frames uint8 [T, H, W, 3], fps, codec name as FFmpeg reports it, e.g. "h264")."""
+    """Decode a video file: (frames uint8 [T, H, W, 3], fps, codec name as FFmpeg reports it, e.g. "h264").
+    Every frame is kept (or the first `max_frames`): memory grows with the clip; `read_frames` and `load_clip`
+    keep only some."""
     path = _check_path(path)
     _check_max_frames(max_frames)
-    return _decode_video(path, max_frames)
+    got = _decode(_Video(str(path), str(path)), first=max_frames)
+    return VideoData(torch.from_numpy(got.frames), got.fps, got.codec)
+
+
+def read_frames(source: str | Path | InMemoryFile, indices: Iterable[int]) -> torch.Tensor:
+    """The frames of a video (path or in-memory file) at `indices` (any order, repeats allowed): uint8
+    [len(indices), H, W, 3]. Only those frames are converted and stored; decoding stops after the last one, so
+    memory does not depend on where in the clip they lie. A clip shorter than an index is a MediaError."""
+    idx = np.asarray(list(indices), dtype=np.int64)
+    if idx.ndim != 1 or idx.size == 0 or idx.min() < 0:
+        raise ValueError(f"indices must be a non-empty list of frame indices >= 0, got {idx.tolist()!r}")
+    video = _video_of(source)
+    if video is None:
+        raise TypeError(f"read_frames reads a video file (path or bytes), got {type(source).__name__}")
+    wanted = np.unique(idx)  # increasing
+    got = _decode(video, wanted)
+    if got.count <= wanted[-1]:
+        raise MediaError(f"{video.what}: frame {int(wanted[-1])} asked for, but the clip has {got.count} frames")
+    frames = got.frames if np.array_equal(wanted, idx) else got.frames[np.searchsorted(wanted, idx)]
+    return torch.from_numpy(frames)
+
+
+def _video_of(x) -> _Video | None:
+    """A video to decode if `x` is one (a path with a video extension, or in-memory bytes that are no image)."""
+    if isinstance(x, (str, Path)):
+        path = _check_path(x)
+        ext = path.suffix.lower()
+        if ext not in VIDEO_EXTENSIONS:
+            if ext in IMAGE_EXTENSIONS:
+                return None
+            raise MediaError(f"{path}: unsupported file type {ext or '(no extension)'!r}; supported: {_supported()}")
+        return _Video(str(path), str(path))
+    data = _in_memory(x)
+    if data is None:
+        return None
+    return _Video(data, f"in-memory file ({len(data)} bytes)")
 
 
 def _check_path(path) -> Path:

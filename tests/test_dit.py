@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from anyid_rt.config import DiTConfig
 from anyid_rt.models import CheckpointError, Segments, WanDiT, load_dit, save_dit
-from anyid_rt.models.dit import count_flops
+from anyid_rt.models.dit import count_flops, patchify
 from anyid_rt.models.dit_loader import diffusers_to_original, original_to_diffusers
 
 from helpers import diffusers_dit, relerr
@@ -122,6 +122,30 @@ def test_segments_run_length_encoding():
     assert Segments.from_timesteps(torch.tensor([3.0, 4.0]), 6).lens == (6,)
     with pytest.raises(ValueError, match=r"\[B\] or \[B, L=6\]"):
         Segments.from_timesteps(torch.zeros(2, 5), 6)
+
+
+def test_patch_embedding_as_a_linear_equals_the_conv():
+    """forward_tokens embeds patchified tokens with the Conv3d's weight as a matrix (what export traces too)."""
+    torch.manual_seed(0)
+    model = WanDiT(CFG)
+    latent = torch.randn(B, 48, F, H, W)
+    with torch.no_grad():
+        conv = model.patch_embedding(latent).flatten(2).transpose(1, 2)  # [B, F*h*w, dim], tokens (f, h, w)
+        linear = model.embed_patches(patchify(CFG, latent))
+    torch.testing.assert_close(linear, conv, rtol=1e-5, atol=1e-6)
+
+
+def test_layout_tables_built_in_inference_serve_training():
+    """RoPE and segment tables are cached per layout; built under inference_mode (the engine), they are
+    normal tensors that a later training forward of the same layout can save for backward."""
+    torch.manual_seed(0)
+    model = WanDiT(CFG)
+    latent, ctx, _ = inputs(8)
+    t = torch.tensor([300.0, 600.0])
+    with torch.inference_mode():
+        model(latent, t, ctx)
+    model(latent, t, ctx).square().mean().backward()
+    assert len(model._layout_cache) == 2  # one RoPE table and one segment map for this layout
 
 
 def test_gradient_checkpointing_same_gradients():
