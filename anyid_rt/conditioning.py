@@ -104,14 +104,18 @@ class PreparedReference:
 
 
 def prepare_reference(ref: Any, height: int, width: int, layout: ConditioningLayout, index: int) -> PreparedReference:
-    """Load one reference (path, PIL image, array or tensor), trim a clip to 4n+1 frames, fit and pad to H x W."""
+    """Load one reference (path, bytes of a file, PIL image, array or tensor), keep the frames of the 4n+1 clip
+    rule and fit and pad each to H x W. A video is decoded streaming (`media.load_clip`): memory holds the kept,
+    fitted frames only, whatever the clip's length."""
     try:
-        frames = media.load_media(ref)  # uint8 [T, H, W, 3]
+        frames = media.load_clip(ref, layout.max_clip_frames, (height, width), layout.pad_color)  # uint8 [T, H, W, 3]
     except media.MediaError as e:
         raise media.MediaError(f"reference {index}: {e}") from e
-    frames = media.to_4n_plus_1(frames, layout.max_clip_frames)
-    pixels = media.fit_and_pad(frames, height, width, pad_value=layout.pad_color)  # [3, T, H, W]
-    desc = str(ref) if isinstance(ref, (str, bytes)) or hasattr(ref, "__fspath__") else type(ref).__name__
+    pixels = media.to_model_range(frames)  # [3, T, H, W] in [-1, 1]
+    if isinstance(ref, media.InMemoryFile):  # not str(ref): a file sent as bytes can be megabytes long
+        desc = f"in-memory {type(ref).__name__}"
+    else:
+        desc = str(ref) if isinstance(ref, str) or hasattr(ref, "__fspath__") else type(ref).__name__
     return PreparedReference(pixels, desc)
 
 

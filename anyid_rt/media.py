@@ -65,6 +65,10 @@ class MediaError(ValueError):
     """A reference or output file / array could not be used; the message says what was wrong and what works."""
 
 
+class ClipTooLong(MediaError):
+    """A clip longer than the bound a caller set (`load_clip(max_source_frames=, max_seconds=)`)."""
+
+
 def _supported() -> str:
     return f"images {' '.join(IMAGE_EXTENSIONS)}; videos {' '.join(VIDEO_EXTENSIONS)}"
 
@@ -193,9 +197,9 @@ def _stated_seconds(container, stream) -> float | None:
 def _too_long(video: _Video, frames: int | None, seconds: float | None, max_source_frames: int | None,
               max_seconds: float | None) -> None:
     if max_source_frames is not None and frames is not None and frames > max_source_frames:
-        raise MediaError(f"{video.what}: the clip has more than {max_source_frames} frames, the limit")
+        raise ClipTooLong(f"{video.what}: the clip has more than {max_source_frames} frames, the limit")
     if max_seconds is not None and seconds is not None and seconds > max_seconds:
-        raise MediaError(f"{video.what}: the clip lasts {seconds:.3g} s, longer than the limit of {max_seconds:g} s")
+        raise ClipTooLong(f"{video.what}: the clip lasts {seconds:.3g} s, longer than the limit of {max_seconds:g} s")
 
 
 def _frame_count(video: _Video, max_source_frames: int | None, max_seconds: float | None) -> int:
@@ -224,22 +228,22 @@ def _frame_count(video: _Video, max_source_frames: int | None, max_seconds: floa
 def _decode(video: _Video, keep: np.ndarray | None = None, first: int | None = None, fit: _Fit | None = None,
             to_end: bool = False, max_source_frames: int | None = None,
             max_seconds: float | None = None) -> _Decoded:
-    """One decoding pass, converting and storing only the frames it keeps.
+    """One decoding pass, converting to RGB and storing only the frames it keeps.
 
-    keep: increasing frame indices to keep (stored in order in a buffer of len(keep) frames, allocated once);
-    None keeps every frame, or the first `first`. Decoding stops after the last kept frame unless `to_end` (to
-    count the clip's frames). fit: each kept frame is fitted as it arrives (`fit_and_pad`'s geometry), so only
-    fitted frames are stored. Refuses a clip longer than max_source_frames / max_seconds (stated or decoded)."""
+    keep: increasing frame indices to keep, stored in order in one buffer of len(keep) frames (fitted as they
+    arrive when `fit` is given, so that only fitted frames are ever stored); None keeps every frame, or the first
+    `first`. Decoding stops after the last kept frame unless `to_end` (to count the clip's frames). Refuses a clip
+    that decodes to more than max_source_frames frames or max_seconds (the stated length is `_frame_count`'s)."""
     import av
 
+    if fit is not None and keep is None:
+        raise ValueError("fitting while decoding needs the kept frame indices")
     container = _open_video(video)
     with container:
         if not container.streams.video:
             raise MediaError(f"{video.what}: the file has no video stream")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        _too_long(video, _stated_frames(stream) or None, _stated_seconds(container, stream), max_source_frames,
-                  max_seconds)
         slots = None if keep is None else {int(i): k for k, i in enumerate(keep)}
         stop = (first if keep is None else int(keep[-1]) + 1) if not to_end else None
         out: np.ndarray | None = None
@@ -261,11 +265,15 @@ def _decode(video: _Video, keep: np.ndarray | None = None, first: int | None = N
                 if k is not None:
                     rgb = frame.to_ndarray(format="rgb24")  # uint8 [h, w, 3]
                     if slots is None:
-                        kept.append(_fitted(rgb[None], fit, box)[0] if fit else rgb)
+                        kept.append(rgb)
+                    elif fit is not None:
+                        if out is None:
+                            out = _canvas(len(keep), fit)  # uint8 [len(keep), height, width, 3]
+                        _paste(out[k], rgb, box)
                     else:
                         if out is None:
-                            out = _canvas(len(keep), fit) if fit else np.empty((len(keep), *rgb.shape), np.uint8)
-                        _paste(out[k], rgb, box) if fit else np.copyto(out[k], rgb)
+                            out = np.empty((len(keep), *rgb.shape), np.uint8)
+                        out[k] = rgb
                 count += 1
                 if stop is not None and count >= stop:
                     break
@@ -313,31 +321,16 @@ def read_frames(source: str | Path | InMemoryFile, indices: Iterable[int]) -> to
     idx = np.asarray(list(indices), dtype=np.int64)
     if idx.ndim != 1 or idx.size == 0 or idx.min() < 0:
         raise ValueError(f"indices must be a non-empty list of frame indices >= 0, got {idx.tolist()!r}")
-    video = _video_of(source)
-    if video is None:
-        raise TypeError(f"read_frames reads a video file (path or bytes), got {type(source).__name__}")
+    video = _source(source) if isinstance(source, (str, Path)) or _in_memory(source) is not None else None
+    if not isinstance(video, _Video):
+        raise MediaError(f"read_frames reads a video file (a path with a video extension or its bytes), got "
+                         f"{source if isinstance(source, (str, Path)) else type(source).__name__}")
     wanted = np.unique(idx)  # increasing
     got = _decode(video, wanted)
     if got.count <= wanted[-1]:
         raise MediaError(f"{video.what}: frame {int(wanted[-1])} asked for, but the clip has {got.count} frames")
     frames = got.frames if np.array_equal(wanted, idx) else got.frames[np.searchsorted(wanted, idx)]
     return torch.from_numpy(frames)
-
-
-def _video_of(x) -> _Video | None:
-    """A video to decode if `x` is one (a path with a video extension, or in-memory bytes that are no image)."""
-    if isinstance(x, (str, Path)):
-        path = _check_path(x)
-        ext = path.suffix.lower()
-        if ext not in VIDEO_EXTENSIONS:
-            if ext in IMAGE_EXTENSIONS:
-                return None
-            raise MediaError(f"{path}: unsupported file type {ext or '(no extension)'!r}; supported: {_supported()}")
-        return _Video(str(path), str(path))
-    data = _in_memory(x)
-    if data is None:
-        return None
-    return _Video(data, f"in-memory file ({len(data)} bytes)")
 
 
 def _check_path(path) -> Path:
@@ -444,38 +437,86 @@ def _to_rgb(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
-def load_media(x, max_frames: int | None = None, *, layout: str | None = None) -> torch.Tensor:
-    """Load an image or clip (path, PIL image, numpy array or torch tensor) as uint8 [T, H, W, 3].
-
-    `max_frames` keeps the first `max_frames` frames (a video stops decoding there). See the module docstring
-    for the accepted forms; errors are `MediaError` (a ValueError) except for unsupported Python types
-    (TypeError)."""
-    _check_max_frames(max_frames)
+def _source(x, layout: str | None = None) -> _Video | torch.Tensor:
+    """What an input is: a video to decode (a path with a video extension, or in-memory bytes that are no image),
+    or frames uint8 [T, H, W, 3] (image files, PIL images, arrays, tensors)."""
     if isinstance(x, (str, Path)):
         path = _check_path(x)
         ext = path.suffix.lower()
         if ext in IMAGE_EXTENSIONS:
-            frames = torch.from_numpy(_load_image(path))
-        elif ext in VIDEO_EXTENSIONS:
-            frames = _decode_video(path, max_frames).frames
-        else:
-            raise MediaError(f"{path}: unsupported file type {ext or '(no extension)'!r}; supported: {_supported()}")
+            return torch.from_numpy(_load_image(path))
+        if ext in VIDEO_EXTENSIONS:
+            return _Video(str(path), str(path))
+        raise MediaError(f"{path}: unsupported file type {ext or '(no extension)'!r}; supported: {_supported()}")
+    data = _in_memory(x)
+    if data is not None:
+        what = f"in-memory file ({len(data)} bytes)"
+        if not data:
+            raise MediaError(f"{what}: empty; pass the bytes of an image or video file")
+        image = _image_from_bytes(data, what)
+        return _Video(data, what) if image is None else torch.from_numpy(image)
+    try:
+        from PIL import Image
+        is_pil = isinstance(x, Image.Image)
+    except ImportError:  # pragma: no cover
+        is_pil = False
+    if is_pil:
+        return torch.from_numpy(_pil_to_rgb_array(x))[None]
+    if isinstance(x, (np.ndarray, torch.Tensor)):
+        return _array_to_frames(x, f"{type(x).__name__}", layout)
+    raise TypeError(f"cannot load media from a {type(x).__name__}; pass a file path, the bytes of a file, a PIL "
+                    f"image, a numpy array or a torch tensor")
+
+
+def load_media(x, max_frames: int | None = None, *, layout: str | None = None) -> torch.Tensor:
+    """Load an image or clip (path, bytes of a file, PIL image, numpy array or torch tensor) as uint8 [T, H, W, 3].
+
+    `max_frames` keeps the first `max_frames` frames (a video stops decoding there). See the module docstring
+    for the accepted forms; errors are `MediaError` (a ValueError) except for unsupported Python types
+    (TypeError). A whole video is held in memory: `load_clip` is the bounded way to read a reference."""
+    _check_max_frames(max_frames)
+    src = _source(x, layout)
+    if isinstance(src, _Video):
+        frames = torch.from_numpy(_decode(src, first=max_frames).frames)
     else:
-        try:
-            from PIL import Image
-            is_pil = isinstance(x, Image.Image)
-        except ImportError:  # pragma: no cover
-            is_pil = False
-        if is_pil:
-            frames = torch.from_numpy(_pil_to_rgb_array(x))[None]
-        elif isinstance(x, (np.ndarray, torch.Tensor)):
-            frames = _array_to_frames(x, f"{type(x).__name__}", layout)
-        else:
-            raise TypeError(f"cannot load media from a {type(x).__name__}; pass a file path, a PIL image, a numpy "
-                            f"array or a torch tensor")
+        frames = src
     if max_frames is not None:
         frames = frames[:max_frames]
     return frames.contiguous()
+
+
+def load_clip(x, max_frames: int, size: tuple[int, int] | None = None, pad_value: int | Sequence[int] = (0, 0, 0), *,
+              layout: str | None = None, max_source_frames: int | None = None,
+              max_seconds: float | None = None) -> torch.Tensor:
+    """A reference as the engine uses it: the frames the 4n+1 rule keeps of any input `load_media` accepts
+    (`clip_indices`, i.e. `to_4n_plus_1(load_media(x), max_frames)`), each fitted into size = (height, width) and
+    padded with `pad_value` when a size is given (`fit_and_pad`'s pixels before its [-1, 1] mapping, bit for bit).
+    Returns uint8 [T, H, W, 3], T = 4n+1 <= max_frames.
+
+    A video (path or in-memory file) is decoded streaming, keeping only the selected frames, each fitted as it
+    arrives: memory is that of the result whatever the clip's length (the module docstring says how the frame
+    count is found). `max_source_frames` / `max_seconds` refuse a longer clip, by its stated length before
+    decoding and by what is decoded while decoding (a server's bound on work); None: no bound."""
+    _check_max_frames(max_frames)
+    if max_frames is None:
+        raise ValueError("max_frames is required")
+    _check_max_frames(max_source_frames)
+    if max_seconds is not None and (isinstance(max_seconds, bool) or not isinstance(max_seconds, (int, float))
+                                    or not max_seconds > 0):
+        raise ValueError(f"max_seconds must be a positive number or None, got {max_seconds!r}")
+    if size is not None and (not isinstance(size, (tuple, list)) or len(size) != 2):
+        raise ValueError(f"size must be (height, width), got {size!r}")
+    fit = None if size is None else _check_fit(*size, pad_value)
+    src = _source(x, layout)
+    if isinstance(src, _Video):
+        return torch.from_numpy(_clip_from_video(src, max_frames, fit, max_source_frames, max_seconds))
+    if max_source_frames is not None and src.shape[0] > max_source_frames:
+        raise ClipTooLong(f"the clip has more than {max_source_frames} frames, the limit")
+    frames = to_4n_plus_1(src, max_frames)
+    if fit is None:
+        return frames.contiguous()
+    box = fit_box(frames.shape[1], frames.shape[2], fit.height, fit.width)
+    return torch.from_numpy(_fitted(frames.numpy(), fit, box))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -518,14 +559,7 @@ def fit_box(h: int, w: int, height: int, width: int) -> tuple[int, int, int, int
     return (height - nh) // 2, (width - nw) // 2, nh, nw
 
 
-def fit_and_pad(frames, height: int, width: int, pad_value: int | Sequence[int] = (0, 0, 0)) -> torch.Tensor:
-    """Fit a clip inside height x width keeping its aspect ratio, centre it, pad with `pad_value` (RGB, 0..255).
-
-    Input uint8 [T, H, W, 3]; output float32 [3, T, height, width] in [-1, 1] (`to_model_range`). Resizing is
-    PIL LANCZOS per frame (antialiased; the filter the official Wan i2v preprocessing uses); a frame already at the
-    target size is copied unchanged. Placement is `fit_box` (an odd leftover puts the extra padding row/column
-    at the bottom/right)."""
-    frames = _check_frames(frames)
+def _check_fit(height, width, pad_value) -> _Fit:
     if not (isinstance(height, int) and isinstance(width, int)) or height < 1 or width < 1:
         raise ValueError(f"height and width must be positive ints, got {height!r} x {width!r}")
     if isinstance(pad_value, (int, np.integer)):
@@ -533,35 +567,74 @@ def fit_and_pad(frames, height: int, width: int, pad_value: int | Sequence[int] 
     pad = tuple(pad_value)
     if len(pad) != 3 or not all(isinstance(v, (int, np.integer)) and 0 <= v <= 255 for v in pad):
         raise ValueError(f"pad_value must be an int or 3 ints in [0, 255], got {pad_value!r}")
-    t, h, w, _ = frames.shape
-    top, left, nh, nw = fit_box(h, w, height, width)
-    out = torch.empty(t, height, width, 3, dtype=torch.uint8)
-    out[:] = torch.tensor(pad, dtype=torch.uint8)
-    src = frames.numpy()
-    for i in range(t):
-        out[i, top:top + nh, left:left + nw] = torch.from_numpy(_resize(src[i], nw, nh))
-    return to_model_range(out)
+    return _Fit(height, width, tuple(int(v) for v in pad))
+
+
+def _canvas(n: int, fit: _Fit) -> np.ndarray:
+    """uint8 [n, height, width, 3] of the pad colour."""
+    out = np.empty((n, fit.height, fit.width, 3), np.uint8)
+    out[:] = fit.pad
+    return out
+
+
+def _paste(dst: np.ndarray, frame: np.ndarray, box: tuple[int, int, int, int]) -> None:
+    """Resize one uint8 [h, w, 3] frame into its `fit_box` place on a canvas frame [height, width, 3]."""
+    top, left, nh, nw = box
+    dst[top:top + nh, left:left + nw] = _resize(frame, nw, nh)
+
+
+def _fitted(frames: np.ndarray, fit: _Fit, box: tuple[int, int, int, int]) -> np.ndarray:
+    """uint8 [T, h, w, 3] -> uint8 [T, height, width, 3]: each frame fitted and padded."""
+    out = _canvas(len(frames), fit)
+    for i in range(len(frames)):
+        _paste(out[i], frames[i], box)
+    return out
+
+
+def fit_and_pad(frames, height: int, width: int, pad_value: int | Sequence[int] = (0, 0, 0)) -> torch.Tensor:
+    """Fit a clip inside height x width keeping its aspect ratio, centre it, pad with `pad_value` (RGB, 0..255).
+
+    Input uint8 [T, H, W, 3]; output float32 [3, T, height, width] in [-1, 1] (`to_model_range`). Resizing is
+    PIL LANCZOS per frame (antialiased; the filter the official Wan i2v preprocessing uses); a frame already at the
+    target size is copied unchanged. Placement is `fit_box` (an odd leftover puts the extra padding row/column
+    at the bottom/right). `load_clip(..., size=...)` does the same to each frame while a video decodes."""
+    frames = _check_frames(frames)
+    fit = _check_fit(height, width, pad_value)
+    _, h, w, _ = frames.shape
+    return to_model_range(torch.from_numpy(_fitted(frames.numpy(), fit, fit_box(h, w, height, width))))
+
+
+def clip_indices(num_frames: int, max_frames: int) -> np.ndarray:
+    """The frames a clip of `num_frames` frames keeps as a reference of at most `max_frames` frames: increasing
+    int64 indices, 4n+1 of them.
+
+    Rule: let m be the largest 4n+1 <= max_frames. If T = num_frames <= max_frames, the first 4*floor((T-1)/4)+1
+    frames (drops at most 3 frames from the end; the frame rate is kept). If T > max_frames, m frames spread
+    uniformly, round(linspace(0, T-1, m)) (first and last frame kept; the step is > 1, so no index repeats). A
+    1-frame clip stays 1 frame."""
+    _check_max_frames(max_frames)
+    if max_frames is None:
+        raise ValueError("max_frames is required")
+    if num_frames < 1:
+        raise MediaError("the clip has zero frames")
+    if num_frames <= max_frames:
+        return np.arange((num_frames - 1) // 4 * 4 + 1, dtype=np.int64)
+    m = (max_frames - 1) // 4 * 4 + 1
+    return np.round(np.linspace(0, num_frames - 1, m)).astype(np.int64)
 
 
 def to_4n_plus_1(frames, max_frames: int):
-    """Make a clip 4n+1 frames long with at most `max_frames` frames (time is dim 0; tensor or numpy array).
-
-    Rule: let m be the largest 4n+1 <= max_frames. If the clip has T <= max_frames frames, keep its first
-    4*floor((T-1)/4)+1 frames (drops at most 3 frames from the end; the frame rate is kept). If T > max_frames,
-    subsample it uniformly to m frames, indices round(linspace(0, T-1, m)) (first and last frame kept). A 1-frame
-    clip stays 1 frame."""
+    """Make a clip 4n+1 frames long with at most `max_frames` frames (time is dim 0; tensor or numpy array): the
+    frames `clip_indices` selects (a leading slice, a view, when the clip is not longer than `max_frames`)."""
     _check_max_frames(max_frames)
     if max_frames is None:
         raise ValueError("max_frames is required")
     if not isinstance(frames, (torch.Tensor, np.ndarray)):
         raise TypeError(f"frames must be a tensor or numpy array, got {type(frames).__name__}")
     t = frames.shape[0] if frames.ndim else 0
-    if t == 0:
-        raise MediaError("the clip has zero frames")
+    idx = clip_indices(t, max_frames)
     if t <= max_frames:
-        return frames[:(t - 1) // 4 * 4 + 1]
-    m = (max_frames - 1) // 4 * 4 + 1
-    idx = np.round(np.linspace(0, t - 1, m)).astype(np.int64)
+        return frames[:len(idx)]
     return frames[torch.from_numpy(idx)] if isinstance(frames, torch.Tensor) else frames[idx]
 
 
@@ -648,6 +721,6 @@ def write_mp4(frames, path: str | Path, fps: float = 24, *, crf: int = 18, prese
     return path
 
 
-__all__ = ["MediaError", "VideoData", "load_media", "read_video", "fit_and_pad", "fit_box", "to_model_range",
-           "to_4n_plus_1", "write_mp4", "h264_encoder", "crop_center_to", "IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS",
-           "LAYOUTS", "ASSET_DIR"]
+__all__ = ["MediaError", "ClipTooLong", "VideoData", "load_media", "load_clip", "read_video", "read_frames", "fit_and_pad", "fit_box",
+           "to_model_range", "clip_indices", "to_4n_plus_1", "write_mp4", "h264_encoder", "crop_center_to",
+           "IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "LAYOUTS", "ASSET_DIR", "InMemoryFile"]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import sys
 
-from anyid_rt.bench import report, timing
+from anyid_rt.bench import timing
 
 B, H, D = 2, 24, 128
 CASES = {"27280": (27280, 27280), "58080": (58080, 58080), "27280x58080": (27280, 58080)}

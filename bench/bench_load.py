@@ -5,7 +5,8 @@ that were touched (clean page cache the kernel can drop); anonymous memory is wh
 and it should equal the bf16 weights (~10 GB): no second full-size copy.
 
 Not run in CI (it needs ~20 GB of disk and ~11 GB of memory):
-    python bench/bench_load.py --dir /tmp/wan5b            # writes once, then loads (or python -m anyid_rt.bench.bench_load)
+    python bench/bench_load.py --dir /tmp/wan5b            # writes once, then loads
+    python -m anyid_rt.bench.bench_load --dir /tmp/wan5b   # the same
     python bench/bench_load.py --dir /tmp/wan5b --keep     # keep the checkpoint for later runs
 """
 from __future__ import annotations

@@ -41,9 +41,11 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from anyid_rt.config import DTYPES, PRESETS
+from anyid_rt.engine import Defaults, Engine
 from anyid_rt.models.random_weights import random_dit
 
 from .report import summary_lines
@@ -52,12 +54,9 @@ from .run import (CASE_NAMES, PROMPT, RESULTS_FILE, STAGE_NAMES, Case, Run, Sett
 from .stages import bench_ceiling, bench_text, bench_vae
 from .steps import StepBench, Variant, bench_case, default_variants, parse_variant
 
+
 def bench_full_video(run: Run, steps: StepBench, case: Case) -> None:
     """One Engine.generate, end to end, with the fastest of our variants measured for this case."""
-    import numpy as np
-
-    from anyid_rt.engine import Defaults, Engine
-
     s = run.settings
     ours = [r for r in steps.results.get(case.name, []) if r.status == "ok" and r.variant.impl == "anyid_rt"]
     name = s.full_video_variant or (min(ours, key=lambda r: r.median_s).variant.name if ours else None)
@@ -71,7 +70,7 @@ def bench_full_video(run: Run, steps: StepBench, case: Case) -> None:
     if reason:
         run.emit("video", case=case.name, status="skipped", reason=reason)
         return
-    engine = Engine(steps.module(parse_variant(name)), run.vae, run.text_encoder, device=run.device,
+    engine = Engine(steps.module(parse_variant(name), s), run.vae, run.text_encoder, device=run.device,
                     defaults=Defaults(height=case.height, width=case.width, num_frames=case.frames, steps=s.steps,
                                       guidance=s.guidance))
     rng = np.random.default_rng(s.seed)
@@ -179,7 +178,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steps-timed", type=int, default=d.steps_timed,
                    help="timed guided steps per variant (default %(default)s)")
     g.add_argument("--warmup", type=int, default=d.warmup,
-                   help="untimed steps after the first call, which is always untimed and reported (default %(default)s)")
+                   help="untimed steps after the first call, which is always untimed and reported "
+                        "(default %(default)s)")
     g.add_argument("--stage-repeats", type=int, default=d.stage_repeats,
                    help="timed repetitions of each stage (default %(default)s)")
     g.add_argument("--stage-warmup", type=int, default=d.stage_warmup,

@@ -6,7 +6,8 @@
 # OUT_DIR receives: env.txt (nvidia-smi, versions), pytest-gpu.log + .xml, bench_*.log, bench_*.jsonl, bench_*.png.
 # Every step runs even if an earlier one fails; the exit status is non-zero if any failed.
 # The GPU machines have no network: where anyid_rt is not installed, the package mapping of setup.py
-# (anyid_rt.kernels -> kernels/, ...) is rebuilt as a folder of symlinks on PYTHONPATH instead of pip.
+# (anyid_rt.kernels -> kernels/, anyid_rt.bench -> bench/, ...) is rebuilt as a folder of symlinks on PYTHONPATH
+# instead of pip.
 # Knobs: PYTHON (interpreter), BENCH_ATTENTION_ARGS, BENCH_MODULATION_ARGS (extra arguments), e.g.
 #   BENCH_ATTENTION_ARGS="--mode fwd --no-sweep" bash bench/gpu_suite.sh /tmp/run   (a quicker run)
 set -uo pipefail
@@ -25,13 +26,13 @@ fi
 
 # Run from a neutral folder: the repo's own anyid_rt/ must not shadow the mapped package.
 cd "$OUT_DIR"
-if ! "$PY" -c "import anyid_rt.kernels" 2>/dev/null; then
+if ! "$PY" -c "import anyid_rt.kernels, anyid_rt.bench" 2>/dev/null; then
   SHIM="$(mktemp -d)"
   mkdir "$SHIM/anyid_rt"
   for entry in "$REPO"/anyid_rt/*; do ln -s "$entry" "$SHIM/anyid_rt/"; done
-  for sub in kernels export trainer; do ln -s "$REPO/$sub" "$SHIM/anyid_rt/$sub"; done
+  for sub in kernels export trainer bench; do ln -s "$REPO/$sub" "$SHIM/anyid_rt/$sub"; done
   export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
-  "$PY" -c "import anyid_rt.kernels" || { echo "cannot import anyid_rt.kernels" >&2; exit 1; }
+  "$PY" -c "import anyid_rt.kernels, anyid_rt.bench" || { echo "cannot import anyid_rt.kernels, anyid_rt.bench" >&2; exit 1; }
 fi
 
 {

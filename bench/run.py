@@ -16,6 +16,8 @@ import torch
 
 from anyid_rt.config import PRESETS, DiTConfig, ModelConfig, TokenGeometry, dtype_name, parse_dtype
 from anyid_rt.engine import TINY_DEFAULTS, Defaults
+from anyid_rt.models.text_encoder import TextEncoder
+from anyid_rt.models.vae import WanVAE
 
 from .report import SCHEMA
 from .timing import Measurement, append_jsonl, dense_peaks, environment, measure
@@ -232,8 +234,8 @@ class Run:
     stage_note: dict[str, str] = field(default_factory=dict)  # stage -> how its seconds were estimated
     ceiling_tflops: float | None = None
     # kept for the whole-video run (--full-video) when the stages built them at full size
-    vae: Any = None  # WanVAE
-    text_encoder: Any = None  # TextEncoder
+    vae: WanVAE | None = None
+    text_encoder: TextEncoder | None = None
 
     @classmethod
     def start(cls, settings: Settings) -> "Run":
@@ -241,14 +243,13 @@ class Run:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda but torch sees no CUDA device; use --device cpu --preset tiny")
         dtype = parse_dtype(settings.dtype or ("bf16" if device.type == "cuda" else "fp32"), "--dtype")
-        out_dir = Path(settings.out)
-        out_dir.mkdir(parents=True, exist_ok=True)
         env = environment(device, settings.commit)
         peaks = dense_peaks(env.get("device_name")) if device.type == "cuda" else dict(
             bf16=None, fp8=None, source="no datasheet peak for a CPU")
         if settings.peak_tflops:
             peaks = dict(peaks, bf16=settings.peak_tflops, source="--peak-tflops")
-        return cls(settings, device, dtype, ModelConfig.preset(settings.preset), env, peaks, out_dir / RESULTS_FILE)
+        return cls(settings, device, dtype, ModelConfig.preset(settings.preset), env, peaks,
+                   Path(settings.out) / RESULTS_FILE)
 
     @property
     def vae_dtype(self) -> torch.dtype:

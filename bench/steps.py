@@ -169,7 +169,7 @@ class StepBench:
     chosen_backend: dict[str, str] = field(default_factory=dict)  # case name -> diffusers attention backend
     results: dict[str, list[StepResult]] = field(default_factory=dict)  # case name -> results
 
-    def module(self, v: Variant, settings: Settings | None = None) -> WanDiT:
+    def module(self, v: Variant, settings: Settings) -> WanDiT:
         """Our module of a variant: a view of the base weights with its own backend, quantised and compiled."""
         if v.name not in self.ours:
             model = dit_view(self.base, v.base)

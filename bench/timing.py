@@ -133,6 +133,8 @@ def measure(fn: Callable[[], Any], *, warmup: int, reps: int, device: torch.devi
         raise ValueError(f"need reps >= 1 and warmup >= 0, got reps={reps}, warmup={warmup}")
     device = torch.device(device)
     cuda = device.type == "cuda"
+    # allocated before the memory baseline, so that the peak over it is fn's alone
+    flush = torch.empty(_L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device) if cuda and flush_l2 else None
     sync(device)
     mem_before = torch.cuda.memory_allocated(device) if cuda else None
     if cuda:
@@ -147,7 +149,6 @@ def measure(fn: Callable[[], Any], *, warmup: int, reps: int, device: torch.devi
         fn()
     times: list[float] = []
     if cuda:
-        flush = torch.empty(_L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device) if flush_l2 else None
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
         for start, end in events:
             if flush is not None:
@@ -157,7 +158,6 @@ def measure(fn: Callable[[], Any], *, warmup: int, reps: int, device: torch.devi
             end.record()
         torch.cuda.synchronize(device)
         times = [start.elapsed_time(end) for start, end in events]
-        del flush
     else:
         for _ in range(reps):
             t0 = clock()

@@ -305,7 +305,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--torch-threads", type=int, default=0)
     r.add_argument("--engines", help="folder with dit.plan, vae_decode_*.plan and their ONNX: BLS to TensorRT")
     r.add_argument("--onnx", help="folder of `export onnx`: BLS to onnxruntime stand-ins (CPU)")
-    for f in ("max_references", "max_reference_bytes", "max_reference_frames", "max_pixels", "max_frames", "max_steps"):
+    for f in ("max_references", "max_request_bytes", "max_reference_bytes", "max_reference_frames",
+              "max_reference_seconds", "max_pixels", "max_frames", "max_steps"):
         r.add_argument("--" + f.replace("_", "-"), dest=f, type=int, default=None)
     r.set_defaults(func=_guard(cmd_export_triton_repo))
     return ex

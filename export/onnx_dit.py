@@ -85,8 +85,7 @@ class DiTStep(nn.Module):
                 context: torch.Tensor) -> torch.Tensor:
         rope = (torch.cat([rope_cos, ref_rope_cos]), torch.cat([rope_sin, ref_rope_sin]))  # 2 x [N + R, D/2]
         out = self.dit.forward_tokens(torch.cat([tokens, ref_tokens], 1), t_freq,
-                                      SegmentMap(torch.cat([seg_index, ref_seg_index])), rope,
-                                      self.dit.embed_text(context, self.ops), self.ops)
+                                      SegmentMap(torch.cat([seg_index, ref_seg_index])), rope, context, self.ops)
         return out[:, :tokens.shape[1]]  # [B, N, Cp] fp32: the target's velocity tokens
 
 

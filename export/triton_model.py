@@ -16,13 +16,18 @@ optional), `primary`, `steps`, `height`, `width`, `num_frames` (INT32 [1]), `see
 request (missing prompt, undecodable reference, too many references, values out of range) gets an error
 response; the model keeps serving.
 
+A request is validated completely before the engine runs: sizes, counts and bytes first, then every reference is
+decoded (`anyid_rt.media.load_clip`) to exactly what the engine makes of the file: only the frames its 4n+1 clip
+rule keeps, each fitted to the working size as it arrives. A reference therefore costs the memory of its fitted
+frames (at most the layout's `max_clip_frames`), not of the clip; `Limits` bound the bytes and the length (frames
+and seconds) of what a request may ask the server to decode.
+
 The model imports anyid_rt from the Python environment of the stub: `anyid-rt serve` puts the serving
 environment's site-packages on the stub's path (export/serve.py); in a Triton container, `pip install
 anyid_rt` into the container's Python instead.
 """
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,14 +47,40 @@ class RequestError(ValueError):
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-request bounds that protect a shared server (config.pbtxt parameters of the same names)."""
+    """Per-request bounds that protect a shared server (config.pbtxt parameters of the same names).
+
+    max_request_bytes bounds the prompt and all references together, max_reference_bytes each reference file;
+    max_reference_frames / max_reference_seconds bound the length of a reference clip, by what its container states
+    (before decoding) and by what decodes. Memory does not grow with a clip's length; decoding time does."""
 
     max_references: int = 8
+    max_request_bytes: int = 256 << 20
     max_reference_bytes: int = 64 << 20
     max_reference_frames: int = 2000
+    max_reference_seconds: int = 120
     max_pixels: int = 1280 * 704
     max_frames: int = 121
     max_steps: int = 100
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What request parsing needs to know of the engine: its defaults, its size check and its layout's clip rule
+    (a reference is decoded at the working size to what `conditioning.prepare_reference` would make of it)."""
+
+    height: int
+    width: int
+    num_frames: int
+    steps: int
+    max_clip_frames: int
+    pad_color: tuple[int, int, int]
+    geometry: Any  # anyid_rt.config.TokenGeometry: .check(height, width, num_frames)
+
+    @classmethod
+    def of(cls, engine) -> "EngineSpec":
+        d, layout = engine.defaults, engine.layout
+        return cls(d.height, d.width, d.num_frames, d.steps, layout.max_clip_frames, tuple(layout.pad_color),
+                   engine.geometry)
 
 
 SCALARS = {"primary": np.int32, "seed": np.int64, "steps": np.int32, "guidance": np.float32, "height": np.int32,
@@ -60,44 +91,20 @@ SCALARS = {"primary": np.int32, "seed": np.int64, "steps": np.int32, "guidance":
 # Request parsing (no Triton needed)
 # ---------------------------------------------------------------------------------------------------------
 
-def decode_reference(data: bytes, index: int, limits: Limits) -> Any:
-    """An encoded image (a PIL image, which the engine loads as from a file) or video (uint8 [T, H, W, 3])."""
-    if not isinstance(data, (bytes, bytearray)) or len(data) == 0:
-        raise RequestError(f"reference {index}: empty; send the bytes of an image or video file")
-    if len(data) > limits.max_reference_bytes:
-        raise RequestError(f"reference {index}: {len(data)} bytes, more than max_reference_bytes="
-                           f"{limits.max_reference_bytes}")
-    from PIL import Image
+def decode_reference(data: bytes, index: int, limits: Limits, spec: EngineSpec, height: int, width: int):
+    """An encoded image or video -> the frames the engine uses: uint8 [T, height, width, 3], T = 4n+1 (the clip
+    rule's frames, each fitted and padded as it decodes; memory is the result's, whatever the clip's length)."""
+    from anyid_rt import media
 
     try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-        if getattr(img, "n_frames", 1) == 1:
-            return img
-    except Image.DecompressionBombError as e:
-        raise RequestError(f"reference {index}: image too large ({e})") from e
-    except (OSError, SyntaxError, ValueError):
-        pass  # not an image: try a video
-    import av
-
-    frames = []
-    try:
-        with av.open(io.BytesIO(bytes(data))) as container:
-            if not container.streams.video:
-                raise RequestError(f"reference {index}: the file has no video stream")
-            for frame in container.decode(container.streams.video[0]):
-                frames.append(frame.to_ndarray(format="rgb24"))
-                if len(frames) > limits.max_reference_frames:
-                    raise RequestError(f"reference {index}: more than {limits.max_reference_frames} frames")
-    except RequestError:
-        raise
-    except (av.FFmpegError, OSError, ValueError) as e:
-        raise RequestError(f"reference {index}: not a decodable image or video ({type(e).__name__}: {e})") from e
-    if not frames:
-        raise RequestError(f"reference {index}: not a decodable image or video (no frames)")
-    if len({f.shape for f in frames}) != 1:
-        raise RequestError(f"reference {index}: the frame size changes inside the clip")
-    return np.stack(frames)
+        return media.load_clip(bytes(data), spec.max_clip_frames, (height, width), spec.pad_color,
+                               max_source_frames=limits.max_reference_frames,
+                               max_seconds=limits.max_reference_seconds)
+    except media.ClipTooLong as e:
+        raise RequestError(f"reference {index}: {e} (this server's max_reference_frames="
+                           f"{limits.max_reference_frames}, max_reference_seconds={limits.max_reference_seconds})") from e
+    except media.MediaError as e:
+        raise RequestError(f"reference {index}: {e}") from e
 
 
 def _scalar(name: str, value: np.ndarray | None):
@@ -111,8 +118,10 @@ def _scalar(name: str, value: np.ndarray | None):
     return a.reshape(()).item()
 
 
-def parse_request(get: Callable[[str], np.ndarray | None], limits: Limits) -> dict[str, Any]:
-    """Keyword arguments of `Engine.generate` from a request's tensors (`get(name)` -> array or None)."""
+def parse_request(get: Callable[[str], np.ndarray | None], limits: Limits, spec: EngineSpec) -> dict[str, Any]:
+    """Keyword arguments of `Engine.generate` from a request's tensors (`get(name)` -> array or None), the request
+    validated completely: cheap checks first (prompt, counts, bytes, scalars, sizes), then every reference decoded
+    to the working size (`decode_reference`)."""
     prompt = get("prompt")
     if prompt is None:
         raise RequestError("the request has no prompt: send a BYTES tensor 'prompt' of shape [1]")
@@ -129,19 +138,35 @@ def parse_request(get: Callable[[str], np.ndarray | None], limits: Limits) -> di
     refs = [] if refs is None else list(np.asarray(refs, dtype=object).reshape(-1))
     if len(refs) > limits.max_references:
         raise RequestError(f"{len(refs)} references sent; this model takes at most {limits.max_references}")
-    kw["references"] = [decode_reference(r, i, limits) for i, r in enumerate(refs)] or None
+    for i, r in enumerate(refs):
+        if not isinstance(r, (bytes, bytearray)) or len(r) == 0:
+            raise RequestError(f"reference {i}: empty; send the bytes of an image or video file")
+        if len(r) > limits.max_reference_bytes:
+            raise RequestError(f"reference {i}: {len(r)} bytes, more than max_reference_bytes="
+                               f"{limits.max_reference_bytes}")
+    total = len(text.encode("utf-8")) + sum(len(r) for r in refs)
+    if total > limits.max_request_bytes:
+        raise RequestError(f"the request holds {total} bytes of prompt and references, more than "
+                           f"max_request_bytes={limits.max_request_bytes}")
     for name in SCALARS:
         v = _scalar(name, get(name))
         if v is not None:
             kw[name] = v
     if "primary" in kw and not 0 <= kw["primary"] < max(1, len(refs)):
         raise RequestError(f"primary={kw['primary']} is out of range for {len(refs)} references")
-    if kw.get("steps", 1) > limits.max_steps:
-        raise RequestError(f"steps={kw['steps']} is more than max_steps={limits.max_steps}")
-    if kw.get("num_frames", 1) > limits.max_frames:
-        raise RequestError(f"num_frames={kw['num_frames']} is more than max_frames={limits.max_frames}")
-    if kw.get("height", 1) * kw.get("width", 1) > limits.max_pixels:
-        raise RequestError(f"{kw.get('width')}x{kw.get('height')} is more than max_pixels={limits.max_pixels}")
+    if kw.get("steps", spec.steps) > limits.max_steps:
+        raise RequestError(f"steps={kw.get('steps', spec.steps)} is more than max_steps={limits.max_steps}")
+    height, width = kw.get("height", spec.height), kw.get("width", spec.width)
+    num_frames = kw.get("num_frames", spec.num_frames)
+    if num_frames > limits.max_frames:
+        raise RequestError(f"num_frames={num_frames} is more than max_frames={limits.max_frames}")
+    if height * width > limits.max_pixels:
+        raise RequestError(f"{width}x{height} is more than max_pixels={limits.max_pixels}")
+    try:
+        spec.geometry.check(height, width, num_frames)
+    except ValueError as e:
+        raise RequestError(str(e)) from e
+    kw["references"] = [decode_reference(r, i, limits, spec, height, width) for i, r in enumerate(refs)] or None
     if "primary" in kw and not refs:
         kw.pop("primary")
     return kw
@@ -270,6 +295,7 @@ class TritonPythonModel:
         self.limits = limits_from(params)
         model_dir = Path(args["model_repository"])
         self.engine = build_engine(params, model_dir, _device(params, args), bls=_bls_caller)
+        self.spec = EngineSpec.of(self.engine)
 
     def execute(self, requests: list) -> list:
         return [self._one(r) for r in requests]
@@ -280,7 +306,7 @@ class TritonPythonModel:
             return None if t is None else t.as_numpy()
 
         try:
-            kwargs = parse_request(get, self.limits)
+            kwargs = parse_request(get, self.limits, self.spec)
             video = self.engine.generate(progress=False, **kwargs)
             frames = video.frames.numpy()  # uint8 [T, H, W, 3]
             return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("frames", frames)])

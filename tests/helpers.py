@@ -9,12 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from anyid_rt.bench.baseline import relerr  # noqa: F401 - one measure for the parity tests and the benchmark
 from anyid_rt.config import DiTConfig
-
-
-def relerr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| / max |b|: the error measure of the parity tests."""
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
 # Kernel tests (tests/test_<op>.py): fresh random seeds and tolerances that calibrate themselves.

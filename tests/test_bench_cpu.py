@@ -10,6 +10,7 @@ never imports the benchmark package.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -25,7 +26,7 @@ from anyid_rt.bench.baseline import diffusers_from_dit, diffusers_step, dit_view
 from anyid_rt.bench.e2e import main as bench_main
 from anyid_rt.bench.run import DEFAULT_DIFFUSERS_BACKENDS, PROMPT, RESULTS_FILE, SCHEMA, Case, compose_video
 from anyid_rt.bench.steps import default_variants, parse_variant, step_flops, throughput
-from anyid_rt.bench.timing import dense_peaks, measure, summarize
+from anyid_rt.bench.timing import bench_ms, dense_peaks, measure, summarize
 from anyid_rt.config import DiTConfig, ModelConfig
 from anyid_rt.engine import Engine
 from anyid_rt.models.dit import count_flops
@@ -137,6 +138,13 @@ def test_measure_keeps_the_first_call_out_of_the_statistics():
     assert measure(fn, warmup=0, reps=1, device=CPU, inspect=None, clock=clock).first_result is None
     with pytest.raises(ValueError):
         measure(fn, warmup=0, reps=0, device=CPU)
+
+
+def test_bench_ms_reports_do_bench_quantiles_in_a_dry_run():
+    """The kernel scripts' form of the harness: in a dry run one untimed call, then three timed ones."""
+    calls = []
+    t = bench_ms(lambda: calls.append(1), argparse.Namespace(dry_run=True, warmup=25, rep=100))
+    assert len(calls) == 4 and set(t) == {"ms", "ms_p20", "ms_p80"} and t["ms_p20"] <= t["ms"] <= t["ms_p80"]
 
 
 def test_flops_and_mfu_for_the_5b_shape():
@@ -330,7 +338,7 @@ def test_report_of_the_tiny_run(tiny_run, tmp_path):
     text = paths["readme"].read_text()
     run_id = recs[0]["run_id"]
     assert "| t2v | 12 | torch | torch |" in text and "| refs | 40 | diffusers |" in text
-    assert f"| refs | 40 | triton | skipped: the Triton backend needs a CUDA GPU" in text
+    assert "| refs | 40 | triton | skipped: the Triton backend needs a CUDA GPU" in text
     assert f"`{run_id}`" in text and "anyid-rt bench --preset tiny" in text
     for key in ("latency", "tflops"):
         assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[key].stat().st_size > 5000
@@ -441,10 +449,12 @@ def test_report_on_synthetic_records(tmp_path):
 
 def test_scripts_answer_help():
     """The scripts run both ways: as files and as modules of the package."""
-    for cmd in (["bench/bench_e2e.py"], ["bench/report.py"], ["-m", "anyid_rt.bench.bench_e2e"]):
+    for cmd, option in ((["bench/bench_e2e.py"], "--steps-timed"),
+                        (["-m", "anyid_rt.bench.bench_e2e"], "--steps-timed"),
+                        (["bench/report.py"], "--results")):
         out = subprocess.run([sys.executable, *cmd, "--help"], capture_output=True, text=True, timeout=120, cwd=ROOT)
         assert out.returncode == 0, out.stderr
-        assert "--steps-timed" in out.stdout or "report.py" in cmd[-1]
+        assert option in out.stdout
 
 
 def test_cli_loads_bench_by_name_only_when_it_runs(tmp_path):

@@ -321,9 +321,11 @@ def test_qdq_graph_structure(fp8_graph, engine):
     model = onnx.load(str(fp8_graph))
     s = qdq_summary(model)
     blocks = engine.dit.cfg.num_layers
-    assert s["quantized"] == [f"blocks.{i}.{m}" for i in range(blocks) for m in
-                              ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q",
-                               "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")]
+    # in graph order: every block's text K/V first (computed from the context before the blocks run), then
+    # each block's own linears
+    assert s["quantized"] == [f"blocks.{i}.{m}" for i in range(blocks) for m in ("cross_attn.k", "cross_attn.v")] + \
+        [f"blocks.{i}.{m}" for i in range(blocks) for m in ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
+                                                             "cross_attn.q", "cross_attn.o", "ffn.0", "ffn.2")]
     assert s["high_precision"] == HIGH_PRECISION
     # one weight DequantizeLinear per quantised linear; activation Q -> DQ pairs shared by the linears that
     # read the same tensor: per block q/k/v, o, cross q, ffn.0, ffn.2 (5) + the text context for every

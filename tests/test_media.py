@@ -1,4 +1,8 @@
-"""anyid_rt.media: loading every input form, fit-and-pad geometry, 4n+1 clips, H.264 mp4, Wan i2v preprocessing."""
+"""anyid_rt.media: loading every input form, fit-and-pad geometry, 4n+1 clips, reference clips decoded streaming
+(same frames as the whole decode, memory independent of the clip's length), H.264 mp4, Wan i2v preprocessing."""
+import io
+import subprocess
+import sys
 import warnings
 
 import av
@@ -8,8 +12,8 @@ import torch
 from PIL import Image
 
 from anyid_rt import media
-from anyid_rt.media import (ASSET_DIR, MediaError, crop_center_to, fit_and_pad, fit_box, load_media, read_video,
-                            to_4n_plus_1, to_model_range, write_mp4)
+from anyid_rt.media import (ASSET_DIR, MediaError, crop_center_to, fit_and_pad, fit_box, load_clip, load_media,
+                            read_video, to_4n_plus_1, to_model_range, write_mp4)
 
 from helpers import best_output_size, wan_i2v_image
 
@@ -394,6 +398,176 @@ def test_write_mp4_errors(tmp_path):
     assert not (tmp_path / "x.mp4").exists()
     with pytest.raises(MediaError, match="file not found"):
         read_video(tmp_path / "x.mp4")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# load_clip / read_frames: reference clips decoded streaming
+# --------------------------------------------------------------------------------------------------------------
+
+def _numbered(t, h=48, w=80):
+    """A clip whose frames all differ (a moving bar and a changing level), so that a wrong frame shows."""
+    frames = np.zeros((t, h, w, 3), np.uint8)
+    for i in range(t):
+        frames[i, ..., 0] = (i * 7) % 256
+        frames[i, :, (2 * i) % w:(2 * i) % w + 6, 1] = 255
+    return torch.from_numpy(frames)
+
+
+def _stated(path):
+    with av.open(str(path)) as c:
+        return c.streams.video[0].frames
+
+
+def _count_passes(monkeypatch):
+    passes = []
+    decode = media._decode
+
+    def counted(*args, **kwargs):
+        passes.append(1)
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(media, "_decode", counted)
+    return passes
+
+
+@pytest.mark.parametrize("t", [1, 6, 37])
+def test_load_clip_selects_what_the_whole_decode_selects(tmp_path, monkeypatch, t):
+    """The streaming path keeps exactly the frames `to_4n_plus_1` keeps of the whole decoded clip (trimmed or
+    subsampled), and fitting each frame as it arrives gives `fit_and_pad`'s pixels bit for bit."""
+    p = tmp_path / "n.mp4"
+    _write_with_pyav(p, _numbered(t), "libx264", "yuv420p")
+    assert _stated(p) == t  # the container states the count: one decoding pass
+    whole = load_media(p)
+    for m in (1, 5, 9, 13, 29, 37, 121):
+        old = to_4n_plus_1(whole, m)
+        passes = _count_passes(monkeypatch)
+        assert torch.equal(load_clip(p, m), old), m
+        assert len(passes) == 1
+        fitted = load_clip(p, m, (64, 64), (10, 20, 30))  # 80x48 letterboxed into 64x64
+        assert fitted.shape == (old.shape[0], 64, 64, 3)
+        assert torch.equal(to_model_range(fitted), fit_and_pad(old, 64, 64, (10, 20, 30))), m
+        data = p.read_bytes()  # a file's bytes, as a server receives them, in each in-memory form
+        for form in (data, bytearray(data), memoryview(data), io.BytesIO(data)):
+            assert torch.equal(load_clip(form, m, (64, 64), (10, 20, 30)), fitted)
+    assert torch.equal(load_clip(whole, 9, (64, 64)), load_clip(p, 9, (64, 64)))  # frames in memory: same rule
+
+
+def test_load_clip_without_a_stated_frame_count(tmp_path, monkeypatch):
+    """Matroska states no frame count: packets are counted first (no decoding), then one pass selects. A wrong
+    count (an edit list, a bad header) costs a second pass, never a different frame."""
+    frames = _numbered(37)
+    mkv, mp4 = tmp_path / "n.mkv", tmp_path / "n.mp4"
+    _write_with_pyav(mkv, frames, "libx264", "yuv420p")
+    _write_with_pyav(mp4, frames, "libx264", "yuv420p")
+    assert _stated(mkv) == 0 and _stated(mp4) == 37
+    whole_mkv = load_media(mkv)
+    for m in (5, 9, 37, 121):
+        passes = _count_passes(monkeypatch)
+        assert torch.equal(load_clip(mkv, m), to_4n_plus_1(whole_mkv, m)), m
+        assert len(passes) == 1
+    whole = load_media(mp4)
+    for wrong in (30, 41, 1):  # fewer frames than the clip has, more, and a useless 1
+        monkeypatch.setattr(media, "_stated_frames", lambda stream, n=wrong: n)
+        for m in (5, 9, 37):
+            passes = _count_passes(monkeypatch)
+            assert torch.equal(load_clip(mp4, m), to_4n_plus_1(whole, m)), (wrong, m)
+            assert len(passes) == 2
+
+
+def test_load_clip_bounds_the_length(tmp_path, monkeypatch):
+    p = tmp_path / "n.mp4"
+    _write_with_pyav(p, _numbered(24), "libx264", "yuv420p", fps=8)  # 24 frames, 3 s
+    assert load_clip(p, 9, max_source_frames=24, max_seconds=3).shape[0] == 9
+    with pytest.raises(media.ClipTooLong, match="more than 23 frames"):
+        load_clip(p, 9, max_source_frames=23)
+    with pytest.raises(media.ClipTooLong, match=r"lasts 3 s, longer than the limit of 2.5 s"):
+        load_clip(p.read_bytes(), 9, max_seconds=2.5)
+    # a container that states nothing is bounded while it is read (packets counted, frames decoded)
+    monkeypatch.setattr(media, "_stated_frames", lambda stream: 0)
+    monkeypatch.setattr(media, "_stated_seconds", lambda container, stream: None)
+    with pytest.raises(media.ClipTooLong, match="more than 23 frames"):
+        load_clip(p, 9, max_source_frames=23)
+    with pytest.raises(media.ClipTooLong, match="longer than the limit of 2.5 s"):
+        load_clip(p, 9, max_seconds=2.5)  # the last frame's time, 23/8 s
+    with pytest.raises(media.ClipTooLong, match="more than 4 frames"):
+        load_clip(_numbered(5), 9, max_source_frames=4)  # frames in memory too
+    assert issubclass(media.ClipTooLong, MediaError)
+    for bad in (dict(max_seconds=0), dict(max_source_frames=0), dict(size=(64,))):
+        with pytest.raises(ValueError):
+            load_clip(p, 9, **bad)
+
+
+def test_read_frames_keeps_only_the_frames_asked_for(tmp_path):
+    frames = _numbered(30)
+    p = tmp_path / "n.mp4"
+    _write_with_pyav(p, frames, "libx264", "yuv420p")
+    whole = load_media(p)
+    assert torch.equal(media.read_frames(p, range(20, 27)), whole[20:27])
+    assert torch.equal(media.read_frames(p.read_bytes(), [29, 3, 3, 0]), whole[[29, 3, 3, 0]])
+    with pytest.raises(MediaError, match="frame 30 asked for, but the clip has 30 frames"):
+        media.read_frames(p, [2, 30])
+    with pytest.raises(MediaError, match="video file"):
+        media.read_frames(ASTRONAUT, [0])
+    with pytest.raises(ValueError, match="indices"):
+        media.read_frames(p, [])
+
+
+def test_load_media_from_bytes(tmp_path):
+    png = ASTRONAUT.read_bytes()
+    assert torch.equal(load_media(png), load_media(ASTRONAUT))
+    assert torch.equal(load_media(io.BytesIO(png)), load_media(ASTRONAUT))
+    gif = tmp_path / "v.gif"  # GIF bytes are a clip, as a .gif file is
+    _write_with_pyav(gif, _smooth(t=5), "gif", "rgb8")
+    assert torch.equal(load_media(gif.read_bytes()), load_media(gif))
+    assert torch.equal(load_media(CLIP.read_bytes(), max_frames=4), load_media(CLIP)[:4])
+    with pytest.raises(MediaError, match="not an image or video"):
+        load_media(b"definitely not an image")
+    with pytest.raises(MediaError, match="empty"):
+        load_media(b"")
+
+
+PEAK_RSS = """
+import resource, sys
+from anyid_rt import media
+from anyid_rt.conditioning import ConditioningLayout, prepare_reference
+
+def peak_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+ref = prepare_reference(sys.argv[1], 64, 64, ConditioningLayout(), 0)
+print(ref.num_frames, peak_mib())
+if len(sys.argv) > 2:  # then the whole clip decoded at once, as before streaming (the high-water mark only rises)
+    print(media.load_media(sys.argv[1]).shape[0], peak_mib())
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss is KiB on Linux (bytes on macOS)")
+def test_reference_memory_does_not_grow_with_clip_length(tmp_path):
+    """Peak resident memory of preparing a 640x360 clip as the only reference of a 64x64 generation, each in a
+    fresh process: 121 frames (the longest clip kept whole, so the result has the same size) and 481 frames
+    (subsampled to 121). Decoding the long clip whole would hold 481 x 675 KiB = 317 MiB."""
+    h, w = 360, 640
+    base = np.random.default_rng(0).integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8).repeat(8, 0).repeat(8, 1)
+    for name, t in (("short", 121), ("long", 481)):
+        with av.open(str(tmp_path / f"{name}.mp4"), "w") as c:
+            s = c.add_stream("libx264", rate=24)
+            s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+            s.options = {"preset": "ultrafast", "crf": "35"}
+            for i in range(t):
+                c.mux(s.encode(av.VideoFrame.from_ndarray(np.roll(base, 4 * i, axis=1), format="rgb24")))
+            c.mux(s.encode(None))
+
+    def run(*args):
+        out = subprocess.run([sys.executable, "-c", PEAK_RSS, *args], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        return [tuple(float(v) for v in line.split()) for line in out.stdout.split("\n") if line]
+
+    [(n_short, short)] = run(str(tmp_path / "short.mp4"))
+    [(n_long, long), (n_whole, whole)] = run(str(tmp_path / "long.mp4"), "whole")
+    assert n_short == n_long == 121 and n_whole == 481
+    margin = 8  # MiB, 2.5 % of the long clip decoded
+    assert abs(long - short) <= margin, (short, long)
+    assert whole - long > 200, (long, whole)  # the measurement sees a whole-clip decode
 
 
 # --------------------------------------------------------------------------------------------------------------

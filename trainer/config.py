@@ -1,8 +1,11 @@
 """Typed trainer configuration: dataclasses, read from a JSON or TOML file.
 
 A config file maps onto `SFTConfig` or `DPOConfig` section by section; unknown keys, wrong types and bad
-values fail at load time with the dotted name of the field. Relative paths are taken relative to the
-working directory. Example (TOML):
+values fail at load time with a `ConfigError` that names the key as the file spells it, e.g.
+`[data] buckets[0] = [8, 64, 64]: num_frames=8 must be 4n+1 ...`. What the values alone cannot tell (do the
+files exist, is the output folder writable, are the optional packages there) is checked by
+`anyid_rt.trainer.preflight` before any model is loaded. Relative paths are taken relative to the working
+directory. Example (TOML):
 
     output_dir = "runs/sft"
     max_steps = 2000
@@ -19,7 +22,9 @@ working directory. Example (TOML):
 
 `--set optim.lr=5e-5` on the command line overrides one field (the value is read as JSON, else as a string).
 Defaults are the AnyID paper's settings (Table 2: LoRA rank 128, alpha 128, AdamW lr 1e-4, weight decay 1e-3,
-train shift 5.0, null-condition probability 0.1).
+train shift 5.0, null-condition probability 0.1). Every option takes effect or is refused: an option that
+another setting switches off (a validation prompt with `validation.every = 0`, `data.cache_dir` with
+`data.cache = false`, `model.seed` with `model.path`) is an error, not a silent no-op.
 """
 from __future__ import annotations
 
@@ -33,31 +38,89 @@ from pathlib import Path
 from typing import Any, Union
 
 from ..conditioning import ConditioningLayout
-from ..config import PRESETS
+from ..config import DTYPES, PRESETS, ModelConfig, TokenGeometry
+from ..kernels import BACKENDS
 from .lora import DEFAULT_TARGETS
 from .prompts import SIMILARITIES
 
 MIXED_PRECISION = ("bf16", "fp32")
+# the [section] tables of a config file (the rest are top-level keys)
+SECTIONS = ("model", "data", "lora", "optim", "validation", "layout")
+_UNSET = object()
+
+
+def show_key(key: str) -> str:
+    """A dotted field name as a config file spells it: "validation.references[0]" -> "[validation] references[0]",
+    "max_steps" -> "max_steps", "layout" -> "[layout]"."""
+    head, dot, rest = key.partition(".")
+    if dot:
+        return f"[{head}] {rest}"
+    return f"[{key}]" if key in SECTIONS else key
+
+
+def show_value(value: Any) -> str:
+    """A value as TOML / JSON writes it (strings quoted, tuples as lists, true / false)."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work. The message names the key as the file spells it, the value and the
+    problem: `[validation] references[0] = "refs/face.png": file not found`. The CLI exits with code 2."""
+
+    def __init__(self, key: str, problem: str, value: Any = _UNSET):
+        self.key, self.problem = key, problem
+        shown = show_key(key) if key else "config"
+        if value is not _UNSET:
+            shown += f" = {show_value(value)}"
+        super().__init__(f"{shown}: {problem}")
 
 
 def _positive(where: str, **values: float) -> None:
     for name, v in values.items():
         if v is None or v <= 0:
-            raise ValueError(f"{where}.{name} must be > 0, got {v!r}")
+            raise ConfigError(f"{where}{name}", "must be > 0", v)
 
 
 def _non_negative(where: str, **values: float) -> None:
     for name, v in values.items():
         if v < 0:
-            raise ValueError(f"{where}.{name} must be >= 0, got {v!r}")
+            raise ConfigError(f"{where}{name}", "must be >= 0", v)
 
 
-def _check_bucket(where: str, b: tuple[int, int, int]) -> None:
-    f, h, w = b
-    if f < 1 or (f - 1) % 4:
-        raise ValueError(f"{where}: bucket {list(b)} needs frames = 4n+1 (1, 5, 9, ..., 121)")
-    if h < 32 or w < 32 or h % 32 or w % 32:
-        raise ValueError(f"{where}: bucket {list(b)} needs height and width that are multiples of 32")
+def _check_device(key: str, name: str | None) -> None:
+    if name is None or name == "auto":
+        return
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ConfigError(key, "must be \"auto\", \"cpu\", \"cuda\" or \"cuda:N\"", name)
+
+
+def _check_buckets(key: str, buckets, geometry: TokenGeometry) -> None:
+    """(frames, height, width) shapes the model can take (TokenGeometry: the one home of the size rules)."""
+    if not buckets:
+        raise ConfigError(key, "needs at least one [frames, height, width]", list(buckets))
+    for i, (f, h, w) in enumerate(buckets):
+        try:
+            geometry.check(h, w, f)
+        except ValueError as e:
+            raise ConfigError(f"{key}[{i}]", f"a bucket is [frames, height, width]; {e}", [f, h, w]) from None
+
+
+def _check_frames(key: str, frames: int, geometry: TokenGeometry, least: int) -> None:
+    try:
+        geometry.check(*geometry.pixel_multiple, frames)
+    except ValueError as e:
+        raise ConfigError(key, str(e), frames) from None
+    if frames < least:
+        raise ConfigError(key, f"must be at least {least}", frames)
 
 
 @dataclass
@@ -66,33 +129,45 @@ class ModelSource:
     smoke runs) or a model folder (`path`, original or diffusers Wan2.2-TI2V-5B layout).
 
     The dtype of the frozen base weights follows the run's `mixed_precision`.
-    device: "auto" (cuda when available, the local rank's GPU under torchrun), "cpu", "cuda".
+    seed: the preset's random weights (default 0); a model folder has its own weights, so no seed.
+    device: "auto" (cuda when available, the local rank's GPU under torchrun), "cpu", "cuda", "cuda:N".
     backend: DiT kernels, "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton".
     text_encoder_device: e.g. "cpu" to keep umT5-XXL off the GPU (None: the training device).
     """
 
     preset: str | None = None
     path: str | None = None
-    seed: int = 0
+    seed: int | None = None
     device: str = "auto"
     backend: str = "auto"
     text_encoder_device: str | None = None
 
     def __post_init__(self) -> None:
         if (self.preset is None) == (self.path is None):
-            raise ValueError("model: give exactly one of preset (e.g. \"tiny\") or path (a model folder)")
+            raise ConfigError("model", "give exactly one of preset (e.g. \"tiny\") or path (a model folder)")
         if self.preset is not None and self.preset not in PRESETS:
-            raise ValueError(f"model.preset must be one of {PRESETS}, got {self.preset!r}")
+            raise ConfigError("model.preset", f"must be one of {list(PRESETS)}", self.preset)
         if self.preset == "wan2.2-ti2v-5b":
-            raise ValueError("model.preset \"wan2.2-ti2v-5b\" would be random weights; give model.path to the "
-                             "downloaded Wan2.2-TI2V-5B folder instead")
-        if self.backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"model.backend must be auto, torch or triton, got {self.backend!r}")
+            raise ConfigError("model.preset", "would be random weights at 5B size; give model.path (the "
+                              "downloaded Wan2.2-TI2V-5B folder) instead", self.preset)
+        if self.path is not None and self.seed is not None:
+            raise ConfigError("model.seed", "has no effect with model.path (the folder holds the weights); "
+                              "remove it", self.seed)
+        if self.backend not in BACKENDS:
+            raise ConfigError("model.backend", f"must be one of {list(BACKENDS)}", self.backend)
+        _check_device("model.device", self.device)
+        _check_device("model.text_encoder_device", self.text_encoder_device)
 
     @property
     def name(self) -> str:
         """The base model's name for LoRA metadata."""
-        return f"{self.preset}(seed={self.seed})" if self.preset else Path(self.path).resolve().name
+        return f"{self.preset}(seed={self.seed or 0})" if self.preset else Path(self.path).resolve().name
+
+    @property
+    def geometry(self) -> TokenGeometry:
+        """Pixels -> tokens of the model: the preset's, or Wan2.2-TI2V-5B's for a model folder (the trainer's
+        model; the loaded engine's geometry is compared with it)."""
+        return ModelConfig.preset(self.preset or "wan2.2-ti2v-5b").geometry
 
 
 @dataclass
@@ -106,11 +181,18 @@ class LoraConfig:
     save_dtype: str = "bf16"
 
     def __post_init__(self) -> None:
-        _positive("lora", rank=self.rank, alpha=self.alpha)
+        _positive("lora.", rank=self.rank, alpha=self.alpha)
         if not self.targets:
-            raise ValueError("lora.targets must name at least one module pattern")
-        if self.save_dtype not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"lora.save_dtype must be fp32, bf16 or fp16, got {self.save_dtype!r}")
+            raise ConfigError("lora.targets", "must name at least one module pattern", list(self.targets))
+        import re
+
+        for i, t in enumerate(self.targets):
+            try:
+                re.compile(t)
+            except re.error as e:
+                raise ConfigError(f"lora.targets[{i}]", f"not a regular expression: {e}", t) from None
+        if self.save_dtype not in DTYPES:
+            raise ConfigError("lora.save_dtype", f"must be one of {list(DTYPES)}", self.save_dtype)
 
 
 @dataclass
@@ -126,11 +208,11 @@ class OptimConfig:
     max_grad_norm: float = 1.0
 
     def __post_init__(self) -> None:
-        _positive("optim", lr=self.lr, eps=self.eps)
-        _non_negative("optim", weight_decay=self.weight_decay, warmup_steps=self.warmup_steps,
+        _positive("optim.", lr=self.lr, eps=self.eps)
+        _non_negative("optim.", weight_decay=self.weight_decay, warmup_steps=self.warmup_steps,
                       max_grad_norm=self.max_grad_norm)
         if not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"optim.betas must lie in [0, 1), got {self.betas}")
+            raise ConfigError("optim.betas", "must lie in [0, 1)", list(self.betas))
 
 
 @dataclass
@@ -139,9 +221,10 @@ class DataConfig:
 
     buckets: (frames, height, width) target shapes; each target clip goes to the bucket of the closest aspect
         ratio among those not longer than the clip, and a batch holds one bucket (and one reference shape).
-    min_references / max_references: references per instance (the paper uses 1 to 5), primary included.
+    min_references / max_references: references per instance (the paper uses 1 to 5), primary included; at
+        most the layout's max_references.
     form_weights: relative odds of the (face, portrait, clip) reference forms.
-    ref_clip_frames: longest clip-segment reference (4n+1 frames; the layout's max_clip_frames also caps it).
+    ref_clip_frames: longest clip-segment reference (4n+1 frames, at most the layout's max_clip_frames).
     face_margin: a face crop is the face box grown by this fraction of its size on each side (then squared).
     portrait_zoom: (tight, wide) random zoom of the portrait box (3 x 4 face sizes around the face).
     similarity: differential-prompt similarity, "auto" (MiniLM sentence embeddings when the
@@ -168,32 +251,33 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if not self.root:
-            raise ValueError("data.root must name the folder of ID groups")
-        if not self.buckets:
-            raise ValueError("data.buckets needs at least one (frames, height, width)")
-        for b in self.buckets:
-            _check_bucket("data.buckets", b)
+            raise ConfigError("data.root", "must name the folder of ID groups", self.root)
         if not 1 <= self.min_references <= self.max_references:
-            raise ValueError(f"data: need 1 <= min_references <= max_references, got "
-                             f"{self.min_references}, {self.max_references}")
+            raise ConfigError("data.min_references", f"need 1 <= min_references <= max_references "
+                              f"({self.max_references})", self.min_references)
         if any(w < 0 for w in self.form_weights) or sum(self.form_weights) <= 0:
-            raise ValueError(f"data.form_weights must be >= 0 with a positive sum, got {self.form_weights}")
-        if self.ref_clip_frames < 5 or (self.ref_clip_frames - 1) % 4:
-            raise ValueError(f"data.ref_clip_frames must be 4n+1 >= 5, got {self.ref_clip_frames}")
-        _non_negative("data", face_margin=self.face_margin)
+            raise ConfigError("data.form_weights", "must be >= 0 with a positive sum", list(self.form_weights))
+        _non_negative("data.", face_margin=self.face_margin)
         if not 0 < self.portrait_zoom[0] <= self.portrait_zoom[1]:
-            raise ValueError(f"data.portrait_zoom must be (tight, wide) with 0 < tight <= wide, got "
-                             f"{self.portrait_zoom}")
+            raise ConfigError("data.portrait_zoom", "must be [tight, wide] with 0 < tight <= wide",
+                              list(self.portrait_zoom))
         if self.similarity not in SIMILARITIES:
-            raise ValueError(f"data.similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
+            raise ConfigError("data.similarity", f"must be one of {list(SIMILARITIES)}", self.similarity)
         if not 0 <= self.similarity_threshold <= 1:
-            raise ValueError(f"data.similarity_threshold must lie in [0, 1], got {self.similarity_threshold}")
+            raise ConfigError("data.similarity_threshold", "must lie in [0, 1]", self.similarity_threshold)
+        _check_cache_dir("data.", self.cache, self.cache_dir)
+
+
+def _check_cache_dir(where: str, cache: bool, cache_dir: str | None) -> None:
+    if not cache and cache_dir is not None:
+        raise ConfigError(f"{where}cache_dir", f"has no effect with {where}cache = false; remove it or set "
+                          "cache = true", cache_dir)
 
 
 @dataclass
 class ValidationConfig:
     """A validation video written with the engine every `every` steps (0 = never) to OUTPUT/validation/.
-    Size defaults to the first data bucket."""
+    Size defaults to the first bucket. With `every = 0` no other key may be set (it would do nothing)."""
 
     every: int = 0
     prompt: str = ""
@@ -208,9 +292,33 @@ class ValidationConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _non_negative("validation", every=self.every)
-        if self.every and not self.references:
-            raise ValueError("validation.references must list reference images / clips when validation.every > 0")
+        _non_negative("validation.", every=self.every)
+        if not self.every:
+            for f in dataclasses.fields(self):
+                if f.name != "every" and getattr(self, f.name) != f.default:
+                    raise ConfigError(f"validation.{f.name}", "has no effect while validation.every = 0 (no "
+                                      "validation); set every = N to validate every N steps, or remove it",
+                                      getattr(self, f.name))
+            return
+        if not self.references:
+            raise ConfigError("validation.references", "must list reference images / clips when "
+                              "validation.every > 0", list(self.references))
+        if not 0 <= self.primary < len(self.references):
+            raise ConfigError("validation.primary", f"must index validation.references (0..{len(self.references) - 1})",
+                              self.primary)
+        _positive("validation.", steps=self.steps, guidance=self.guidance, shift=self.shift)
+
+    def check_size(self, default: tuple[int, int, int], geometry: TokenGeometry) -> None:
+        """The video size (each unset value from `default`, the first bucket) must suit the model."""
+        if not self.every:
+            return
+        f, h, w = default
+        size = {"num_frames": self.num_frames or f, "height": self.height or h, "width": self.width or w}
+        try:
+            geometry.check(size["height"], size["width"], size["num_frames"])
+        except ValueError as e:
+            bad = next((k for k in size if str(e).startswith(f"{k}=")), "num_frames")
+            raise ConfigError(f"validation.{bad}", str(e), size[bad]) from None
 
 
 @dataclass
@@ -222,7 +330,8 @@ class RunConfig:
     mixed_precision: "bf16" (CUDA only) keeps the frozen base weights in bf16 and runs the big matmuls in bf16
         (the DiT's own numerics: norms, modulation, time embedding and head in fp32), with fp32 LoRA master
         weights and optimizer state; "fp32" everywhere else (CPU).
-    resume: "auto" (the latest checkpoint in output_dir, if any), "none", or a checkpoint folder.
+    resume: "auto" (the latest checkpoint in output_dir, if any), "none" (start afresh; refused when
+        output_dir already holds checkpoints, which a fresh run would overwrite), or a checkpoint folder.
     """
 
     output_dir: str = "runs/train"
@@ -241,11 +350,18 @@ class RunConfig:
     progress: bool = True
 
     def _check_run(self) -> None:
-        _positive("config", batch_size=self.batch_size, grad_accum=self.grad_accum, max_steps=self.max_steps,
+        if self.model is None:  # no silent default: a forgotten [model] must not train the tiny random model
+            raise ConfigError("model", "a config needs a [model] section: path = \"/models/Wan2.2-TI2V-5B\" "
+                              "(a model folder) or preset = \"tiny\" (random weights, for smoke runs)")
+        if not self.output_dir:
+            raise ConfigError("output_dir", "must name the run's folder", self.output_dir)
+        _positive("", batch_size=self.batch_size, grad_accum=self.grad_accum, max_steps=self.max_steps,
                   train_shift=self.train_shift, log_every=self.log_every, keep_checkpoints=self.keep_checkpoints)
-        _non_negative("config", checkpoint_every=self.checkpoint_every)
+        _non_negative("", checkpoint_every=self.checkpoint_every)
         if self.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
+            raise ConfigError("mixed_precision", f"must be one of {list(MIXED_PRECISION)}", self.mixed_precision)
+        if not self.resume:
+            raise ConfigError("resume", "must be \"auto\", \"none\" or a checkpoint folder", self.resume)
 
 
 @dataclass
@@ -256,7 +372,7 @@ class SFTConfig(RunConfig):
         the VAE latent of black pixels of the same shape AND the empty prompt), AnyID section 5 (0.1).
     """
 
-    model: ModelSource = field(default_factory=lambda: ModelSource(preset="tiny"))
+    model: ModelSource | None = None
     data: DataConfig | None = None
     lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -267,9 +383,19 @@ class SFTConfig(RunConfig):
     def __post_init__(self) -> None:
         self._check_run()
         if self.data is None:
-            raise ValueError("sft config needs a [data] section with data.root")
+            raise ConfigError("data", "an sft config needs a [data] section with data.root")
         if not 0 <= self.null_prob <= 1:
-            raise ValueError(f"null_prob must lie in [0, 1], got {self.null_prob}")
+            raise ConfigError("null_prob", "must lie in [0, 1]", self.null_prob)
+        geometry, d = self.model.geometry, self.data
+        _check_buckets("data.buckets", d.buckets, geometry)
+        _check_frames("data.ref_clip_frames", d.ref_clip_frames, geometry, least=1 + geometry.temporal)
+        if d.ref_clip_frames > self.layout.max_clip_frames:
+            raise ConfigError("data.ref_clip_frames", f"exceeds [layout] max_clip_frames = "
+                              f"{self.layout.max_clip_frames}; lower one or raise the other", d.ref_clip_frames)
+        if d.max_references > self.layout.max_references:
+            raise ConfigError("data.max_references", f"exceeds [layout] max_references = "
+                              f"{self.layout.max_references}; lower one or raise the other", d.max_references)
+        self.validation.check_size(d.buckets[0], geometry)
 
 
 @dataclass
@@ -288,7 +414,7 @@ class DPOConfig(RunConfig):
     layout: None takes the conditioning layout stored in the SFT LoRA (the default layout without one).
     """
 
-    model: ModelSource = field(default_factory=lambda: ModelSource(preset="tiny"))
+    model: ModelSource | None = None
     pairs: str = ""
     pairs_root: str | None = None
     sft_lora: str | None = None
@@ -306,13 +432,13 @@ class DPOConfig(RunConfig):
     def __post_init__(self) -> None:
         self._check_run()
         if not self.pairs:
-            raise ValueError("dpo config needs pairs = \"path/to/pairs.jsonl\"")
-        if not self.buckets:
-            raise ValueError("buckets needs at least one (frames, height, width)")
-        for b in self.buckets:
-            _check_bucket("buckets", b)
-        _positive("config", beta=self.beta)
-        _non_negative("config", sft_weight=self.sft_weight)
+            raise ConfigError("pairs", "a dpo config needs pairs = \"path/to/pairs.jsonl\"", self.pairs)
+        geometry = self.model.geometry
+        _check_buckets("buckets", self.buckets, geometry)
+        _positive("", beta=self.beta)
+        _non_negative("", sft_weight=self.sft_weight)
+        _check_cache_dir("", self.cache, self.cache_dir)
+        self.validation.check_size(self.buckets[0], geometry)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -326,62 +452,68 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         if value is None:
             if type(None) in args:
                 return None
-            raise ValueError(f"{where} must not be null")
+            raise ConfigError(where, "must not be null", value)
         errors = []
         for a in args:
             if a is type(None):
                 continue
             try:
                 return _convert(a, value, where)
-            except (TypeError, ValueError) as e:
-                errors.append(str(e))
-        raise ValueError("; ".join(errors))
+            except ConfigError as e:
+                errors.append(e)
+        if len(errors) == 1:
+            raise errors[0]
+        raise ConfigError(where, " or ".join(e.problem for e in errors), value)
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ValueError(f"{where} must be a table / object, got {type(value).__name__}")
+            raise ConfigError(where, f"must be a table [{where}] / an object, got {type(value).__name__}", value)
         return from_dict(tp, value, where)
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where} must be a list, got {type(value).__name__}")
+            raise ConfigError(where, "must be a list", value)
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
         if len(value) != len(args):
-            raise ValueError(f"{where} must have {len(args)} entries, got {len(value)}")
+            raise ConfigError(where, f"must have {len(args)} entries, got {len(value)}", value)
         return tuple(_convert(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
     if tp is bool:
         if not isinstance(value, bool):
-            raise ValueError(f"{where} must be true or false, got {value!r}")
+            raise ConfigError(where, "must be true or false", value)
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{where} must be an integer, got {value!r}")
+            raise ConfigError(where, "must be an integer", value)
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"{where} must be a finite number, got {value!r}")
+            raise ConfigError(where, "must be a finite number", value)
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ValueError(f"{where} must be a string, got {value!r}")
+            raise ConfigError(where, "must be a string", value)
         return value
     raise TypeError(f"{where}: unsupported config type {tp}")
 
 
-def from_dict(cls: type, data: dict, where: str = "config") -> Any:
-    """Build dataclass `cls` from a plain dict (nested dataclasses, tuples, optionals), naming bad fields."""
+def from_dict(cls: type, data: dict, where: str = "") -> Any:
+    """Build dataclass `cls` from a plain dict (nested dataclasses, tuples, optionals). `where` is the dotted
+    name of the section ("" for the top level); every error is a `ConfigError` naming the key."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {names}")
-    kwargs = {k: _convert(hints[k], v, f"{where}.{k}" if where != "config" else k) for k, v in data.items()}
+    for k in data:
+        if k not in names:
+            raise ConfigError(f"{where}.{k}" if where else k, f"unknown key; the keys{' of [' + where + ']' if where else ''} "
+                              f"are {names}")
+    kwargs = {k: _convert(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
     try:
         return cls(**kwargs)
-    except TypeError as e:
-        raise ValueError(f"{where}: {e}") from e
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:  # e.g. ConditioningLayout's own checks: name the section
+        raise ConfigError(where, str(e)) from None
 
 
 def to_dict(cfg: Any) -> dict:
@@ -395,7 +527,7 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
     for k in keys[:-1]:
         node = node.setdefault(k, {})
         if not isinstance(node, dict):
-            raise ValueError(f"--set {dotted}: {k} is not a section")
+            raise ConfigError(dotted, f"--set: {k} is not a section")
     node[keys[-1]] = value
 
 
@@ -438,5 +570,5 @@ def load_config(path: str | Path, cls: type, overrides: list[str] | None = None)
     return from_dict(cls, apply_overrides(read_config_file(path), overrides))
 
 
-__all__ = ["ModelSource", "LoraConfig", "OptimConfig", "DataConfig", "ValidationConfig", "RunConfig", "SFTConfig",
-           "DPOConfig", "from_dict", "to_dict", "load_config", "apply_overrides", "read_config_file"]
+__all__ = ["ConfigError", "show_key", "show_value", "SECTIONS", "ModelSource", "LoraConfig", "OptimConfig",
+           "DataConfig", "ValidationConfig", "RunConfig", "SFTConfig", "DPOConfig", "from_dict", "to_dict", "load_config", "apply_overrides", "read_config_file"]

@@ -93,7 +93,7 @@ class IDGroupDataset:
         self.seed, self.resample = seed, resample_each_epoch
         self._detector = detector
         self._prompts: dict[tuple, str] = {}
-        self._frames: OrderedDict[Path, np.ndarray] = OrderedDict()
+        self._frames: OrderedDict[Path, tuple[int, np.ndarray]] = OrderedDict()  # path -> (first index, frames)
         self._whole: set[Path] = set()
         self.targets: list[tuple[int, int, tuple[int, int, int]]] = []  # (group, clip, bucket)
         self.skipped: list[str] = []
@@ -162,26 +162,34 @@ class IDGroupDataset:
         return self._prompts[key]
 
     # -- pixels ---------------------------------------------------------------------------------------------
-    def frames_of(self, path: Path, upto: int | None = None) -> np.ndarray:
-        """The frames of a clip (at least the first `upto`; all when None), uint8 [T, H, W, 3]. The last two
-        clips stay decoded (a 121-frame 720p clip is 330 MB); with a warm latent cache nothing is decoded."""
-        have = self._frames.get(path)
+    def frames_of(self, path: Path, upto: int | None = None, start: int = 0) -> np.ndarray:
+        """Frames `start` .. `upto` - 1 of a clip (the whole clip when `upto` is None), uint8 [T, H, W, 3]:
+        row k is frame start + k. Only that range is kept (`media.read_frames`), so a segment late in a long clip
+        costs its own frames, not the clip's up to it. The last two ranges stay decoded (121 frames of 720p are
+        330 MB); with a warm latent cache nothing is decoded."""
+        got = self._frames.get(path)
         whole = path in self._whole  # the cached array holds every frame of the clip
-        if have is None or not (whole or (upto is not None and len(have) >= upto)):
-            self._frames[path] = have = media.read_video(path, max_frames=upto).frames.numpy()
-            if upto is None or len(have) < upto:
+        covers = got is not None and got[0] <= start and (
+            whole or (upto is not None and got[0] + len(got[1]) >= upto))
+        if not covers:
+            if upto is None:
+                got = (0, media.read_video(path).frames.numpy())
                 self._whole.add(path)
             else:
+                got = (start, media.read_frames(path, range(start, upto)).numpy())
                 self._whole.discard(path)
+            self._frames[path] = got
             while len(self._frames) > 2:
-                self._frames.popitem(last=False)
+                self._whole.discard(self._frames.popitem(last=False)[0])
         self._frames.move_to_end(path)
-        return have
+        first, frames = got
+        return frames[start - first:None if upto is None else upto - first]
 
     def render_target(self, spec: InstanceSpec) -> torch.Tensor:
         """The target segment resized and centre-cropped to the bucket: float [3, F, H, W] in [-1, 1]."""
         clip = self.groups[spec.group].clips[spec.target_clip]
-        frames = self.frames_of(clip.path, spec.target_frames[-1] + 1)[list(spec.target_frames)]
+        first = spec.target_frames[0]
+        frames = self.frames_of(clip.path, spec.target_frames[-1] + 1, first)[[i - first for i in spec.target_frames]]
         _, h, w = spec.bucket
         return media.to_model_range(media.crop_center_to(torch.from_numpy(frames), w, h))
 
@@ -192,9 +200,11 @@ class IDGroupDataset:
     def render_reference(self, spec: InstanceSpec, ref: RefSpec) -> torch.Tensor:
         """One reference cropped, fitted into the bucket's H x W and padded: float [3, T, H, W] in [-1, 1]."""
         clip = self.groups[spec.group].clips[ref.clip]
-        frames = self.frames_of(clip.path, max(ref.frames) + 1)
+        first = min(ref.frames)
+        frames = self.frames_of(clip.path, max(ref.frames) + 1, first)
         _, h, w = spec.bucket
-        return render_reference(clip, ref, frames, h, w, self.layout.pad_color, self.detector, self.face_margin)
+        return render_reference(clip, ref, frames, h, w, self.layout.pad_color, self.detector, self.face_margin,
+                                first=first)
 
     def recipe(self, spec: InstanceSpec, ref: RefSpec | None) -> dict:
         """Everything that determines a rendered tensor (the cache key, with the file's content hash)."""

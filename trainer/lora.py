@@ -121,9 +121,10 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)  # nn.Sequential children are set by their string index, too
 
 
-def match_targets(model: nn.Module, targets: Sequence[str]) -> list[str]:
-    """Names of the nn.Linear modules of `model` that fully match one of the `targets` regexes, in model order.
-    A pattern that matches nothing is an error (a typo would otherwise train a smaller LoRA silently)."""
+def match_names(names: Sequence[str], targets: Sequence[str]) -> list[str]:
+    """The `names` (of nn.Linear modules) that fully match one of the `targets` regexes, in order. A pattern
+    that matches nothing is an error (a typo would otherwise train a smaller LoRA silently). Works on names
+    alone, so a config can be checked against a checkpoint's header before the model is loaded."""
     if not targets:
         raise ValueError("LoRA targets is empty; give at least one module-name pattern")
     compiled = []
@@ -132,21 +133,23 @@ def match_targets(model: nn.Module, targets: Sequence[str]) -> list[str]:
             compiled.append(re.compile(t))
         except re.error as e:
             raise ValueError(f"LoRA target {t!r} is not a valid regular expression: {e}") from e
-    names, used = [], set()
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear):
-            continue
+    out, used = [], set()
+    for name in names:
         for pat in compiled:
             if pat.fullmatch(name):
-                names.append(name)
+                out.append(name)
                 used.add(pat.pattern)
                 break
     unused = [p.pattern for p in compiled if p.pattern not in used]
     if unused:
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:6]
         raise ValueError(f"LoRA target pattern(s) {unused} match no nn.Linear of the model (patterns are full "
-                         f"regex matches on names such as {linears})")
-    return names
+                         f"regex matches on names such as {list(names)[:6]})")
+    return out
+
+
+def match_targets(model: nn.Module, targets: Sequence[str]) -> list[str]:
+    """Names of the nn.Linear modules of `model` that fully match one of the `targets` regexes, in model order."""
+    return match_names([n for n, m in model.named_modules() if isinstance(m, nn.Linear)], targets)
 
 
 def inject_lora(dit: nn.Module, rank: int, alpha: float, targets: Sequence[str] = DEFAULT_TARGETS,

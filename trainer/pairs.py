@@ -2,7 +2,8 @@
 
 One JSONL line per pair (`read_pairs`); the labels say, for identity fidelity and for prompt following,
 whether the winner is better (+1), equal (0) or worse (-1) than the loser. `pareto_filter` keeps the pairs
-whose winner is not worse on either track and better on one.
+whose winner is not worse on either track and better on one. `PairDataset` gives each pair its bucket and
+reference order and renders its latents through the cache.
 """
 from __future__ import annotations
 
@@ -11,7 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .groups import DataError
+import torch
+
+from .. import media
+from ..conditioning import ConditioningLayout, prepare_reference
+from .cache import Encoders, file_digest
+from .data import assign_bucket
+from .groups import DataError, probe_video
 
 _LABELS = {"winner": 1, "better": 1, "tie": 0, "equal": 0, "loser": -1, "worse": -1}
 
@@ -99,4 +106,71 @@ def pareto_filter(pairs: Sequence[PreferencePair]) -> list[PreferencePair]:
             if p.identity >= 0 and p.prompt_following >= 0 and (p.identity > 0 or p.prompt_following > 0)]
 
 
-__all__ = ["PreferencePair", "read_pairs", "write_pairs", "pareto_filter"]
+@dataclass(frozen=True)
+class PairSpec:
+    index: int
+    bucket: tuple[int, int, int]
+    ref_frames: tuple[int, ...]  # latent frames per reference, primary first
+
+    @property
+    def key(self) -> tuple:
+        return (self.bucket, self.ref_frames)
+
+
+def _ref_pixel_frames(path: str, max_clip_frames: int) -> int:
+    """Frames a reference has after the engine's trimming (media.to_4n_plus_1), without decoding images."""
+    if Path(path).suffix.lower() in media.IMAGE_EXTENSIONS:
+        return 1
+    n, _, _ = probe_video(Path(path))
+    return (n - 1) // 4 * 4 + 1 if n <= max_clip_frames else (max_clip_frames - 1) // 4 * 4 + 1
+
+
+class PairDataset:
+    """Preference pairs with their bucket (winner / loser clips cropped to one (frames, H, W)) and reference
+    order (primary first, then the others as listed, as the engine orders them)."""
+
+    def __init__(self, pairs: list[PreferencePair], buckets, layout: ConditioningLayout):
+        self.pairs, self.layout = pairs, layout
+        self.specs: list[PairSpec] = []
+        self.skipped: list[str] = []
+        for i, p in enumerate(pairs):
+            (nw, hw, ww), (nl, _, _) = probe_video(Path(p.winner)), probe_video(Path(p.loser))
+            b = assign_bucket(min(nw, nl), hw, ww, buckets)
+            if b is None:
+                self.skipped.append(f"pair {i}: clips of {min(nw, nl)} frames are shorter than every bucket")
+                continue
+            frames = tuple(1 + (_ref_pixel_frames(r, layout.max_clip_frames) - 1) // 4 for r in self.ordered_refs(p))
+            self.specs.append(PairSpec(i, tuple(b), frames))
+        if not self.specs:
+            raise DataError(f"no usable preference pair ({'; '.join(self.skipped[:3]) or 'empty file'})")
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    @staticmethod
+    def ordered_refs(p: PreferencePair) -> list[str]:
+        return [p.references[p.primary]] + [r for i, r in enumerate(p.references) if i != p.primary]
+
+    def clip_pixels(self, path: str, bucket: tuple[int, int, int]) -> torch.Tensor:
+        """The first F frames, resized and centre-cropped to H x W: float [3, F, H, W] in [-1, 1]."""
+        f, h, w = bucket
+        frames = media.read_video(path, max_frames=f).frames
+        return media.to_model_range(media.crop_center_to(frames, w, h))
+
+    def features(self, k: int, enc: Encoders):
+        """(winner latent, loser latent, reference latents, prompt embedding) of spec k, through the cache."""
+        spec = self.specs[k]
+        p = self.pairs[spec.index]
+        f, h, w = spec.bucket
+        clip = lambda path: enc.latent(  # noqa: E731
+            {"kind": "dpo_clip", "file": file_digest(path), "bucket": list(spec.bucket)},
+            lambda: self.clip_pixels(path, spec.bucket))
+        refs = []
+        for j, r in enumerate(self.ordered_refs(p)):
+            recipe = {"kind": "dpo_reference", "file": file_digest(r), "size": [h, w],
+                      "pad": list(self.layout.pad_color), "max_clip_frames": self.layout.max_clip_frames}
+            refs.append(enc.latent(recipe, lambda r=r, j=j: prepare_reference(r, h, w, self.layout, j).pixels))
+        return clip(p.winner), clip(p.loser), refs, enc.text(p.prompt)
+
+
+__all__ = ["PreferencePair", "read_pairs", "write_pairs", "pareto_filter", "PairSpec", "PairDataset"]

