@@ -6,10 +6,12 @@ validates itself on construction, so a bad value fails where it is written, not 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Sequence
 
-import torch
+# torch is imported where a dtype is needed, not here: the CLI reads presets and checks video sizes with this
+# module before anything heavy is imported (`anyid-rt --help` and a request's checks stay fast).
 
 PRESETS = ("wan2.2-ti2v-5b", "tiny")
 
@@ -29,13 +31,29 @@ WAN22_LATENTS_STD = (
 
 
 # The weight/compute dtypes the runtime supports, by the names users write (CLI flags, configs, LoRA metadata).
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_NAMES = ("bf16", "fp16", "fp32")
 _DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
+
+
+def _dtypes() -> dict:
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def __getattr__(name: str):
+    # DTYPES ({name: torch dtype}) is built on first use, so that importing this module does not import torch
+    if name == "DTYPES":
+        return _dtypes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def parse_dtype(dtype: torch.dtype | str, what: str = "dtype") -> torch.dtype:
     """A torch dtype from a name (`bf16`, `fp16`, `fp32` or the torch spellings) or a dtype; `what` names the
     setting in the error (e.g. "--vae-dtype")."""
+    import torch
+
+    DTYPES = _dtypes()
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
             raise ValueError(f"unsupported {what} {dtype}; use one of {', '.join(DTYPES)}")
@@ -48,7 +66,7 @@ def parse_dtype(dtype: torch.dtype | str, what: str = "dtype") -> torch.dtype:
 
 def dtype_name(dtype: torch.dtype) -> str:
     """The short name of a supported dtype (`bf16`, `fp16`, `fp32`): the inverse of `parse_dtype`."""
-    for name, d in DTYPES.items():
+    for name, d in _dtypes().items():
         if d == dtype:
             return name
     raise ValueError(f"dtype {dtype} is not supported; use bf16, fp16 or fp32")
@@ -208,18 +226,33 @@ class TokenGeometry:
         """(H, W) pixels per token: a video's height and width must be multiples of these (32, 32)."""
         return self.spatial * self.patch[1], self.spatial * self.patch[2]
 
+    def size_problem(self, height, width, num_frames) -> tuple[str, object, str] | None:
+        """The first size that does not fit, as (setting, value, what is wrong and a valid value near it), or
+        None. Callers render the setting in their own terms (`height=100` in Python, `--height 100` in the CLI)."""
+        def number(v) -> float | None:  # a finite real number to suggest a value near, else None
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            return float(v) if ok else None
+
+        for name, v, m in (("height", height, self.pixel_multiple[0]), ("width", width, self.pixel_multiple[1])):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % m:
+                near = max(m, round((number(v) or m) / m) * m)
+                kind = "" if isinstance(v, int) and not isinstance(v, bool) else f"an int (got {type(v).__name__}), "
+                return name, v, (f"must be {kind}a positive multiple of {m} (the VAE's {self.spatial}x and the "
+                                 f"DiT's {self.patch[1]}x{self.patch[2]} patch), e.g. {near}")
+        t = self.temporal
+        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % t:
+            near = t * max(0, round(((number(num_frames) or 1) - 1) / t)) + 1
+            kind = "" if isinstance(num_frames, int) and not isinstance(num_frames, bool) else \
+                f"an int (got {type(num_frames).__name__}), "
+            return "num_frames", num_frames, f"must be {kind}{t}n+1 (1, {1 + t}, {1 + 2 * t}, ..., 121), e.g. {near}"
+        return None
+
     def check(self, height: int, width: int, num_frames: int) -> None:
         """Raise a ValueError naming the setting and a valid value near it if a video size does not fit."""
-        for name, v, m in (("height", height, self.pixel_multiple[0]), ("width", width, self.pixel_multiple[1])):
-            if not isinstance(v, int) or v <= 0 or v % m:
-                near = max(m, round((v if isinstance(v, int) else m) / m) * m)
-                raise ValueError(f"{name}={v!r} must be a positive multiple of {m} (the VAE's {self.spatial}x and "
-                                 f"the DiT's {self.patch[1]}x{self.patch[2]} patch), e.g. {near}")
-        t = self.temporal
-        if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % t:
-            near = t * max(0, round(((num_frames if isinstance(num_frames, int) else 1) - 1) / t)) + 1
-            raise ValueError(f"num_frames={num_frames!r} must be {t}n+1 (1, {1 + t}, {1 + 2 * t}, ..., 121), "
-                             f"e.g. {near}")
+        problem = self.size_problem(height, width, num_frames)
+        if problem is not None:
+            name, value, text = problem
+            raise ValueError(f"{name}={value!r} {text}")
 
     def latent_frames(self, num_frames: int) -> int:
         """Latent frames of a clip of `num_frames` (4n+1) video frames."""
@@ -267,5 +300,5 @@ class ModelConfig:
         return cls(DiTConfig.preset(name), VAEConfig.preset(name), TextEncoderConfig.preset(name))
 
 
-__all__ = ["PRESETS", "DTYPES", "parse_dtype", "dtype_name", "DiTConfig", "VAEConfig", "TextEncoderConfig",
+__all__ = ["PRESETS", "DTYPES", "DTYPE_NAMES", "parse_dtype", "dtype_name", "DiTConfig", "VAEConfig", "TextEncoderConfig",
            "TokenGeometry", "ModelConfig", "replace", "WAN22_LATENTS_MEAN", "WAN22_LATENTS_STD"]

@@ -95,10 +95,9 @@ def read_lora(path: str | Path) -> LoraWeights:
     return LoraWeights(down, up, alpha, dict(f.metadata() or {}))
 
 
-@torch.no_grad()
-def merge_lora_(model: nn.Module, lora: LoraWeights, strength: float = 1.0, sign: float = 1.0) -> None:
-    """W += sign * strength * (alpha / rank) * up @ down for every module of the LoRA, in fp32, in place.
-    Every module must exist in `model` as a Linear of matching shape, or nothing is changed."""
+def check_lora_fits(model: nn.Module, lora: LoraWeights) -> None:
+    """Raise a CheckpointError unless every module of the LoRA is a Linear of `model` of matching shape. `model`
+    may live on the meta device: the engine checks LoRA files this way before loading any weight."""
     modules = dict(model.named_modules())
     unknown = [n for n in lora.modules if not isinstance(modules.get(n), nn.Linear)]
     if unknown:
@@ -109,6 +108,14 @@ def merge_lora_(model: nn.Module, lora: LoraWeights, strength: float = 1.0, sign
     if wrong:
         raise CheckpointError("LoRA does not fit the model (shapes differ; trained for another model size?): "
                               + "; ".join(wrong[:10]))
+
+
+@torch.no_grad()
+def merge_lora_(model: nn.Module, lora: LoraWeights, strength: float = 1.0, sign: float = 1.0) -> None:
+    """W += sign * strength * (alpha / rank) * up @ down for every module of the LoRA, in fp32, in place.
+    Every module must exist in `model` as a Linear of matching shape, or nothing is changed."""
+    check_lora_fits(model, lora)
+    modules = dict(model.named_modules())
     for n in lora.modules:
         w = modules[n].weight
         delta = lora.up[n].float().to(w.device) @ lora.down[n].float().to(w.device)

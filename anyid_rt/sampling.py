@@ -58,7 +58,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-SAMPLERS = ("unipc", "euler", "dpm++")
+from .request import SAMPLERS  # the names; kept with the request so the CLI reads them without torch
+
 NUM_TRAIN_TIMESTEPS = 1000
 # Top of the training σ grid (1 - 1/1000) as the official scheduler holds it: a float32 value, read back as a
 # Python float (0.9990000128746033). The float32 rounding changes some truncated timesteps, e.g. 3 steps at

@@ -1,11 +1,8 @@
-"""SFT: the loss overfits one batch, null conditions, exact resume, checkpoints, config files and the CLI."""
+"""SFT: the loss overfits one batch, null conditions, exact resume, checkpoints, config files.
+(The command line and the config checks before a run: tests/test_trainer_cli.py.)"""
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,14 +14,14 @@ from anyid_rt.config import DiTConfig
 from anyid_rt.engine import Engine
 from anyid_rt.lora import read_lora
 from anyid_rt.models.dit import WanDiT
-from anyid_rt.trainer import cli
 from anyid_rt.trainer.cache import Encoders, TensorCache
 from anyid_rt.trainer.common import (Checkpoints, add_noise, build_engine, make_optimizer, read_log,
                                      target_layout, train_segments)
-from anyid_rt.trainer.config import (DataConfig, LoraConfig, ModelSource, OptimConfig, SFTConfig,
+from anyid_rt.trainer.config import (ConfigError, DataConfig, LoraConfig, ModelSource, OptimConfig, SFTConfig,
                                      ValidationConfig, load_config)
+from anyid_rt.trainer.data import IDGroupDataset
 from anyid_rt.trainer.lora import inject_lora, lora_parameters
-from anyid_rt.trainer.sft import SFTBatcher, _dataset, flow_matching_loss, train_sft
+from anyid_rt.trainer.sft import SFTBatcher, flow_matching_loss, train_sft
 from anyid_rt.trainer.synthetic import make_id_groups
 
 
@@ -67,8 +64,9 @@ def test_overfits_one_batch(root, tmp_path):
     dit = WanDiT(DiTConfig(dim=256, ffn_dim=512, freq_dim=32, num_heads=2, num_layers=2, text_dim=32))
     dit.requires_grad_(False)
     inject_lora(dit, rank=8, alpha=8.0)
-    batcher = SFTBatcher(cfg, _dataset(cfg), Encoders(engine.vae, engine.text_encoder, TensorCache(None),
-                                                      torch.device("cpu")), torch.device("cpu"))
+    dataset = IDGroupDataset.from_config(cfg.data, cfg.layout, cfg.seed)
+    enc = Encoders(engine.vae, engine.text_encoder, TensorCache(None), torch.device("cpu"))
+    batcher = SFTBatcher(cfg, dataset, enc, torch.device("cpu"))
     x0, eps, sigma, t, refs, ctx, nulls = batcher([0, 3], [0, 1], 0, 0, 0)
     assert not any(nulls) and refs
     xt = add_noise(x0, eps, sigma)
@@ -89,7 +87,7 @@ def test_null_condition_replaces_every_condition(root, tmp_path):
     engine = build_engine(ModelSource(preset="tiny"), torch.float32, torch.device("cpu"), None)
     enc = Encoders(engine.vae, engine.text_encoder, TensorCache(None), torch.device("cpu"))
     cfg1 = config(root, tmp_path, null_prob=1.0)
-    ds = _dataset(cfg1)
+    ds = IDGroupDataset.from_config(cfg1.data, cfg1.layout, cfg1.seed)
     spec = ds.instance(2)
     x0_n, eps_n, _, _, refs_n, ctx_n, nulls = SFTBatcher(cfg1, ds, enc, torch.device("cpu"))([2], [0], 0, 0, 0)
     assert nulls == [True]
@@ -159,52 +157,22 @@ def test_config_files(tmp_path):
     assert cfg.data.buckets == ((9, 64, 64),) and cfg.data.similarity == "jaccard"
     assert cfg.null_prob == 0.1 and cfg.train_shift == 5.0 and cfg.optim.weight_decay == 1e-3  # AnyID Table 2
     js = tmp_path / "sft.json"
-    for body, match in [({"data": {"root": "d"}, "lr": 1}, "unknown key"),
-                        ({"data": {"root": "d"}, "max_steps": "ten"}, "max_steps must be an integer"),
-                        ({"data": {"root": "d", "buckets": [[8, 64, 64]]}}, "4n\\+1"),
-                        ({"data": {"root": "d"}, "model": {"preset": "tiny", "path": "x"}}, "exactly one"),
-                        ({}, "data")]:
+    tiny = {"preset": "tiny"}
+    for body, match in [({"model": tiny, "data": {"root": "d"}, "lr": 1}, "^lr: unknown key"),
+                        ({"model": tiny, "data": {"root": "d"}, "max_steps": "ten"},
+                         '^max_steps = "ten": must be an integer$'),
+                        ({"model": tiny, "data": {"root": "d", "buckets": [[8, 64, 64]]}},
+                         r"^\[data\] buckets\[0\] = \[8, 64, 64\]: .*num_frames=8 must be 4n\+1"),
+                        ({"model": tiny, "data": {"root": "d", "buckets": [[9, 64, 60]]}},
+                         r"^\[data\] buckets\[0\] = \[9, 64, 60\]: .*width=60 must be a positive multiple of 32"),
+                        ({"data": {"root": "d"}, "model": {"preset": "tiny", "path": "x"}},
+                         r"^\[model\]: .*exactly one"),
+                        ({"data": {"root": "d"}}, r"^\[model\]: a config needs a \[model\] section"),
+                        ({"model": tiny, "data": {"root": "d"}, "lora": {"save_dtype": "fp8"}},
+                         r'^\[lora\] save_dtype = "fp8": must be one of \[.bf16., .fp16., .fp32.\]'),
+                        ({"model": tiny, "layout": {"placement": "middle"}, "data": {"root": "d"}},
+                         r"^\[layout\]: .*placement"),
+                        ({"model": tiny}, r"^\[data\]: ")]:
         js.write_text(json.dumps(body))
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises(ConfigError, match=match):
             load_config(js, SFTConfig)
-
-
-def test_cli_registers_train_and_runs_sft(root, tmp_path):
-    ap = argparse.ArgumentParser()
-    cli.add_parser(ap.add_subparsers(dest="command"))
-    args = ap.parse_args(["train", "dpo", "--config", "x.toml", "--set", "beta=100"])
-    assert args.func is cli.cmd_dpo and args.overrides == ["beta=100"]
-    data = tmp_path / "data"
-    assert cli.main(["synth-data", "--out", str(data), "--groups", "1", "--clips", "2", "--face-boxes", "all"]) == 0
-    cfg = {"output_dir": str(tmp_path / "run"), "max_steps": 3, "mixed_precision": "fp32", "progress": False,
-           "gradient_checkpointing": False, "checkpoint_every": 0, "model": {"preset": "tiny"},
-           "data": {"root": str(data), "buckets": [[9, 64, 64]], "max_references": 1, "similarity": "jaccard"},
-           "lora": {"rank": 4, "alpha": 4}}
-    (tmp_path / "sft.json").write_text(json.dumps(cfg))
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "tests"))
-    proc = subprocess.run([sys.executable, "-m", "anyid_rt.trainer.cli", "sft", "--config", str(tmp_path / "sft.json"),
-                           "--max-steps", "1"], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "wrote" in proc.stdout and (tmp_path / "run" / "lora.safetensors").is_file()
-    lora = read_lora(tmp_path / "run" / "lora.safetensors")
-    assert lora.down["blocks.0.self_attn.q"].dtype == torch.bfloat16  # save_dtype default
-    assert len(read_log(tmp_path / "run")) == 1
-    bad = subprocess.run([sys.executable, "-m", "anyid_rt.trainer.cli", "sft", "--config", str(tmp_path / "none.toml")],
-                         capture_output=True, text=True, env=env, timeout=120)
-    assert bad.returncode == 2 and "config file not found" in bad.stderr
-
-
-def test_documented_configs_parse():
-    """The TOML examples in the README (Training) load into the typed configs (no stale keys in the docs)."""
-    import re
-    import tomllib
-
-    from anyid_rt.trainer.config import DPOConfig, from_dict
-
-    text = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```toml\n(.*?)```", text, re.S)
-    kinds = {b.splitlines()[0].strip(): b for b in blocks}
-    sft = from_dict(SFTConfig, tomllib.loads(kinds["# sft.toml"]))
-    assert sft.lora.rank == 128 and sft.validation.every == 500 and sft.model.text_encoder_device == "cpu"
-    dpo = from_dict(DPOConfig, tomllib.loads(kinds["# dpo.toml"]))
-    assert dpo.beta == 500.0 and dpo.sft_lora.endswith("lora.safetensors") and dpo.optim.lr == 1e-5

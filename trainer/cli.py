@@ -1,10 +1,16 @@
-"""`anyid-rt train sft | dpo --config FILE`: the trainer's command line.
+"""`anyid-rt train sft | dpo CONFIG`: the trainer's command line.
 
-    anyid-rt train sft --config sft.toml [--set optim.lr=5e-5 ...] [--max-steps N] [--output DIR]
-    anyid-rt train dpo --config dpo.toml
-    python -m anyid_rt.trainer.cli sft --config sft.toml
-    torchrun --nproc_per_node 8 -m anyid_rt.trainer.cli sft --config sft.toml      (data parallel)
-    anyid-rt train synth-data --out data/synthetic                                  (a tiny test dataset)
+    anyid-rt train sft configs/sft-tiny.toml                   (the tiny preset on the bundled tiny data, CPU)
+    anyid-rt train sft sft.toml [--set optim.lr=5e-5 ...] [--max-steps N] [--output DIR] [--resume auto|none|DIR]
+    anyid-rt train dpo dpo.toml
+    python -m anyid_rt.trainer.cli sft sft.toml
+    torchrun --nproc_per_node 8 -m anyid_rt.trainer.cli sft sft.toml             (data parallel)
+    anyid-rt train synth-data --out configs/data                                (rebuild the tiny data set)
+
+Exit codes: 0 done; 2 the config cannot work (a `ConfigError` naming the key, found before any model is
+loaded); 1 a data problem met during the run (e.g. no face found in a frame; the message names the file);
+130 interrupted (Ctrl-C): one line saying which checkpoint the same command resumes from. Checkpoints, the
+LoRA, the log and validation videos are written atomically, so an interruption leaves nothing half-written.
 
 `add_parser(subparsers)` registers `train` on the main `anyid-rt` parser (anyid_rt/cli.py).
 """
@@ -15,12 +21,13 @@ import sys
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="a .toml or .json config file")
+    p.add_argument("config", help="a .toml or .json config file (see configs/ and README.md, Training)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override one config field, e.g. --set optim.lr=5e-5 (value read as JSON, else string)")
     p.add_argument("--max-steps", type=int, default=None, help="shortcut for --set max_steps=N")
     p.add_argument("--output", default=None, help="shortcut for --set output_dir=DIR")
-    p.add_argument("--resume", default=None, help="auto (default), none, or a checkpoint folder")
+    p.add_argument("--resume", default=None, help="shortcut for --set resume=...: auto (default), none, or a "
+                   "checkpoint folder")
 
 
 def _overrides(args) -> list[str]:
@@ -34,42 +41,72 @@ def _overrides(args) -> list[str]:
     return out
 
 
-def cmd_sft(args) -> int:
-    from . import dist as dist_utils
-    from .config import SFTConfig, load_config
-    from .sft import train_sft
+def _train(args, stage: str) -> int:
+    """Load and check the config, train, and turn the ways a run ends into exit codes and one-line messages."""
+    from pathlib import Path
 
-    cfg = load_config(args.config, SFTConfig, _overrides(args))
+    from . import dist as dist_utils
+    from .common import Checkpoints
+    from .config import ConfigError, DPOConfig, SFTConfig, load_config
+    from .groups import DataError
+
+    prog = f"anyid-rt train {stage}"
+    cfg = None
     try:
-        result = train_sft(cfg)
+        cfg = load_config(args.config, SFTConfig if stage == "sft" else DPOConfig, _overrides(args))
+        if stage == "sft":
+            from .sft import train_sft as train
+        else:
+            from .dpo import train_dpo as train
+        result = train(cfg)
+    except (ConfigError, FileNotFoundError) as e:  # the config (or its file) cannot work: nothing ran
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:  # met while training (e.g. a frame with no face): the message names the file
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        if cfg is None:  # TOML / JSON syntax, --set syntax
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            return 2
+        raise
+    except KeyboardInterrupt:
+        last = Checkpoints(cfg.output_dir).latest() if cfg is not None else None
+        if last is None:
+            where = "no checkpoint was written"
+        elif cfg.resume == "none":
+            where = f"--resume auto continues from {last}"
+        else:
+            where = f"the same command resumes from {last}"
+        print(f"{prog}: interrupted; {where} (nothing half-written)", file=sys.stderr)
+        return 130
     finally:
         dist_utils.shutdown()
     if result.lora_path is not None:
-        print(f"wrote {result.lora_path} after {result.step} steps (log: {cfg.output_dir}/log.csv)")
+        after = f" (apply after {cfg.sft_lora})" if stage == "dpo" and cfg.sft_lora else ""
+        print(f"wrote {result.lora_path}{after} after {result.step} steps (log: {Path(cfg.output_dir) / 'log.csv'})")
     return 0
+
+
+def cmd_sft(args) -> int:
+    return _train(args, "sft")
 
 
 def cmd_dpo(args) -> int:
-    from . import dist as dist_utils
-    from .config import DPOConfig, load_config
-    from .dpo import train_dpo
-
-    cfg = load_config(args.config, DPOConfig, _overrides(args))
-    try:
-        result = train_dpo(cfg)
-    finally:
-        dist_utils.shutdown()
-    if result.lora_path is not None:
-        after = f" (apply after {cfg.sft_lora})" if cfg.sft_lora else ""
-        print(f"wrote {result.lora_path}{after} after {result.step} steps (log: {cfg.output_dir}/log.csv)")
-    return 0
+    return _train(args, "dpo")
 
 
 def cmd_synth(args) -> int:
-    from .synthetic import make_id_groups
+    from .synthetic import make_tiny_data
 
-    root = make_id_groups(args.out, groups=args.groups, clips=args.clips, face_boxes=args.face_boxes)
-    print(f"wrote {args.groups} synthetic ID group(s) of {args.clips} clips to {root}")
+    try:
+        root = make_tiny_data(args.out, groups=args.groups, clips=args.clips, frames=args.frames, size=args.size,
+                              face_boxes=args.face_boxes, pairs=args.pairs, crf=args.crf)
+    except ValueError as e:
+        print(f"anyid-rt train synth-data: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.groups} synthetic ID group(s) of {args.clips} clips to {root / 'id_groups'}"
+          + (f" and {args.pairs} preference pair(s) to {root / 'pairs' / 'pairs.jsonl'}" if args.pairs > 0 else ""))
     return 0
 
 
@@ -80,11 +117,17 @@ def _register(sub) -> None:
     d = sub.add_parser("dpo", help="Flow-DPO on preference pairs from the merged SFT weights (section 4.4)")
     _common(d)
     d.set_defaults(func=cmd_dpo)
-    y = sub.add_parser("synth-data", help="write a tiny synthetic ID-group dataset (bundled astronaut image)")
+    y = sub.add_parser("synth-data", help="write a tiny synthetic data set (bundled astronaut image): OUT/id_groups "
+                       "and OUT/pairs; the defaults make configs/data")
     y.add_argument("--out", required=True)
-    y.add_argument("--groups", type=int, default=2)
-    y.add_argument("--clips", type=int, default=3)
-    y.add_argument("--face-boxes", default="first", choices=["none", "first", "all"])
+    y.add_argument("--groups", type=int, default=1, help="ID groups (default 1)")
+    y.add_argument("--clips", type=int, default=3, help="clips per group (default 3)")
+    y.add_argument("--frames", type=int, default=9, help="frames per clip (default 9)")
+    y.add_argument("--size", type=int, default=64, help="clip height and width in pixels (default 64)")
+    y.add_argument("--face-boxes", default="all", choices=["none", "first", "all"],
+                   help="which clips carry face boxes in meta.json (none: the face detector, i.e. OpenCV, runs)")
+    y.add_argument("--pairs", type=int, default=2, help="preference pairs for DPO (default 2; 0: none)")
+    y.add_argument("--crf", type=int, default=30, help="H.264 quality, higher is smaller (default 30)")
     y.set_defaults(func=cmd_synth)
 
 
@@ -104,11 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"anyid-rt train {args.train_command}: error: {e}", file=sys.stderr)
-        return 2
+    return args.func(args)
 
 
 if __name__ == "__main__":

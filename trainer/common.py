@@ -31,10 +31,11 @@ from tqdm.auto import tqdm
 from ..conditioning import ConditioningLayout, StepLayout
 from ..config import TokenGeometry
 from ..engine import Engine
+from ..eval.common import atomic_path, write_text_atomic
 from ..models.dit import Segments, WanDiT
 from ..models.dit_loader import keep_fp32
 from . import dist as dist_utils
-from .config import ModelSource, OptimConfig, RunConfig, ValidationConfig
+from .config import ConfigError, ModelSource, OptimConfig, RunConfig, ValidationConfig
 from .data import BatchPlan
 from .lora import load_lora_state_dict_, lora_parameters, lora_state_dict
 
@@ -62,15 +63,24 @@ def build_engine(src: ModelSource, dtype: torch.dtype, device: torch.device,
     Base weights are stored in `dtype` except the layers Wan keeps in fp32 (norms, modulation, time embedding,
     head)."""
     if src.preset is not None:
-        engine = Engine.tiny(seed=src.seed, device=device, backend=src.backend, layout=layout)
+        engine = Engine.tiny(seed=src.seed or 0, device=device, backend=src.backend, layout=layout)
         if dtype != torch.float32:
             with torch.no_grad():
                 for name, p in engine.dit.named_parameters():
                     if not keep_fp32(name):
                         p.data = p.data.to(dtype)
+        if src.text_encoder_device:
+            engine.text_encoder.to(src.text_encoder_device)
         return engine
     return Engine.from_pretrained(src.path, dtype=dtype, backend=src.backend, device=device,
                                   text_encoder_device=src.text_encoder_device, layout=layout)
+
+
+def check_geometry(engine: Engine, src: ModelSource) -> None:
+    """The loaded model cuts pixels into tokens as the config's sizes were checked for (`ModelSource.geometry`)."""
+    if engine.geometry != src.geometry:
+        raise ConfigError("model.path", f"this model's geometry {engine.geometry} is not Wan2.2-TI2V-5B's "
+                          f"{src.geometry}, which the trainer's sizes were checked against", src.path)
 
 
 class GroupsForward(nn.Module):
@@ -138,10 +148,19 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _remove_dir(path: Path) -> None:
+    """Rename a folder out of the way, then delete it: an interrupted delete leaves no half checkpoint under a
+    name that resume would pick."""
+    gone = path.with_name(f".{path.name}.deleting-{os.getpid()}")
+    os.replace(path, gone)
+    shutil.rmtree(gone, ignore_errors=True)
+
+
 class Checkpoints:
     """`OUTPUT/checkpoints/step_00000100/{state.pt, lora.safetensors}`; `OUTPUT/checkpoints/latest` names the
     newest. A checkpoint folder is written under a temporary name and renamed into place (os.replace), and
-    `latest` is replaced atomically, so a crash mid-write never leaves a half checkpoint that resume picks."""
+    `latest` is replaced atomically, so a crash or Ctrl-C mid-write never leaves a half checkpoint that resume
+    picks (and the temporary folder is removed)."""
 
     def __init__(self, output_dir: str | Path, keep: int = 3):
         self.dir = Path(output_dir) / CHECKPOINT_DIR
@@ -154,17 +173,19 @@ class Checkpoints:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        torch.save(state, tmp / "state.pt")
-        write_lora(tmp / "lora.safetensors")
+        try:
+            torch.save(state, tmp / "state.pt")
+            write_lora(tmp / "lora.safetensors")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if final.exists():  # the same step again (a resumed run re-saving): replace it whole
-            shutil.rmtree(final)
+            _remove_dir(final)
         os.replace(tmp, final)
-        latest_tmp = self.dir / f".{LATEST_FILE}.tmp-{os.getpid()}"
-        latest_tmp.write_text(final.name + "\n")
-        os.replace(latest_tmp, self.dir / LATEST_FILE)
+        write_text_atomic(self.dir / LATEST_FILE, final.name + "\n")
         done = sorted(p for p in self.dir.glob("step_*") if p.is_dir())
         for old in done[:-self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_dir(old)
         return final
 
     def latest(self) -> Path | None:
@@ -196,12 +217,13 @@ class MetricLog:
         if resume_step is not None and self.path.is_file():
             with open(self.path, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "w", newline="")
+        with atomic_path(self.path) as tmp:  # the kept rows (or just the header) replace the old log whole
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
+                w.writeheader()
+                w.writerows(rows)
+        self._f = open(self.path, "a", newline="")  # each row is appended and flushed whole
         self._w = csv.DictWriter(self._f, fieldnames=self.fields, extrasaction="ignore")
-        self._w.writeheader()
-        self._w.writerows(rows)
-        self._f.flush()
         self.tb = None
         if tensorboard:
             try:
@@ -242,10 +264,11 @@ def validate(engine: Engine, dit: WanDiT, layout: ConditioningLayout, cfg: Valid
     was_training = dit.training
     dit.eval()
     try:
-        val.generate(cfg.prompt, references=list(cfg.references), primary=cfg.primary,
-                     height=cfg.height or h, width=cfg.width or w, num_frames=cfg.num_frames or f,
-                     steps=cfg.steps, guidance=cfg.guidance, shift=cfg.shift, seed=cfg.seed, output=path,
-                     progress=False)
+        with atomic_path(path) as tmp:
+            val.generate(cfg.prompt, references=list(cfg.references), primary=cfg.primary,
+                         height=cfg.height or h, width=cfg.width or w, num_frames=cfg.num_frames or f,
+                         steps=cfg.steps, guidance=cfg.guidance, shift=cfg.shift, seed=cfg.seed, output=tmp,
+                         progress=False)
     finally:
         dit.train(was_training)  # the DiT builds its RoPE tables outside inference mode, so reuse is safe
     return path
@@ -341,8 +364,7 @@ def run_loop(*, cfg: RunConfig, info: dist_utils.DistInfo, dit: WanDiT, model: n
                 result.lora_state = {k: v.cpu().clone() for k, v in lora_state_dict(dit).items()}
                 return result  # a simulated interruption: no final LoRA
         if info.is_main:
-            final_lora.parent.mkdir(parents=True, exist_ok=True)
-            write_lora(final_lora)
+            write_lora(final_lora)  # save_trained_lora writes atomically
             result.lora_path = final_lora
         dist_utils.barrier(info)
         result.step = step
@@ -362,23 +384,13 @@ def restore(state: dict, dit: nn.Module, optimizer, scheduler) -> None:
     set_rng_state(state["rng"])
 
 
-def find_resume(cfg: RunConfig) -> dict | None:
-    """The checkpoint state a run resumes from: `resume = "auto"` (the latest in output_dir, or none),
-    "none", or a checkpoint folder / state.pt path."""
-    if cfg.resume == "none":
-        return None
-    if cfg.resume == "auto":
-        p = Checkpoints(cfg.output_dir).latest()
-        return Checkpoints.load(p) if p is not None else None
-    return Checkpoints.load(cfg.resume)
-
-
 def stack_refs(per_sample: Iterable[list[torch.Tensor]]) -> list[torch.Tensor]:
     """[[ref_0, ref_1, ...] per sample] -> [ref_0 batch, ref_1 batch, ...] (every sample the same shapes)."""
     rows = list(per_sample)
     return [torch.cat([r[j] for r in rows]) for j in range(len(rows[0]))] if rows and rows[0] else []
 
 
-__all__ = ["build_engine", "check_precision", "GroupsForward", "target_layout", "train_segments", "sample_seed",
+__all__ = ["build_engine", "check_precision", "check_geometry", "GroupsForward", "target_layout", "train_segments",
+           "sample_seed",
            "add_noise", "make_optimizer", "rng_state", "set_rng_state", "Checkpoints", "MetricLog", "read_log",
-           "validate", "LoopResult", "run_loop", "restore", "find_resume", "stack_refs"]
+           "validate", "LoopResult", "run_loop", "restore", "stack_refs"]

@@ -505,8 +505,8 @@ def from_dict(cls: type, data: dict, where: str = "") -> Any:
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     for k in data:
         if k not in names:
-            raise ConfigError(f"{where}.{k}" if where else k, f"unknown key; the keys{' of [' + where + ']' if where else ''} "
-                              f"are {names}")
+            raise ConfigError(f"{where}.{k}" if where else k,
+                              f"unknown key; the keys {f'of [{where}] ' if where else ''}are {names}")
     kwargs = {k: _convert(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
     try:
         return cls(**kwargs)
@@ -571,4 +571,5 @@ def load_config(path: str | Path, cls: type, overrides: list[str] | None = None)
 
 
 __all__ = ["ConfigError", "show_key", "show_value", "SECTIONS", "ModelSource", "LoraConfig", "OptimConfig",
-           "DataConfig", "ValidationConfig", "RunConfig", "SFTConfig", "DPOConfig", "from_dict", "to_dict", "load_config", "apply_overrides", "read_config_file"]
+           "DataConfig", "ValidationConfig", "RunConfig", "SFTConfig", "DPOConfig", "from_dict", "to_dict",
+           "load_config", "apply_overrides", "read_config_file"]

@@ -21,7 +21,7 @@ import random
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ from .cache import file_digest
 from .groups import ClipMeta, DataError, load_groups
 from .prompts import differential_prompt, make_similarity
 from .references import FORMS, HaarFaceDetector, RefSpec, needs_detector, reference_region, render_reference
+
+if TYPE_CHECKING:
+    from .config import DataConfig
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,15 @@ class IDGroupDataset:
         if not self.targets:
             raise DataError(f"{root}: no usable target clip ({'; '.join(self.skipped[:3])})")
 
+    @classmethod
+    def from_config(cls, data: "DataConfig", layout: ConditioningLayout, seed: int) -> "IDGroupDataset":
+        """The dataset a run's [data] section describes."""
+        return cls(data.root, data.buckets, layout=layout, min_references=data.min_references,
+                   max_references=data.max_references, form_weights=data.form_weights,
+                   ref_clip_frames=data.ref_clip_frames, face_margin=data.face_margin, portrait_zoom=data.portrait_zoom,
+                   similarity=data.similarity, similarity_threshold=data.similarity_threshold, seed=seed,
+                   resample_each_epoch=data.resample_each_epoch)
+
     def __len__(self) -> int:
         return len(self.targets)
 
@@ -122,6 +134,20 @@ class IDGroupDataset:
     @property
     def detector_key(self) -> str:
         return getattr(self.detector, "key", type(self.detector).__name__)
+
+    def clips_needing_detector(self) -> list[Path]:
+        """The clips some reference may be cut from whose meta.json leaves a box out that the reference's form
+        needs (a face box for a face crop; a person or face box for a portrait or clip), so the face detector
+        will run on them. Empty when a dataset's boxes are complete (then OpenCV is not needed)."""
+        w_face, w_portrait, w_clip = self.form_weights
+        forms = (["face"] if w_face > 0 else []) + (["portrait"] if w_portrait > 0 or w_clip > 0 else [])
+        sources = {(g, j) for g, c, _ in self.targets for j in range(len(self.groups[g].clips)) if j != c}
+        out = []
+        for g, j in sorted(sources):
+            clip = self.groups[g].clips[j]
+            if any(needs_detector(clip, RefSpec(j, form, (i,))) for form in forms for i in range(clip.num_frames)):
+                out.append(clip.path)
+        return out
 
     # -- planning -------------------------------------------------------------------------------------------
     def instance(self, index: int, epoch: int = 0) -> InstanceSpec:

@@ -45,12 +45,16 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return dev
 
 
+def env_ranks() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) outside torchrun."""
+    rank = int(os.environ.get("RANK", "0"))
+    return rank, int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", str(rank)))
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
     """Join the process group described by torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
     MASTER_ADDR, MASTER_PORT); a single process when WORLD_SIZE is unset or 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    rank, world, local = env_ranks()
     dev = resolve_device(device, local)
     if world > 1 and not dist.is_initialized():
         if dev.type == "cuda":
@@ -97,5 +101,5 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-__all__ = ["DistInfo", "init_distributed", "shutdown", "wrap", "no_sync", "mean_over_ranks", "barrier",
+__all__ = ["DistInfo", "env_ranks", "init_distributed", "shutdown", "wrap", "no_sync", "mean_over_ranks", "barrier",
            "resolve_device"]

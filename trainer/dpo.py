@@ -13,27 +13,24 @@ Using the result: the DPO LoRA is a delta on top of base + SFT, so load both, in
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .. import media
-from ..conditioning import LAYOUT_METADATA_KEY, ConditioningLayout, prepare_reference
+from ..conditioning import LAYOUT_METADATA_KEY, ConditioningLayout
 from ..config import TokenGeometry, parse_dtype
-from ..lora import merge_lora_, read_lora
+from ..lora import LoraWeights, merge_lora_, read_lora
 from ..sampling import sample_training_timesteps
 from . import dist as dist_utils
-from .cache import Encoders, TensorCache, file_digest
-from .common import (GroupsForward, LoopResult, add_noise, build_engine, check_precision, find_resume,
-                     make_optimizer, restore, run_loop, sample_seed, stack_refs, target_layout, train_segments,
-                     validate)
+from .cache import Encoders, TensorCache
+from .common import (GroupsForward, LoopResult, add_noise, build_engine, check_geometry, make_optimizer, restore,
+                     run_loop, sample_seed, stack_refs, target_layout, train_segments, validate, write_text_atomic)
 from .config import DPOConfig, to_dict
-from .data import BatchPlan, assign_bucket
-from .groups import DataError, probe_video
+from .data import BatchPlan
 from .lora import inject_lora, lora_disabled, lora_metadata, lora_parameters, save_trained_lora
-from .pairs import PreferencePair, pareto_filter, read_pairs
+from .pairs import PairDataset
+from .preflight import Checks, check_dpo
 
 
 def flow_dpo_loss(policy_w: torch.Tensor, policy_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor,
@@ -55,9 +52,10 @@ def flow_dpo_loss(policy_w: torch.Tensor, policy_l: torch.Tensor, ref_w: torch.T
     return -F.logsigmoid(logits).mean(), logits
 
 
-def load_sft_into(dit, path: str | Path) -> ConditioningLayout | None:
-    """Merge an SFT LoRA file into the base weights; returns the layout stored in it (None if absent)."""
-    weights = read_lora(path)
+def load_sft_into(dit, lora: str | Path | LoraWeights) -> ConditioningLayout | None:
+    """Merge an SFT LoRA (a file, or weights already read) into the base weights; returns the layout stored in
+    it (None if absent)."""
+    weights = lora if isinstance(lora, LoraWeights) else read_lora(lora)
     merge_lora_(dit, weights)
     if LAYOUT_METADATA_KEY in weights.metadata:
         return ConditioningLayout.from_json(weights.metadata[LAYOUT_METADATA_KEY])
@@ -116,41 +114,41 @@ def evaluate_dpo(dit, layout: ConditioningLayout, batcher: DPOBatcher, beta: flo
             "loss": float(-F.logsigmoid(z).mean())}
 
 
-def build_dpo(cfg: DPOConfig, info: dist_utils.DistInfo):
-    """Engine with the SFT LoRA merged and a fresh LoRA injected, the pair data and the batcher."""
-    dtype = check_precision(cfg.mixed_precision, info.device)
-    engine = build_engine(cfg.model, dtype, info.device, cfg.layout)
-    sft_layout = load_sft_into(engine.dit, cfg.sft_lora) if cfg.sft_lora else None
-    layout = cfg.layout or sft_layout or ConditioningLayout()
-    engine.layout = layout
-    pairs = read_pairs(cfg.pairs, cfg.pairs_root)
-    total = len(pairs)
-    if cfg.pareto_filter:
-        pairs = pareto_filter(pairs)
-    if not pairs:
-        raise DataError(f"{cfg.pairs}: none of {total} pairs has a winner that Pareto-dominates its loser")
-    data = PairDataset(pairs, cfg.buckets, layout)
+def build_dpo(cfg: DPOConfig, info: dist_utils.DistInfo, checks: Checks | None = None):
+    """Engine with the SFT LoRA merged and a fresh LoRA injected, the pair data and the batcher (after the
+    config's checks, `preflight.check_dpo`, unless they are given)."""
+    checks = checks or check_dpo(cfg)
+    engine = build_engine(cfg.model, checks.dtype, info.device, cfg.layout)
+    check_geometry(engine, cfg.model)
+    if checks.sft_lora is not None:
+        load_sft_into(engine.dit, checks.sft_lora)
+    layout = engine.layout = checks.layout
+    data = checks.pairs
     targets = inject_lora(engine.dit, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, seed=cfg.seed)
     out = Path(cfg.output_dir)
     cache_dir = cfg.cache_dir or str(out / "cache")
     enc = Encoders(engine.vae, engine.text_encoder, TensorCache(cache_dir if cfg.cache else None), info.device)
-    return engine, layout, data, DPOBatcher(cfg, data, enc, info.device), targets, total
+    return engine, layout, data, DPOBatcher(cfg, data, enc, info.device), targets, checks.pairs_total
 
 
 def train_dpo(cfg: DPOConfig, *, stop_after: int | None = None) -> LoopResult:
-    """Run (or resume) Flow-DPO; the LoRA lands in OUTPUT/lora.safetensors (apply it after the SFT LoRA)."""
+    """Run (or resume) Flow-DPO; the LoRA lands in OUTPUT/lora.safetensors (apply it after the SFT LoRA).
+    The config is checked completely before any model is loaded (`preflight.check_dpo`)."""
+    checks = check_dpo(cfg)
     info = dist_utils.init_distributed(cfg.model.device)
     out = Path(cfg.output_dir)
     if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    engine, layout, data, batcher, targets, total = build_dpo(cfg, info)
+        print(checks.summary(cfg, "dpo"), flush=True)
+        for s in checks.pairs.skipped[:5]:
+            print(f"  skipped: {s}")
+        write_text_atomic(out / "config.json", json.dumps(to_dict(cfg), indent=2))
+    engine, layout, data, batcher, targets, total = build_dpo(cfg, info, checks)
     dit = engine.dit
     dit.gradient_checkpointing = cfg.gradient_checkpointing
     dit.train()
     model = dist_utils.wrap(GroupsForward(dit), info)
     optimizer, scheduler = make_optimizer(lora_parameters(dit), cfg.optim)
-    state = find_resume(cfg)
+    state = checks.resume
     if state is not None:
         restore(state, dit, optimizer, scheduler)
     plan = BatchPlan(lambda k, e: data.specs[k].key, len(data), cfg.batch_size * info.world_size, cfg.seed)
@@ -159,11 +157,10 @@ def train_dpo(cfg: DPOConfig, *, stop_after: int | None = None) -> LoopResult:
                              extra={"anyid.dpo_beta": repr(cfg.beta),
                                     "anyid.apply_after": Path(cfg.sft_lora).name if cfg.sft_lora else ""})
     if info.is_main:
-        print(f"anyid-rt train dpo: {len(data)} pairs ({total} in the file, "
-              f"{'Pareto-filtered' if cfg.pareto_filter else 'unfiltered'}), beta {cfg.beta}, "
-              f"{len(targets)} LoRA modules (rank {cfg.lora.rank}), SFT LoRA: {cfg.sft_lora or 'none'}, "
-              f"{info.world_size} process(es) on {info.device}"
-              + (f", resuming at step {state['step']}" if state else ""))
+        print(f"  {len(data)} pairs ({total} in the file, {'Pareto-filtered' if cfg.pareto_filter else 'unfiltered'}), "
+              f"beta {cfg.beta}, {len(targets)} LoRA modules (rank {cfg.lora.rank}), SFT LoRA: "
+              f"{cfg.sft_lora or 'none'}, {info.world_size} process(es)"
+              + (f", resuming from {checks.resume_path}" if state else ""), flush=True)
 
     def micro_step(indices, positions, step, micro, epoch):
         x0w, x0l, eps, sigma, t, refs, ctx = batcher(indices, positions, step, micro, epoch)
@@ -198,5 +195,5 @@ def train_dpo(cfg: DPOConfig, *, stop_after: int | None = None) -> LoopResult:
         dit.gradient_checkpointing = False
 
 
-__all__ = ["flow_dpo_loss", "train_dpo", "build_dpo", "evaluate_dpo", "dpo_forward", "PairDataset", "DPOBatcher",
+__all__ = ["flow_dpo_loss", "train_dpo", "build_dpo", "evaluate_dpo", "dpo_forward", "DPOBatcher",
            "load_sft_into"]

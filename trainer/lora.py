@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import re
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..conditioning import LAYOUT_METADATA_KEY, ConditioningLayout
+from ..eval.common import atomic_path
 from ..lora import LoraWeights, save_lora
 from ..models.linears import BLOCK_LINEARS
 
@@ -314,14 +314,12 @@ def save_trained_lora(dit: nn.Module, path: str | Path, metadata: dict[str, str]
                       dtype: torch.dtype = torch.float32) -> Path:
     """Write the LoRA in the ComfyUI key format, atomically (a temporary file, then os.replace)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_lora(lora_to_weights(dit, metadata, dtype), tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # removed again if the write fails or is interrupted
+        save_lora(lora_to_weights(dit, metadata, dtype), tmp)
     return path
 
 
-__all__ = ["DEFAULT_TARGETS", "LoraLinear", "inject_lora", "match_names", "match_targets", "lora_modules", "lora_parameters",
-           "lora_state_dict", "load_lora_state_dict_", "load_lora_weights_", "set_lora_enabled", "lora_disabled",
-           "merge_lora", "unmerge_lora", "remove_lora", "lora_metadata", "lora_to_weights", "save_trained_lora",
-           "META_RANK", "META_ALPHA", "META_TARGETS", "META_BASE_MODEL", "META_STAGE"]
+__all__ = ["DEFAULT_TARGETS", "LoraLinear", "inject_lora", "match_names", "match_targets", "lora_modules",
+           "lora_parameters", "lora_state_dict", "load_lora_state_dict_", "load_lora_weights_", "set_lora_enabled",
+           "lora_disabled", "merge_lora", "unmerge_lora", "remove_lora", "lora_metadata", "lora_to_weights",
+           "save_trained_lora", "META_RANK", "META_ALPHA", "META_TARGETS", "META_BASE_MODEL", "META_STAGE"]

@@ -258,7 +258,7 @@ def _common(cfg: RunConfig) -> tuple[Checks, dict[str, tuple[int, int]]]:
     check_lora_targets(cfg, linears)
     check_output(cfg)
     if cfg.tensorboard:
-        require_package("tensorboard", True, "torch.utils.tensorboard", "tensorboard = true",
+        require_package("tensorboard", True, "torch.utils.tensorboard", "logging to TensorBoard",
                         "pip install tensorboard (or set tensorboard = false; log.csv needs nothing)")
     check_validation(cfg)
     state, path = check_resume(cfg)
@@ -282,15 +282,10 @@ def check_sft(cfg: SFTConfig, dataset: IDGroupDataset | None = None) -> Checks:
     if dataset is None:
         check_folder("data.root", d.root, "data folder (one sub-folder per ID group, each with a meta.json)")
         try:
-            dataset = IDGroupDataset(d.root, d.buckets, layout=cfg.layout, min_references=d.min_references,
-                                     max_references=d.max_references, form_weights=d.form_weights,
-                                     ref_clip_frames=d.ref_clip_frames, face_margin=d.face_margin,
-                                     portrait_zoom=d.portrait_zoom, similarity=d.similarity,
-                                     similarity_threshold=d.similarity_threshold, seed=cfg.seed,
-                                     resample_each_epoch=d.resample_each_epoch)
+            dataset = IDGroupDataset.from_config(d, cfg.layout, cfg.seed)
         except DataError as e:
             raise ConfigError("data.root", str(e), d.root) from None
-    need = dataset.clips_needing_detector(d.form_weights)
+    need = dataset.clips_needing_detector()
     if need:
         try:
             dataset.detector

@@ -19,12 +19,12 @@ from ..config import parse_dtype
 from ..sampling import sample_training_timesteps
 from . import dist as dist_utils
 from .cache import Encoders, TensorCache
-from .common import (GroupsForward, LoopResult, add_noise, build_engine, check_precision, find_resume,
-                     make_optimizer, restore, run_loop, sample_seed, stack_refs, target_layout, train_segments,
-                     validate)
+from .common import (GroupsForward, LoopResult, add_noise, build_engine, check_geometry, make_optimizer, restore,
+                     run_loop, sample_seed, stack_refs, target_layout, train_segments, validate, write_text_atomic)
 from .config import SFTConfig, to_dict
 from .data import BatchPlan, IDGroupDataset, InstanceSpec
 from .lora import inject_lora, lora_metadata, lora_parameters, save_trained_lora
+from .preflight import check_sft
 
 
 def flow_matching_loss(velocity: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -80,30 +80,26 @@ class SFTBatcher:
         return x0, e, sigma, t, refs, ctx, nulls
 
 
-def _dataset(cfg: SFTConfig) -> IDGroupDataset:
-    d = cfg.data
-    return IDGroupDataset(d.root, d.buckets, layout=cfg.layout, min_references=d.min_references,
-                          max_references=d.max_references, form_weights=d.form_weights,
-                          ref_clip_frames=d.ref_clip_frames, face_margin=d.face_margin, portrait_zoom=d.portrait_zoom,
-                          similarity=d.similarity, similarity_threshold=d.similarity_threshold, seed=cfg.seed,
-                          resample_each_epoch=d.resample_each_epoch)
-
-
 def train_sft(cfg: SFTConfig, *, stop_after: int | None = None, dataset: IDGroupDataset | None = None) -> LoopResult:
     """Run (or resume) SFT; returns the per-step history and the final LoRA path (OUTPUT/lora.safetensors).
 
-    `stop_after=k` stops after step k as if the run were interrupted there (used to test resume).
-    `dataset` may be given to reuse one already built (its settings must match cfg.data).
+    The config is checked completely first (`preflight.check_sft`: paths, packages, device, resume), so a
+    bad setting stops the run before any model is loaded. `stop_after=k` stops after step k as if the run
+    were interrupted there (used to test resume). `dataset` may be given to reuse one already built (its
+    settings must match cfg.data).
     """
+    checks = check_sft(cfg, dataset)
     info = dist_utils.init_distributed(cfg.model.device)
-    dtype = check_precision(cfg.mixed_precision, info.device)
     out = Path(cfg.output_dir)
     if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    engine = build_engine(cfg.model, dtype, info.device, cfg.layout)
+        print(checks.summary(cfg, "sft"), flush=True)
+        for s in checks.dataset.skipped[:5]:
+            print(f"  skipped: {s}")
+        write_text_atomic(out / "config.json", json.dumps(to_dict(cfg), indent=2))
+    engine = build_engine(cfg.model, checks.dtype, info.device, cfg.layout)
+    check_geometry(engine, cfg.model)
     dit = engine.dit
-    dataset = dataset or _dataset(cfg)
+    dataset = checks.dataset
     targets = inject_lora(dit, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, seed=cfg.seed)
     dit.gradient_checkpointing = cfg.gradient_checkpointing
     dit.train()
@@ -113,7 +109,7 @@ def train_sft(cfg: SFTConfig, *, stop_after: int | None = None, dataset: IDGroup
     batcher = SFTBatcher(cfg, dataset, encoders, info.device)
     model = dist_utils.wrap(GroupsForward(dit), info)
     optimizer, scheduler = make_optimizer(lora_parameters(dit), cfg.optim)
-    state = find_resume(cfg)
+    state = checks.resume
     if state is not None:
         restore(state, dit, optimizer, scheduler)
     plan = BatchPlan(lambda i, e: dataset.instance(i, e).key, len(dataset), cfg.batch_size * info.world_size,
@@ -123,13 +119,9 @@ def train_sft(cfg: SFTConfig, *, stop_after: int | None = None, dataset: IDGroup
                              extra={"anyid.similarity": dataset.similarity.name,
                                     "anyid.null_prob": repr(cfg.null_prob), "anyid.train_shift": repr(cfg.train_shift)})
     if info.is_main:
-        print(f"anyid-rt train sft: {len(dataset)} target clips in {len(dataset.groups)} ID groups, "
-              f"{len(targets)} LoRA modules (rank {cfg.lora.rank}, alpha {cfg.lora.alpha}), "
-              f"{len(lora_parameters(dit)) // 2} x 2 tensors, differential-prompt similarity: "
-              f"{dataset.similarity.name}, {info.world_size} process(es) on {info.device}"
-              + (f", resuming at step {state['step']}" if state else ""))
-        for s in dataset.skipped[:5]:
-            print(f"  skipped: {s}")
+        print(f"  {len(targets)} LoRA modules (rank {cfg.lora.rank}, alpha {cfg.lora.alpha}), "
+              f"{len(lora_parameters(dit)) // 2} x 2 tensors, {info.world_size} process(es)"
+              + (f", resuming from {checks.resume_path}" if state else ""), flush=True)
 
     def micro_step(indices, positions, step, micro, epoch):
         x0, eps, sigma, t, refs, ctx, nulls = batcher(indices, positions, step, micro, epoch)

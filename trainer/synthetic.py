@@ -1,5 +1,6 @@
 """A small synthetic ID-group dataset made from the bundled astronaut image, for tests and smoke runs.
 
+    anyid-rt train synth-data --out configs/data      (the tiny data set of configs/sft-tiny.toml, dpo-tiny.toml)
     python -c "from anyid_rt.trainer.synthetic import make_id_groups; make_id_groups('data/synthetic')"
 
 Each clip is a slow pan / zoom over the image (so the face moves and changes size), with a per-clip colour
@@ -75,8 +76,9 @@ def make_clip(seed: int, frames: int = 9, size: tuple[int, int] = (128, 128), ti
 
 
 def make_id_groups(root: str | Path, groups: int = 1, clips: int = 3, frames: int = 9,
-                   size: tuple[int, int] = (128, 128), face_boxes: str = "none", seed: int = 0) -> Path:
-    """Write `groups` ID-group folders of `clips` mp4 clips each (with meta.json) under `root`."""
+                   size: tuple[int, int] = (128, 128), face_boxes: str = "none", seed: int = 0, crf: int = 12) -> Path:
+    """Write `groups` ID-group folders of `clips` mp4 clips each (with meta.json) under `root`; `crf` is the
+    H.264 quality (higher: smaller files)."""
     if face_boxes not in ("none", "first", "all"):
         raise ValueError(f"face_boxes must be none, first or all, got {face_boxes!r}")
     root = Path(root)
@@ -88,7 +90,7 @@ def make_id_groups(root: str | Path, groups: int = 1, clips: int = 3, frames: in
         for c in range(clips):
             arr, boxes = make_clip(seed * 1000 + g * 100 + c, frames, size, tints[(g + c) % len(tints)], True)
             name = f"clip_{c:03d}.mp4"
-            media.write_mp4(torch.from_numpy(arr), folder / name, fps=8, crf=12)
+            media.write_mp4(torch.from_numpy(arr), folder / name, fps=8, crf=crf)
             entry = {"file": name, "description": DESCRIPTIONS[(g + c) % len(DESCRIPTIONS)]}
             if face_boxes == "all" or (face_boxes == "first" and c == 0):
                 entry["face_boxes"] = boxes
@@ -140,4 +142,42 @@ def make_preference_pairs(root: str | Path, pairs: int = 4, frames: int = 9, siz
     return write_pairs(root / "pairs.jsonl", out)
 
 
-__all__ = ["make_preference_pairs", "degrade", "make_id_groups", "make_clip", "astronaut", "DESCRIPTIONS", "FACE_BOX"]
+def make_tiny_data(root: str | Path, groups: int = 1, clips: int = 3, frames: int = 9, size: int = 64,
+                   face_boxes: str = "all", pairs: int = 2, crf: int = 30, seed: int = 0) -> Path:
+    """The tiny data set of the ready configs (configs/sft-tiny.toml, dpo-tiny.toml), a few KB:
+
+        root/id_groups/person_00/{meta.json, clip_000.mp4, ...}    ID groups (`make_id_groups`)
+        root/pairs/{pairs.jsonl, lose_000.mp4, ..., face.jpg}       preference pairs for Flow-DPO
+
+    Pair i's winner is clip i of the first group (cycled), its loser that clip degraded (`degrade`); its
+    references are a face crop of the astronaut image and, for odd i, another clip of the group. Paths in
+    pairs.jsonl are relative to its folder, so the data set can be moved whole."""
+    root = Path(root)
+    ids = make_id_groups(root / "id_groups", groups=groups, clips=clips, frames=frames, size=(size, size),
+                         face_boxes=face_boxes, seed=seed, crf=crf)
+    if pairs <= 0:
+        return root
+    from .pairs import PreferencePair, write_pairs
+
+    folder = root / "pairs"
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(astronaut()[20:100, 76:150]).save(folder / "face.jpg", quality=85)
+    person = ids / "person_00"
+    meta = json.loads((person / "meta.json").read_text())["clips"]
+    out = []
+    for i in range(pairs):
+        c = i % len(meta)
+        winner = f"../id_groups/person_00/{meta[c]['file']}"
+        clip = media.read_video(person / meta[c]["file"]).frames.numpy()
+        media.write_mp4(torch.from_numpy(degrade(clip, seed * 1000 + i, noise=20.0)), folder / f"lose_{i:03d}.mp4",
+                        fps=8, crf=crf)
+        refs = ("face.jpg",) + ((f"../id_groups/person_00/{meta[(c + 1) % len(meta)]['file']}",) if i % 2 else ())
+        d = meta[c]["description"]
+        out.append(PreferencePair(f"Expression: {d['expression']} Action: {d['action']}", refs, winner,
+                                  f"lose_{i:03d}.mp4", 1, 1))
+    write_pairs(folder / "pairs.jsonl", out)
+    return root
+
+
+__all__ = ["make_tiny_data", "make_preference_pairs", "degrade", "make_id_groups", "make_clip", "astronaut",
+           "DESCRIPTIONS", "FACE_BOX"]

@@ -22,6 +22,23 @@ class CheckpointError(ValueError):
 SINGLE_FILE_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
 
+def describe_keys(keys: Iterable[str]) -> str:
+    """What a checkpoint holds, judged from its key names: for errors that say what a wrong file is."""
+    keys = set(keys)
+    if any(k.startswith(("blocks.0.self_attn.", "blocks.0.attn1.")) for k in keys) or "patch_embedding.weight" in keys:
+        return "a Wan DiT (transformer) checkpoint"
+    if "shared.weight" in keys or "token_embedding.weight" in keys or any(".block.0.layer." in k for k in keys):
+        return "a (u)mT5 text-encoder checkpoint"
+    if any(k.startswith(("first_stage_model.", "vae.")) for k in keys):
+        return "a full-pipeline single file"
+    if "encoder.conv1.weight" in keys or "encoder.conv_in.weight" in keys or any(
+            k.startswith(("decoder.upsamples.", "decoder.up_blocks.")) for k in keys):
+        return "a Wan VAE checkpoint"
+    if any(k.startswith(("encoder.", "decoder.")) for k in keys):
+        return "an autoencoder of another kind (no Wan VAE key names)"
+    return "an unknown model"
+
+
 class CheckpointReader:
     """Lazy access to the tensors of a checkpoint: `keys()`, `shape(key)`, `get(key)`.
 
@@ -38,7 +55,8 @@ class CheckpointReader:
         self._torch_sd: dict[str, torch.Tensor] | None = None
         self._raw: dict[str, str] = {}  # public key -> key stored in the file
         self.metadata: dict[str, str] = {}
-        raw_keys = self._index(self._resolve(self.path))
+        self.file = self._resolve(self.path)  # the file read first (the index json of a sharded folder)
+        raw_keys = self._index(self.file)
         prefixes = tuple(strip_prefixes)
         for k in raw_keys:
             pk = k
@@ -148,11 +166,13 @@ class CheckpointReader:
 
 def load_into(module: nn.Module, reader: CheckpointReader, key_map: Callable[[str], str] | None,
               dtype: torch.dtype, device: torch.device | str = "cpu",
-              keep_fp32: Callable[[str], bool] = lambda name: False, what: str = "model") -> None:
+              keep_fp32: Callable[[str], bool] = lambda name: False, what: str = "model",
+              progress: bool = False) -> None:
     """Assign every parameter/buffer of `module` (possibly on the meta device) from `reader`.
 
     `key_map` maps a checkpoint key to the module's name (identity when None). Each tensor is read,
-    cast to `dtype` (or kept fp32 where `keep_fp32(name)`), moved to `device` and assigned, one at a time.
+    cast to `dtype` (or kept fp32 where `keep_fp32(name)`), moved to `device` and assigned, one at a time
+    (`progress`: a progress bar over the bytes read, named after `what`).
     Raises CheckpointError listing missing and unexpected keys and any shape mismatch.
     """
     targets = dict(module.named_parameters())
@@ -180,15 +200,21 @@ def load_into(module: nn.Module, reader: CheckpointReader, key_map: Callable[[st
     if bad_shapes:
         raise CheckpointError(f"{what} checkpoint {reader.path} has tensors of the wrong shape "
                               f"(a checkpoint of another model or config?):\n  " + "\n  ".join(bad_shapes[:20]))
+    from tqdm.auto import tqdm
+
     current = None
-    for name, ck in sorted(mapping.items(), key=lambda kv: reader.file_of(kv[1])):  # shard by shard
-        if reader.file_of(ck) != current:
-            if current is not None:
-                reader.close(current)
-            current = reader.file_of(ck)
-        t = reader.get(ck)
-        t = t.to(device=device, dtype=torch.float32 if keep_fp32(name) else dtype)
-        _assign(module, name, t)
+    # bytes as loaded: every tensor ends in `dtype`, or fp32 where keep_fp32 says so
+    total = sum(targets[n].numel() * (4 if keep_fp32(n) else dtype.itemsize) for n in mapping)
+    with tqdm(total=total, desc=f"loading {what}", unit="B", unit_scale=True, disable=not progress) as bar:
+        for name, ck in sorted(mapping.items(), key=lambda kv: reader.file_of(kv[1])):  # shard by shard
+            if reader.file_of(ck) != current:
+                if current is not None:
+                    reader.close(current)
+                current = reader.file_of(ck)
+            t = reader.get(ck)
+            t = t.to(device=device, dtype=torch.float32 if keep_fp32(name) else dtype)
+            _assign(module, name, t)
+            bar.update(t.numel() * t.element_size())
     if current is not None:
         reader.close(current)
 

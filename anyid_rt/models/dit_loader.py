@@ -15,7 +15,7 @@ import torch
 
 from ..config import DiTConfig, parse_dtype
 from ..kernels import resolve_backend
-from .checkpoint import CheckpointError, CheckpointReader, load_into
+from .checkpoint import CheckpointError, CheckpointReader, describe_keys, load_into
 from .dit import WanDiT
 
 WAN_HEAD_DIM = 128
@@ -73,15 +73,18 @@ def original_to_diffusers(key: str) -> str:
     return _rename(key, _ORIGINAL_TO_DIFFUSERS)
 
 
-def detect_layout(keys) -> str:
+def detect_layout(keys, where: str | Path | None = None) -> str:
+    """'original' or 'diffusers' from the key names; a CheckpointError naming the file (`where`) and saying what
+    it looks like otherwise (e.g. the VAE, picked up from a folder that holds no DiT weights)."""
     keys = set(keys)
     if "head.head.weight" in keys or "blocks.0.self_attn.q.weight" in keys:
         return "original"
     if "proj_out.weight" in keys or "blocks.0.attn1.to_q.weight" in keys:
         return "diffusers"
     sample = ", ".join(sorted(keys)[:6])
-    raise CheckpointError("not a Wan DiT checkpoint: expected 'head.head.weight' (original layout) or "
-                          f"'proj_out.weight' (diffusers layout); found keys like {sample}")
+    raise CheckpointError(f"{where or 'checkpoint'}: not a Wan DiT checkpoint: it looks like {describe_keys(keys)} "
+                          f"(keys like {sample}); expected 'head.head.weight' (original layout) or 'proj_out.weight' "
+                          "(diffusers layout)")
 
 
 def _resolve_path(path: Path) -> Path:
@@ -149,30 +152,49 @@ def keep_fp32(name: str) -> bool:
             or ".norm_q." in name or ".norm_k." in name or ".norm3." in name)
 
 
+def _open(path: str | Path):
+    path = _resolve_path(Path(path))
+    reader = CheckpointReader(path)
+    layout = detect_layout(reader.keys(), reader.file)
+    return path, reader, (diffusers_to_original if layout == "diffusers" else (lambda k: k)), layout
+
+
+def _read_config(path: Path, reader: CheckpointReader, to_orig, layout: str) -> DiTConfig:
+    cfg_path = (path if path.is_dir() else path.parent) / "config.json"
+    fields = _config_from_json(cfg_path, layout) if cfg_path.exists() else _config_from_shapes(reader, to_orig)
+    try:
+        config = DiTConfig(**fields)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: invalid DiT config {fields}: {e}") from e
+    _check_config_against_shapes(config, reader, to_orig, path)
+    return config
+
+
+def read_dit_config(path: str | Path) -> DiTConfig:
+    """The config of the DiT at `path` (config.json, checked against the tensor shapes, or the shapes alone)
+    without reading any weight: what the engine checks LoRA files against before loading."""
+    path, reader, to_orig, layout = _open(path)
+    return _read_config(path, reader, to_orig, layout)
+
+
 def load_dit(path: str | Path, dtype: torch.dtype | str = torch.bfloat16, device: torch.device | str = "cpu",
              backend: str = "auto", config: DiTConfig | None = None,
-             attention_quant: str | None = None) -> WanDiT:
+             attention_quant: str | None = None, progress: bool = False) -> WanDiT:
     """Load a Wan DiT from a file or folder in the original, diffusers or single-file layout.
 
     Weights are read one tensor at a time (safetensors mmap), cast to `dtype` (norms, modulation, time
-    embedding and head stay fp32) and placed on `device`; no second full-size copy is held.
+    embedding and head stay fp32) and placed on `device`; no second full-size copy is held. `progress`
+    shows a progress bar.
     """
     dtype = parse_dtype(dtype)
-    path = _resolve_path(Path(path))
-    reader = CheckpointReader(path)
-    layout = detect_layout(reader.keys())
-    to_orig = diffusers_to_original if layout == "diffusers" else (lambda k: k)
+    path, reader, to_orig, layout = _open(path)
     if config is None:
-        cfg_path = (path if path.is_dir() else path.parent) / "config.json"
-        fields = _config_from_json(cfg_path, layout) if cfg_path.exists() else _config_from_shapes(reader, to_orig)
-        try:
-            config = DiTConfig(**fields)
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: invalid DiT config {fields}: {e}") from e
-    _check_config_against_shapes(config, reader, to_orig, path)
+        config = _read_config(path, reader, to_orig, layout)
+    else:
+        _check_config_against_shapes(config, reader, to_orig, path)
     with torch.device("meta"):
         model = WanDiT(config, backend=resolve_backend(backend, device), attention_quant=attention_quant)
-    load_into(model, reader, to_orig, dtype, device, keep_fp32=keep_fp32, what="DiT")
+    load_into(model, reader, to_orig, dtype, device, keep_fp32=keep_fp32, what="DiT", progress=progress)
     return model.eval().requires_grad_(False)
 
 

@@ -151,13 +151,14 @@ class TextEncoder(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str = torch.bfloat16,
                         device: str | torch.device = "cpu", *, tokenizer_path: str | Path | None = None,
-                        text_len: int = 512, **kwargs) -> "TextEncoder":
+                        text_len: int = 512, progress: bool = False, **kwargs) -> "TextEncoder":
         """Load from a diffusers pipeline folder, its `text_encoder/` folder, an original Wan folder, or a weights
         file (.pth / .safetensors, either key layout; then pass `tokenizer_path` unless a `google/umt5-xxl/` or
-        `tokenizer/` folder sits beside it). Extra keyword arguments go to the constructor (cache_size, ...)."""
+        `tokenizer/` folder sits beside it). `progress` shows a progress bar while loading. Extra keyword
+        arguments go to the constructor (cache_size, ...)."""
         _require_transformers()
         model, tokenizer, cfg = load_umt5(path, parse_dtype(dtype, "text encoder dtype"), device,
-                                          tokenizer_path=tokenizer_path, text_len=text_len)
+                                          tokenizer_path=tokenizer_path, text_len=text_len, progress=progress)
         return cls(model, tokenizer, cfg, **kwargs)
 
     @classmethod

@@ -18,6 +18,7 @@ dtype on the CPU the parameters stay mapped). Every weight is held in ONE dtype 
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -26,10 +27,9 @@ from typing import Callable, Mapping
 import torch
 
 from ..config import TextEncoderConfig
+from ..request import ORIGINAL_TOKENIZER, ORIGINAL_VAE, TOKENIZER_FILES, has_tokenizer
+from ..request import ORIGINAL_UMT5 as ORIGINAL_WEIGHTS
 from .checkpoint import CheckpointError, CheckpointReader
-
-ORIGINAL_WEIGHTS = "models_t5_umt5-xxl-enc-bf16.pth"
-ORIGINAL_TOKENIZER = "google/umt5-xxl"
 
 # ---------------------------------------------------------------------------------------------------------------
 # Key mapping, original Wan T5 <-> transformers UMT5EncoderModel
@@ -153,7 +153,7 @@ def config_from_shapes(shapes: Mapping[str, tuple[int, ...]], base: TextEncoderC
 # ---------------------------------------------------------------------------------------------------------------
 
 def _build_model(cfg: TextEncoderConfig, reader: CheckpointReader, names: dict[str, str], dtype: torch.dtype,
-                 device, show: Callable[[str], str]):
+                 device, show: Callable[[str], str], progress: bool = False):
     """Build UMT5EncoderModel on the meta device and assign the checkpoint's tensors to it. `names` maps each
     transformers name to the checkpoint key holding it; `show` renders a transformers name in errors."""
     from transformers import UMT5EncoderModel
@@ -181,9 +181,11 @@ def _build_model(cfg: TextEncoderConfig, reader: CheckpointReader, names: dict[s
                 f"{show(k)} checkpoint {reader.shape(names[k])} vs model {expected[k]}" for k in bad_shape[:20]))
         raise CheckpointError("; ".join(parts))
 
+    from tqdm.auto import tqdm
+
     device = torch.device(device)
     tensors = {}
-    for k, ck in names.items():
+    for k, ck in tqdm(list(names.items()), desc="loading umT5 text encoder", unit="tensor", disable=not progress):
         if k == "encoder.embed_tokens.weight" and emb_key == "shared.weight":
             continue  # tied duplicate; read `shared` only
         tensors["shared.weight" if k in _TIED else k] = reader.get(ck).to(device=device, dtype=dtype)
@@ -201,8 +203,13 @@ def _build_model(cfg: TextEncoderConfig, reader: CheckpointReader, names: dict[s
 # Finding the files, and loading
 # ---------------------------------------------------------------------------------------------------------------
 
-def _has_tokenizer(p: Path) -> bool:
-    return p.is_dir() and any((p / f).is_file() for f in ("tokenizer.json", "spiece.model", "tokenizer_config.json"))
+def _is_text_encoder_config(path: Path) -> bool:
+    """Whether a config.json describes a (u)mT5 model: the original Wan layout has the DiT's config.json there."""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and (raw.get("model_type") in ("umt5", "t5", "mt5") or "d_model" in raw)
 
 
 def _find_files(path: Path) -> tuple[Path, Path | None, list[Path]]:
@@ -216,8 +223,11 @@ def _find_files(path: Path) -> tuple[Path, Path | None, list[Path]]:
         return path / "text_encoder", path / "text_encoder", [path / "tokenizer"]
     if (path / ORIGINAL_WEIGHTS).is_file():
         return path / ORIGINAL_WEIGHTS, None, [path / ORIGINAL_TOKENIZER]
-    if (path / "config.json").is_file():
+    if (path / "config.json").is_file() and _is_text_encoder_config(path / "config.json"):
         return path, path, [path.parent / "tokenizer", path]
+    if (path / ORIGINAL_VAE).is_file() or (path / ORIGINAL_TOKENIZER).is_dir() or (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} looks like an original Wan2.2 folder but has no {ORIGINAL_WEIGHTS} (the "
+                                f"umT5-XXL text encoder of that layout); put it in {path}")
     raise FileNotFoundError(
         f"no umT5 text encoder found in {path}: expected a diffusers pipeline folder (text_encoder/ + "
         f"tokenizer/), a text_encoder folder (config.json + weights), or an original Wan folder "
@@ -225,8 +235,9 @@ def _find_files(path: Path) -> tuple[Path, Path | None, list[Path]]:
 
 
 def load_umt5(path: str | Path, dtype: torch.dtype, device: str | torch.device = "cpu", *,
-              tokenizer_path: str | Path | None = None, text_len: int = 512):
-    """(model, tokenizer, config) of the umT5 encoder at `path` (any layout above), weights in `dtype`."""
+              tokenizer_path: str | Path | None = None, text_len: int = 512, progress: bool = False):
+    """(model, tokenizer, config) of the umT5 encoder at `path` (any layout above), weights in `dtype`
+    (`progress`: a progress bar over the tensors)."""
     from transformers import AutoTokenizer, UMT5Config
 
     weights, hf_folder, tok_candidates = _find_files(Path(path))
@@ -247,12 +258,12 @@ def load_umt5(path: str | Path, dtype: torch.dtype, device: str | torch.device =
 
     if tokenizer_path is not None:
         tok_candidates = [Path(tokenizer_path)]
-    tok_dir = next((p for p in tok_candidates if _has_tokenizer(p)), None)
+    tok_dir = next((p for p in tok_candidates if has_tokenizer(p)), None)
     if tok_dir is None:
-        raise FileNotFoundError("no tokenizer found; looked in " + ", ".join(str(p) for p in tok_candidates)
-                                + " (pass tokenizer_path=)")
+        raise FileNotFoundError(f"no tokenizer found (a folder with one of {', '.join(TOKENIZER_FILES)}); looked in "
+                                + ", ".join(str(p) for p in tok_candidates) + " (pass tokenizer_path=)")
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
-    return _build_model(cfg, reader, names, dtype, device, show), tokenizer, cfg
+    return _build_model(cfg, reader, names, dtype, device, show, progress), tokenizer, cfg
 
 
 __all__ = ["load_umt5", "original_to_hf", "hf_to_original", "config_from_shapes", "umt5_config",

@@ -528,14 +528,16 @@ class WanVAE(nn.Module):
         if min(latent.shape[2:]) < 1 or latent.shape[0] < 1:
             raise ValueError(f"decode got an empty latent of shape {tuple(latent.shape)}")
 
-    def decode(self, latent: torch.Tensor, tile: VAETiling | tuple | None = None) -> torch.Tensor:
+    def decode(self, latent: torch.Tensor, tile: VAETiling | tuple | None = None, progress: bool = False) -> torch.Tensor:
         """Normalised latent [B, 48, F, h, w] -> frames [B, 3, 1 + 4(F-1), 16h, 16w], fp32, clamped to [-1, 1].
 
         `conv2` runs on the whole latent, then the decoder streams one latent frame at a time (the first gives
         1 frame, each later one 4). `tile` (a VAETiling, or (tile_h, tile_w[, overlap]) in latent pixels)
         runs the decoder's stem on the full latent, then its up-stages tile by tile, blending the overlaps;
-        see VAETiling for the seams.
+        see VAETiling for the seams. `progress` shows a progress bar over the latent frames decoded.
         """
+        from tqdm.auto import tqdm
+
         self._check_latent(latent)
         cfg = self.cfg
         mean, std = self._latent_stats()
@@ -545,7 +547,8 @@ class WanVAE(nn.Module):
         s, tc = cfg.spatial_compression, cfg.temporal_compression
         out = torch.zeros(b, cfg.in_channels, 1 + tc * (f - 1), h * s, w * s, device=self.device)
         if tile is None:
-            self._decode_into(x, out, weight=None)
+            with tqdm(total=f, desc="VAE decode", unit="latent frame", disable=not progress) as bar:
+                self._decode_into(x, out, weight=None, on_frame=bar.update)
             return out.clamp_(-1.0, 1.0)
         tiling = VAETiling.of(tile)
         # Pass 1: the stem over the full latent, one frame at a time ([B, C0, F, h, w], small).
@@ -556,21 +559,25 @@ class WanVAE(nn.Module):
         weight_sum = torch.zeros(h * s, w * s, device=self.device)
         ramp = tiling.overlap * s
         th, tw = min(tiling.tile_h, h), min(tiling.tile_w, w)
+        tiles = len(_tile_starts(h, tiling.tile_h, tiling.overlap)) * len(_tile_starts(w, tiling.tile_w, tiling.overlap))
+        bar = tqdm(total=f * tiles, desc="VAE decode (tiled)", unit="latent frame", disable=not progress)
         for r0 in _tile_starts(h, tiling.tile_h, tiling.overlap):
             wr = _ramp(th * s, ramp, lead=r0 > 0, trail=r0 + th < h)
             for c0 in _tile_starts(w, tiling.tile_w, tiling.overlap):
                 wc = _ramp(tw * s, ramp, lead=c0 > 0, trail=c0 + tw < w)
                 weight = (wr[:, None] * wc[None, :]).to(self.device)           # [th*s, tw*s]
                 rows, cols = slice(r0 * s, (r0 + th) * s), slice(c0 * s, (c0 + tw) * s)
-                self._decode_into(feats[..., r0:r0 + th, c0:c0 + tw], out[..., rows, cols], weight, stem_done=True)
+                self._decode_into(feats[..., r0:r0 + th, c0:c0 + tw], out[..., rows, cols], weight, stem_done=True,
+                                  on_frame=bar.update)
                 weight_sum[rows, cols] += weight
+        bar.close()
         if not bool((weight_sum > 0).all()):
             raise RuntimeError(f"tiling {tiling} left pixels without weight on a {h}x{w} latent")
         out /= weight_sum
         return out.clamp_(-1.0, 1.0)
 
     def _decode_into(self, x: torch.Tensor, out: torch.Tensor, weight: torch.Tensor | None,
-                     stem_done: bool = False) -> None:
+                     stem_done: bool = False, on_frame=None) -> None:
         """Stream the latent frames of `x` (or of the stem's output if `stem_done`) through the decoder and
         write the pixels into `out` (add them times `weight` when blending tiles)."""
         p, tc = self.cfg.patch_size, self.cfg.temporal_compression
@@ -587,6 +594,8 @@ class WanVAE(nn.Module):
             else:
                 out[:, :, t0:t0 + n] += y * weight
             t0 += n
+            if on_frame is not None:
+                on_frame()
 
 
 __all__ = ["WanVAE", "VAETiling", "FeatureCache", "patchify", "unpatchify", "CACHE_T"]

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from ..config import VAEConfig, parse_dtype
-from .checkpoint import CheckpointError, CheckpointReader, load_into
+from ..request import ORIGINAL_VAE
+from .checkpoint import CheckpointError, CheckpointReader, describe_keys, load_into
 from .vae import WanVAE
 
 
@@ -56,20 +57,17 @@ def diffusers_to_original_key(key: str, num_res_blocks: int) -> str:
     return key
 
 
+_HINTS = {"a Wan DiT (transformer) checkpoint": "; load it with load_dit",
+          "a full-pipeline single file": "; extract the VAE weights (or pass the vae/ folder)"}
+
+
 def _describe(keys: set[str]) -> str:
     """What a checkpoint that is not a Wan2.2 VAE looks like, for the error message."""
-    if any(k.startswith(("blocks.0.self_attn.", "blocks.0.attn1.")) for k in keys) or "patch_embedding.weight" in keys:
-        return "a Wan DiT (transformer) checkpoint; load it with load_dit"
-    if "shared.weight" in keys or "token_embedding.weight" in keys or any(".block.0.layer." in k for k in keys):
-        return "a (u)mT5 text-encoder checkpoint"
-    if any(k.startswith(("first_stage_model.", "vae.")) for k in keys):
-        return "a full-pipeline single file; extract the VAE weights (or pass the vae/ folder)"
-    if any(k.startswith(("encoder.", "decoder.")) for k in keys):
-        return "an autoencoder of another kind (no Wan VAE key names)"
-    return "an unknown model"
+    what = describe_keys(keys)
+    return what + _HINTS.get(what, "")
 
 
-def detect_vae_layout(keys) -> str:
+def detect_vae_layout(keys, where: str | Path | None = None) -> str:
     """'original' (encoder.conv1.weight, conv1.weight, decoder.upsamples...) or 'diffusers' (encoder.conv_in.weight,
     quant_conv.weight, decoder.up_blocks...); a CheckpointError saying what it looks like otherwise."""
     keys = set(keys)
@@ -80,7 +78,8 @@ def detect_vae_layout(keys) -> str:
                                                                      for k in keys):
         return "original"
     sample = ", ".join(sorted(keys)[:6])
-    raise CheckpointError(f"not a Wan VAE checkpoint: it looks like {_describe(keys)} (keys like {sample})")
+    raise CheckpointError(f"{where or 'checkpoint'}: not a Wan VAE checkpoint: it looks like {_describe(keys)} "
+                          f"(keys like {sample})")
 
 
 _WAN21_HINT = ("it looks like a Wan2.1 VAE (z_dim 16, 3 input channels, no residual down/up stages); anyid_rt "
@@ -144,8 +143,8 @@ def _resolve(path: Path) -> Path:
     """A file, a diffusers vae/ folder, a pipeline folder (use its vae/) or an original Wan folder (use
     Wan2.2_VAE.pth)."""
     if path.is_dir():
-        if (path / "Wan2.2_VAE.pth").is_file():
-            return path / "Wan2.2_VAE.pth"
+        if (path / ORIGINAL_VAE).is_file():
+            return path / ORIGINAL_VAE
         if (path / "vae").is_dir():
             return path / "vae"
     return path
@@ -159,21 +158,22 @@ def _make_config(fields: dict, where: Path) -> VAEConfig:
 
 
 def load_vae(path: str | Path, dtype: torch.dtype | str = torch.float32, device: torch.device | str = "cpu",
-             config: VAEConfig | None = None) -> WanVAE:
+             config: VAEConfig | None = None, progress: bool = False) -> WanVAE:
     """Load the Wan2.2 VAE from the original layout (`Wan2.2_VAE.pth`, or any .pth / .safetensors with the
     original keys, or the Wan model folder holding it) or the diffusers layout (a folder with config.json and
     diffusion_pytorch_model.safetensors, or a pipeline folder with vae/).
 
     The config comes from `config` if given, else from a diffusers config.json (checked against the tensor
     shapes), else from the tensor shapes (latent mean/std then default to Wan2.2's). The model is built on
-    the meta device and filled one tensor at a time; it is returned in eval mode without gradients.
+    the meta device and filled one tensor at a time (`progress`: a progress bar); it is returned in eval mode
+    without gradients.
     """
     dtype = parse_dtype(dtype)
     path = Path(path)
     src = _resolve(path)
     reader = CheckpointReader(src)
     keys = set(reader.keys())
-    layout = detect_vae_layout(keys)
+    layout = detect_vae_layout(keys, reader.file)
     folder = src if src.is_dir() else src.parent
     if layout == "diffusers":
         nrb_guess = len({m[1] for k in keys if (m := re.match(r"encoder\.down_blocks\.0\.resnets\.(\d+)\.", k))})
@@ -199,7 +199,7 @@ def load_vae(path: str | Path, dtype: torch.dtype | str = torch.float32, device:
         config = _make_config(fields, src)
     with torch.device("meta"):
         vae = WanVAE(config)
-    load_into(vae, reader, to_orig, dtype, device, what="Wan2.2 VAE")
+    load_into(vae, reader, to_orig, dtype, device, what="Wan2.2 VAE", progress=progress)
     return vae.eval().requires_grad_(False)
 
 
