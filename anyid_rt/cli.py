@@ -2,13 +2,20 @@
 
     anyid-rt generate --model ./Wan2.2-TI2V-5B --prompt "..." --ref face.jpg --ref clip.mp4 --primary 0 --out x.mp4
     anyid-rt demo
+
+Every request is checked before any model loads, in two steps: first what needs no torch (flags, sizes, that
+every named file exists, that the outputs can be written: a typo fails in a fraction of a second), then, with
+torch, what needs it (devices, LoRA files against the model's config, optional packages, the first frame of
+every reference). A bad request exits with code 2 and a one-line reason naming the flag; Ctrl-C exits with
+code 130 and one line; outputs are written beside their final name and renamed at the end, so neither leaves
+a partial file. This module imports no torch until a command runs (`anyid-rt --help` stays fast).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
+import time
 from pathlib import Path
 
 # Tools: subcommands whose code is tooling outside the runtime (bench/ is the package anyid_rt.bench). The
@@ -19,9 +26,21 @@ TOOLS = {"bench": ("anyid_rt.bench.e2e", "end-to-end benchmark against diffusers
 DEMO_PROMPT = ("Shot type: medium close-up. Expression: a calm smile. Action: slowly turns the head toward the "
                "camera. Background: a sunlit garden.")
 
+# Python argument -> the flag that sets it: request checks name what the user typed (`--frames 10`, not
+# `num_frames=10`)
+CLI_NAMES = {"prompt": "--prompt", "references": "--ref", "primary": "--primary", "image": "--image",
+             "negative_prompt": "--negative-prompt", "height": "--height", "width": "--width",
+             "num_frames": "--frames", "steps": "--steps", "guidance": "--guidance", "shift": "--shift",
+             "sampler": "--sampler", "seed": "--seed", "output": "--out", "path": "--model", "lora": "--lora",
+             "dtype": "--dtype", "backend": "--backend", "device": "--device",
+             "text_encoder_device": "--text-encoder-device", "timings_json": "--timings-json"}
+
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompt", help="the (differential) prompt: what changes relative to the primary reference")
+    from .request import SAMPLERS
+
+    p.add_argument("--prompt", required=True,
+                   help="the (differential) prompt: what changes relative to the primary reference")
     p.add_argument("--ref", action="append", default=None, metavar="PATH",
                    help="a reference image or video clip; repeat for several")
     p.add_argument("--primary", type=int, default=0, help="index of the primary reference among --ref (default 0)")
@@ -33,17 +52,19 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="denoising steps (default 50)")
     p.add_argument("--guidance", type=float, help="guidance scale (default 5.0; 1 disables the second pass)")
     p.add_argument("--shift", type=float, help="flow shift (default 5.0)")
-    p.add_argument("--sampler", choices=["unipc", "euler", "dpm++"], help="default unipc")
+    p.add_argument("--sampler", choices=SAMPLERS, help="default unipc")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="out/video.mp4", help="output mp4 path")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--out", default="out/video.mp4", help="output mp4 path (written whole or not at all)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
-def _generate_kwargs(args) -> dict:
-    return dict(references=args.ref, primary=args.primary, image=args.image, negative_prompt=args.negative_prompt,
-                height=args.height, width=args.width, num_frames=args.frames, steps=args.steps,
-                guidance=args.guidance, shift=args.shift, sampler=args.sampler, seed=args.seed,
-                progress=not args.no_progress)
+def _request(args):
+    from .request import GenerationRequest
+
+    return GenerationRequest(prompt=args.prompt, references=args.ref, primary=args.primary, image=args.image,
+                             negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+                             num_frames=args.frames, steps=args.steps, guidance=args.guidance, shift=args.shift,
+                             sampler=args.sampler, seed=args.seed, output=args.out)
 
 
 def _print_result(video, out: Path) -> None:
@@ -53,37 +74,77 @@ def _print_result(video, out: Path) -> None:
     print(f"timings: {t}")
 
 
-def cmd_generate(args) -> int:
+def _load(command: str, plan, progress: bool):
+    """Print the plan's one line, build the engine and say how long it took."""
     from .engine import Engine
 
-    if args.prompt is None:
-        raise SystemExit("anyid-rt generate: --prompt is required")
+    print(f"anyid-rt {command}: {plan.summary()}", flush=True)
+    t0 = time.perf_counter()
+    engine = Engine.from_plan(plan, progress=progress)
+    print(f"loaded in {time.perf_counter() - t0:.1f} s", flush=True)
+    return engine
+
+
+def cmd_generate(args) -> int:
+    from .config import ModelConfig
+    from .request import (TINY_DEFAULTS, ModelFiles, RequestError, check_input_file, check_output_path,
+                          defaults_for, show, write_text_atomic)
+
+    # 1. what needs no torch: a typo in a flag, a size or a path fails here, before anything heavy is imported
+    if args.negative_prompt is not None and args.guidance == 1:
+        raise RequestError(f"{show(CLI_NAMES, 'negative_prompt')} has no effect with --guidance 1 (no "
+                           "unconditional pass): drop it, or raise --guidance", "negative_prompt")
     if args.tiny:
-        engine = Engine.tiny(seed=args.seed, device=args.device or "cpu")
-    elif args.model:
-        engine = Engine.from_pretrained(args.model, lora=args.lora, dtype=args.dtype, backend=args.backend,
-                                        device=args.device, text_encoder_device=args.text_encoder_device)
+        geometry, defaults = ModelConfig.preset("tiny").geometry, TINY_DEFAULTS
     else:
-        raise SystemExit("anyid-rt generate: pass --model FOLDER (Wan2.2-TI2V-5B weights) or --tiny")
-    video = engine.generate(args.prompt, output=args.out, **_generate_kwargs(args))
+        files = ModelFiles.find(args.model, CLI_NAMES)
+        geometry, defaults = files.geometry, defaults_for(files.dim)
+    request = _request(args)
+    request.check(geometry, defaults, CLI_NAMES)
+    for f in args.lora or []:
+        check_input_file(f, "lora", CLI_NAMES, what="LoRA")
+    if args.timings_json:
+        check_output_path(args.timings_json, "timings_json", CLI_NAMES, suffix=".json")
+    # 2. with torch, still before any weight is read: devices, backend, LoRAs against the model, packages, and
+    # the first frame of every reference
+    from .engine import plan_pretrained, plan_tiny
+
+    if args.tiny:
+        plan = plan_tiny(seed=args.seed, device=args.device or "cpu", backend=args.backend, dtype=args.dtype or "fp32",
+                         lora=args.lora, text_encoder_device=args.text_encoder_device, names=CLI_NAMES)
+    else:
+        plan = plan_pretrained(args.model, lora=args.lora, dtype=args.dtype or "bf16", backend=args.backend,
+                               device=args.device, text_encoder_device=args.text_encoder_device, names=CLI_NAMES)
+    request = plan.check(request, CLI_NAMES)
+    if not request.prompt.strip():
+        print("note: --prompt is empty: the video keeps the primary reference's look (nothing changes)")
+    engine = _load("generate", plan, not args.no_progress)
+    video = engine.run(request, progress=not args.no_progress, names=CLI_NAMES)
     _print_result(video, Path(args.out))
     if args.timings_json:
-        Path(args.timings_json).write_text(json.dumps(video.timings, indent=2))
+        import json
+
+        write_text_atomic(args.timings_json, json.dumps(video.timings, indent=2))
     return 0
 
 
 def cmd_demo(args) -> int:
-    from .engine import Engine
+    from .request import GenerationRequest, check_output_path
+
+    check_output_path(args.out, "output", CLI_NAMES, suffix=".mp4")
+    from .engine import plan_tiny
     from .media import ASSET_DIR
 
     refs = [str(ASSET_DIR / "astronaut.png"), str(ASSET_DIR / "astronaut_clip.mp4")]
+    plan = plan_tiny(seed=args.seed)
+    request = plan.check(GenerationRequest(prompt=DEMO_PROMPT, references=refs, primary=0, seed=args.seed,
+                                           output=args.out), CLI_NAMES)
     print("anyid-rt demo: the tiny preset (random weights) with two bundled references:")
     for i, r in enumerate(refs):
         print(f"  ref {i}{' (primary)' if i == 0 else ''}: {r}")
     print(f"  prompt: {DEMO_PROMPT}")
-    engine = Engine.tiny(seed=args.seed)
-    video = engine.generate(DEMO_PROMPT, references=refs, primary=0, seed=args.seed, output=args.out,
-                            progress=not args.no_progress)
+    engine = _load("demo", plan, not args.no_progress)
+    video = engine.run(request, progress=not args.no_progress, names=CLI_NAMES)
     _print_result(video, Path(args.out))
     print("note: the tiny model has random weights, so the video is noise. It exercises the whole pipeline "
           "(text encoder, reference encoding, guided denoising, VAE decode).")
@@ -98,22 +159,30 @@ def build_parser() -> argparse.ArgumentParser:
                                  "Wan2.2-TI2V-5B (AnyID) - inference runtime")
     sub = ap.add_subparsers(dest="command", required=True)
 
+    from .config import DTYPE_NAMES
+
     g = sub.add_parser("generate", help="generate a video from a prompt and optional references")
-    g.add_argument("--model", help="model folder (diffusers or original Wan2.2 layout)")
-    g.add_argument("--tiny", action="store_true", help="use the tiny random-weight model (no download)")
-    g.add_argument("--lora", action="append", default=None, help="LoRA file(s) to merge at load")
-    g.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    g.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
-    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
-    g.add_argument("--text-encoder-device", default=None, help="e.g. cpu to keep umT5 off the GPU")
+    which = g.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="model folder (diffusers or original Wan2.2 layout)")
+    which.add_argument("--tiny", action="store_true", help="use the tiny random-weight model (no download)")
+    g.add_argument("--lora", action="append", default=None,
+                   help="LoRA file(s) to merge at load (with --tiny: LoRAs trained on the tiny preset)")
+    g.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
+                   help="DiT and text-encoder weights (default: bf16 with --model, fp32 with --tiny)")
+    g.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
+                   help="kernels: auto (Triton on CUDA, torch on a CPU), torch or triton")
+    g.add_argument("--device", default=None,
+                   help="cuda, cuda:1, cpu (default: cuda when available; cpu with --tiny)")
+    g.add_argument("--text-encoder-device", default=None,
+                   help="e.g. cpu to keep umT5 off the GPU (default: --device)")
     g.add_argument("--timings-json", default=None, help="also write the stage timings to this JSON file")
     _add_generation_args(g)
     g.set_defaults(func=cmd_generate)
 
     d = sub.add_parser("demo", help="run the tiny model on the bundled references (no weights needed)")
-    d.add_argument("--out", default="out/demo.mp4")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--out", default="out/demo.mp4", help="output mp4 path (default out/demo.mp4)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the random weights and of the noise")
+    d.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     d.set_defaults(func=cmd_demo)
 
     for name, (_, help_text) in TOOLS.items():  # listed here; main() hands the arguments to the tool
@@ -137,16 +206,37 @@ def run_tool(name: str, argv: list[str]) -> int:
     return importlib.import_module(module).main(argv)
 
 
+def _command(argv: list[str]) -> str:
+    """`generate`, `export onnx`, ...: the words of the command line that name the command, for messages."""
+    words = []
+    for a in argv[:2]:
+        if a.startswith("-"):
+            break
+        words.append(a)
+    return " ".join(words[:2] if words[:1] == ["export"] or words[:1] == ["train"] else words[:1])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in TOOLS:
-        return run_tool(argv[0], argv[1:])
-    args = build_parser().parse_args(argv)
+    command = _command(argv)
     try:
+        if argv and argv[0] in TOOLS:
+            return run_tool(argv[0], argv[1:])
+        args = build_parser().parse_args(argv)
         return args.func(args)
+    except KeyboardInterrupt:
+        # outputs are written beside their final names and renamed at the end: nothing partial is left
+        print(f"\nanyid-rt {command}: interrupted; no partial output was left", file=sys.stderr)
+        return 130
     except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"anyid-rt {args.command}: error: {e}", file=sys.stderr)
+        print(f"anyid-rt {command}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        if type(e).__name__ != "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch here
+            raise
+        print(f"anyid-rt {command}: error: out of GPU memory. Try --text-encoder-device cpu, a smaller --height / "
+              "--width / --frames, or fewer references", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -5,14 +5,20 @@ step loop: prompt embeddings (cached per prompt), the text K/V of every block (o
 reference latents (cached by content), null-reference latents (cached by shape) and RoPE tables (cached per
 layout). Guidance runs the conditional pass and the single aggregated unconditional pass (every reference
 nulled and the empty prompt together, AnyID eq. 7) as one batch of 2.
+
+Nothing is loaded before the whole request is checked: `plan_pretrained` / `plan_tiny` resolve and check the
+construction (model folder, LoRA files against the DiT's config, devices, dtypes, backend, quantisation,
+optional packages) into an `EnginePlan`, which `Engine.from_plan` then builds; `generate` checks its
+`GenerationRequest` (anyid_rt/request.py) and reads every reference before the first step. The CLI runs the
+same checks, and prints `EnginePlan.summary()` before loading.
 """
 from __future__ import annotations
 
-import math
+import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -20,20 +26,24 @@ from tqdm.auto import tqdm
 from . import media
 from .cache import LRUCache
 from .conditioning import LAYOUT_METADATA_KEY, ConditioningLayout, PreparedReference, StepLayout, prepare_reference
-from .config import ModelConfig, TokenGeometry, parse_dtype
-from .kernels import resolve_backend
-from .lora import merge_lora_, read_lora
+from .config import ModelConfig, TokenGeometry, dtype_name, parse_dtype
+from .kernels import ATTENTION_QUANT, BACKENDS, resolve_backend
+from .lora import LoraWeights, check_lora_fits, merge_lora_, read_lora
 from .models.checkpoint import CheckpointError
 from .models.dit import WanDiT
-from .models.dit_loader import load_dit, save_dit
+from .models.dit_loader import load_dit, read_dit_config, save_dit
 from .models.random_weights import random_dit, random_vae
 from .models.text_encoder import TextEncoder
 from .models.vae import VAETiling, WanVAE
 from .models.vae_loader import load_vae, save_vae_original
 from .quant import check_fp8_device, quantize_dit_fp8_
-from .sampling import SAMPLERS, make_sampler
+from .request import (TINY_DEFAULTS, Defaults, GenerationRequest, ModelFiles, RequestError, atomic_path,
+                      check_input_file, defaults_for, require_packages, show)
+from .sampling import make_sampler
 
 QUANT_MODES = (None, "fp8")  # fp8: E4M3 linear layers in the DiT blocks (anyid_rt.quant)
+# the umT5 text encoder's packages (the `text` extra), {module: pip package}; ftfy cleans every prompt
+TEXT_PACKAGES = {"transformers": "transformers", "tokenizers": "tokenizers", "ftfy": "ftfy"}
 
 
 @dataclass
@@ -47,28 +57,202 @@ class Video:
     timings: dict[str, float] = field(default_factory=dict)
 
     def save(self, path: str | Path) -> Path:
-        """Write an H.264 mp4 at the video's fps."""
+        """Write an H.264 mp4 at the video's fps. The file is written beside `path` and renamed at the end, so
+        that a failure or Ctrl-C never leaves a truncated video under that name."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        media.write_mp4(self.frames, path, self.fps)
+        with atomic_path(path) as tmp:
+            media.write_mp4(self.frames, tmp, self.fps)
         return path
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Checking a construction before anything loads
+# ---------------------------------------------------------------------------------------------------------------
+
+def check_device(device: str | torch.device | None, field: str = "device",
+                 names: Mapping[str, str] | None = None) -> torch.device:
+    """A usable torch device (None: cuda when available, else cpu); a RequestError that names the fix if the
+    device does not exist here (no CUDA, an index past the GPUs there are)."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise RequestError(f"{show(names, field, device)}: not a device ({e}); use cpu, cuda or cuda:N", field) from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            raise RequestError(f"{show(names, field, device)}: CUDA is not available here (torch {torch.__version__}, "
+                               f"{build}, sees no GPU); use {show(names, field, 'cpu')}", field)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise RequestError(f"{show(names, field, device)}: there are only {torch.cuda.device_count()} GPU(s) "
+                               f"(cuda:0..cuda:{torch.cuda.device_count() - 1})", field)
+    elif dev.type != "cpu":
+        raise RequestError(f"{show(names, field, device)}: unsupported device type {dev.type!r}; use cpu or cuda",
+                           field)
+    return dev
+
+
 @dataclass(frozen=True)
-class Defaults:
-    """Generation defaults of a preset (the 5B's are the official TI2V-5B / AnyID settings)."""
+class EnginePlan:
+    """An engine's construction, resolved and checked before any weight is read (`plan_pretrained`,
+    `plan_tiny`); `Engine.from_plan` builds it. `summary()` is one line saying what will run."""
 
-    height: int = 704
-    width: int = 1280
-    num_frames: int = 121
-    steps: int = 50
-    guidance: float = 5.0
-    shift: float = 5.0
-    sampler: str = "unipc"
-    fps: int = 24
+    files: ModelFiles | None  # the model folder's parts; None for the tiny preset's random weights
+    seed: int  # tiny preset: the seed of the random weights
+    device: torch.device
+    text_encoder_device: torch.device
+    dtype: torch.dtype
+    vae_dtype: torch.dtype
+    backend: str  # resolved: torch or triton
+    backend_asked: str  # as asked: auto, torch or triton
+    quant: str | None
+    attention_quant: str | None
+    loras: tuple[tuple[Path, LoraWeights], ...]
+    lora_strength: float
+    layout: ConditioningLayout
+    layout_source: str  # "default", "given" or the LoRA file it was read from
+    vae_tile: VAETiling | None
+    geometry: TokenGeometry  # the video-size rules of the model to be loaded
+    defaults: Defaults  # its generation defaults
+
+    def summary(self) -> str:
+        model = self.files.describe() if self.files else f"tiny preset (random weights, seed {self.seed})"
+        backend = self.backend + (" (auto)" if self.backend_asked == "auto" else "")
+        te = "" if self.text_encoder_device == self.device else f", text encoder on {self.text_encoder_device}"
+        lora = "".join(f", LoRA {p.name}" for p, _ in self.loras)
+        layout = " ".join(f"{k}={v}" for k, v in asdict(self.layout).items())
+        return (f"model {model}{lora} | device {self.device}{te} | dtype {dtype_name(self.dtype)} (VAE "
+                f"{dtype_name(self.vae_dtype)}) | backend {backend}, attention {self.attention_quant or 'unquantised'}"
+                f" | quantisation {self.quant or 'none'} | layout ({self.layout_source}): {layout}")
+
+    def check(self, request: GenerationRequest, names: Mapping[str, str] | None = None,
+              probe_media: bool = True) -> GenerationRequest:
+        """`request` checked against the model to be built (sizes, defaults, the layout's reference cap);
+        `probe_media` also decodes the first frame of every reference / image file and finds an H.264 encoder
+        when the request writes a video, so that a broken file fails before the model loads."""
+        r = request.check(self.geometry, self.defaults, names, max_references=self.layout.max_references)
+        if probe_media:
+            probe_request_media(r, names)
+        return r
 
 
-TINY_DEFAULTS = Defaults(height=64, width=64, num_frames=9, steps=6)
+def probe_request_media(request: GenerationRequest, names: Mapping[str, str] | None = None) -> None:
+    """Decode the first frame of every reference and image file of a request, and check that a video can be
+    written; a RequestError naming the file otherwise."""
+    for i, ref in enumerate(request.references or []):
+        if isinstance(ref, (str, Path)):
+            try:
+                media.load_media(ref, max_frames=1)
+            except media.MediaError as e:
+                raise RequestError(f"reference {i} ({show(names, 'references')}): {e}", "references") from e
+    if isinstance(request.image, (str, Path)):
+        try:
+            media.load_media(request.image, max_frames=1)
+        except media.MediaError as e:
+            raise RequestError(f"{show(names, 'image')}: {e}", "image") from e
+    if request.output is not None:
+        try:
+            media.h264_encoder()
+        except media.MediaError as e:
+            raise RequestError(f"{show(names, 'output', str(request.output))}: {e}", "output") from e
+
+
+def _lora_files(lora) -> list[Path]:
+    return [Path(lora)] if isinstance(lora, (str, Path)) else [Path(f) for f in (lora or [])]
+
+
+def _check_modes(backend: str, quant: str | None, attention_quant: str | None,
+                 names: Mapping[str, str] | None) -> None:
+    if backend not in BACKENDS:
+        raise RequestError(f"{show(names, 'backend', backend)} is not one of {', '.join(BACKENDS)}", "backend")
+    if quant not in QUANT_MODES:
+        raise RequestError(f"quant={quant!r} is not one of {QUANT_MODES}", "quant")
+    if attention_quant not in ATTENTION_QUANT:
+        raise RequestError(f"attention_quant={attention_quant!r} is not one of {ATTENTION_QUANT}", "attention_quant")
+
+
+def _resolve_backend(backend: str, device: torch.device, names: Mapping[str, str] | None) -> str:
+    resolved = resolve_backend(backend, device)
+    if resolved == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RequestError(f"{show(names, 'backend', backend)} needs a CUDA device: on a CPU, Triton kernels run only "
+                           "in the (slow) interpreter, with TRITON_INTERPRET=1 set; use the torch backend", "backend")
+    return resolved
+
+
+def _read_loras(files: list[Path], dit_cfg, layout: ConditioningLayout | None,
+                names: Mapping[str, str] | None) -> tuple[tuple[tuple[Path, LoraWeights], ...], ConditioningLayout, str]:
+    """Read every LoRA file and check it against a DiT of config `dit_cfg` built on the meta device (no weights);
+    the layout: `layout` if given, else the LoRAs' (which must agree), else the default."""
+    out, lora_layout, source = [], None, "default"
+    meta = None
+    for f in files:
+        check_input_file(f, "lora", names, what="LoRA")
+        try:
+            weights = read_lora(f)
+            if meta is None:
+                with torch.device("meta"):
+                    meta = WanDiT(dit_cfg)
+            check_lora_fits(meta, weights)
+        except CheckpointError as e:
+            msg = str(e).removeprefix(f"{f}: ")  # read_lora's messages start with the path, named here already
+            raise CheckpointError(f"{show(names, 'lora', str(f))}: {msg}") from e
+        if LAYOUT_METADATA_KEY in weights.metadata:
+            found = ConditioningLayout.from_json(weights.metadata[LAYOUT_METADATA_KEY])
+            if lora_layout is not None and found != lora_layout:
+                raise CheckpointError(f"LoRA {f} was trained with layout {found}, another LoRA with "
+                                      f"{lora_layout}; merge LoRAs trained with the same layout")
+            lora_layout, source = found, f"from {f.name}"
+        out.append((f, weights))
+    if layout is not None:
+        return tuple(out), layout, "given"
+    return tuple(out), lora_layout or ConditioningLayout(), source
+
+
+def plan_pretrained(path: str | Path, lora: str | Path | Sequence[str | Path] | None = None,
+                    dtype: str | torch.dtype = "bf16", backend: str = "auto", quant: str | None = None,
+                    device: str | torch.device | None = None, text_encoder_device: str | None = None,
+                    vae_dtype: str | torch.dtype = "fp32", lora_strength: float = 1.0,
+                    layout: ConditioningLayout | None = None, vae_tile: VAETiling | tuple | None = None,
+                    attention_quant: str | None = None, names: Mapping[str, str] | None = None) -> EnginePlan:
+    """Check everything `Engine.from_pretrained` will need, reading no weight: the folder's four parts, every
+    LoRA file (read, and checked against the DiT's config), the devices, dtypes, backend, quantisation and the
+    text encoder's packages. Raises a RequestError (or CheckpointError) naming the setting as `names` spells it."""
+    _check_modes(backend, quant, attention_quant, names)
+    dtype = parse_dtype(dtype, show(names, "dtype"))
+    vae_dtype = parse_dtype(vae_dtype, show(names, "vae_dtype"))
+    files = ModelFiles.find(path, names)
+    device = check_device(device, "device", names)
+    te_device = check_device(text_encoder_device, "text_encoder_device", names) if text_encoder_device else device
+    resolved = _resolve_backend(backend, device, names)
+    if quant == "fp8":
+        check_fp8_device(device)
+    require_packages(TEXT_PACKAGES, "the umT5 text encoder", "text")
+    loras, layout, source = _read_loras(_lora_files(lora), read_dit_config(files.dit) if lora else None, layout,
+                                        names)
+    return EnginePlan(files, 0, device, te_device, dtype, vae_dtype, resolved, backend, quant, attention_quant,
+                      loras, lora_strength, layout, source, VAETiling.of(vae_tile) if vae_tile is not None else None,
+                      files.geometry, defaults_for(files.dim))
+
+
+def plan_tiny(seed: int = 0, device: str | torch.device = "cpu", backend: str = "torch",
+              layout: ConditioningLayout | None = None, quant: str | None = None, attention_quant: str | None = None,
+              dtype: str | torch.dtype = "fp32", lora: str | Path | Sequence[str | Path] | None = None,
+              lora_strength: float = 1.0, text_encoder_device: str | torch.device | None = None,
+              names: Mapping[str, str] | None = None) -> EnginePlan:
+    """`plan_pretrained` for the tiny preset (random weights from `seed`): the same checks, no folder."""
+    _check_modes(backend, quant, attention_quant, names)
+    dtype = parse_dtype(dtype, show(names, "dtype"))
+    device = check_device(device, "device", names)
+    te_device = check_device(text_encoder_device, "text_encoder_device", names) if text_encoder_device else device
+    resolved = _resolve_backend(backend, device, names)
+    if quant == "fp8":
+        check_fp8_device(device)
+    require_packages(TEXT_PACKAGES, "the umT5 text encoder", "text")
+    cfg = ModelConfig.preset("tiny")
+    loras, layout, source = _read_loras(_lora_files(lora), cfg.dit, layout, names)
+    return EnginePlan(None, seed, device, te_device, dtype, torch.float32, resolved, backend, quant, attention_quant,
+                      loras, lora_strength, layout, source, None, cfg.geometry, TINY_DEFAULTS)
 
 
 class Engine:
@@ -90,12 +274,37 @@ class Engine:
 
     # -- construction ---------------------------------------------------------------------------------------
     @classmethod
+    def from_plan(cls, plan: EnginePlan, progress: bool = False) -> "Engine":
+        """Build the engine a checked `EnginePlan` describes (`progress`: progress bars while loading)."""
+        if plan.files is None:  # the tiny preset: random weights
+            cfg = ModelConfig.preset("tiny")
+            dit = random_dit(cfg.dit, dtype=plan.dtype, device=plan.device, seed=plan.seed, backend=plan.backend,
+                             attention_quant=plan.attention_quant)
+        else:
+            dit = load_dit(plan.files.dit, dtype=plan.dtype, device=plan.device, backend=plan.backend,
+                           attention_quant=plan.attention_quant, progress=progress)
+        for _, weights in plan.loras:
+            merge_lora_(dit, weights, strength=plan.lora_strength)
+        if plan.quant == "fp8":  # after the LoRA merge: quantised weights take no delta
+            quantize_dit_fp8_(dit)
+        if plan.files is None:
+            vae = random_vae(cfg.vae, seed=plan.seed, device=plan.device)
+            te = TextEncoder.tiny(seed=plan.seed, dtype=plan.dtype, device=plan.text_encoder_device)
+        else:
+            vae = load_vae(plan.files.vae, dtype=plan.vae_dtype, device=plan.device, progress=progress)
+            te = TextEncoder.from_pretrained(plan.files.text_encoder, dtype=plan.dtype,
+                                             device=plan.text_encoder_device, progress=progress)
+        return cls(dit, vae, te, layout=plan.layout, defaults=defaults_for(dit.cfg.dim), device=plan.device,
+                   vae_tile=plan.vae_tile)
+
+    @classmethod
     def from_pretrained(cls, path: str | Path, lora: str | Path | Sequence[str | Path] | None = None,
                         dtype: str | torch.dtype = "bf16", backend: str = "auto", quant: str | None = None,
                         device: str | torch.device | None = None, text_encoder_device: str | None = None,
                         vae_dtype: str | torch.dtype = "fp32", lora_strength: float = 1.0,
                         layout: ConditioningLayout | None = None,
-                        vae_tile: VAETiling | tuple | None = None, attention_quant: str | None = None) -> "Engine":
+                        vae_tile: VAETiling | tuple | None = None, attention_quant: str | None = None,
+                        progress: bool = True) -> "Engine":
         """Load Wan2.2-TI2V-5B (or a smaller model of the same family) from a folder in the diffusers layout
         (`transformer/`, `vae/`, `text_encoder/`, `tokenizer/`) or the original layout (DiT shards + index +
         config.json, `Wan2.2_VAE.pth`, `models_t5_umt5-xxl-enc-bf16.pth`, `google/umt5-xxl/`).
@@ -105,60 +314,25 @@ class Engine:
         "triton". `text_encoder_device="cpu"` keeps the 11 GB encoder off the GPU. `quant="fp8"`
         quantises the DiT blocks' linear layers to E4M3 (after the LoRA merge; needs sm89+);
         `attention_quant="int8"` / `"int8-fp8"` selects 8-bit attention on its own (kernels/attention_8bit.py).
+        Everything is checked before any weight is read (`plan_pretrained`); `progress` shows loading bars.
         """
-        if quant not in QUANT_MODES:
-            raise ValueError(f"quant={quant!r} is not one of {QUANT_MODES}")
-        dtype, vae_dtype = parse_dtype(dtype, "dtype"), parse_dtype(vae_dtype, "vae_dtype")
-        path = Path(path)
-        if not path.is_dir():
-            raise FileNotFoundError(f"model folder not found: {path}")
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        backend = resolve_backend(backend, device)
-        if (path / "transformer").is_dir():  # diffusers layout
-            vae_path, te_path = path / "vae", path
-        elif (path / "Wan2.2_VAE.pth").exists():  # original layout
-            vae_path, te_path = path / "Wan2.2_VAE.pth", path
-        else:
-            raise FileNotFoundError(f"{path} is neither a diffusers pipeline folder (transformer/, vae/, "
-                                    "text_encoder/, tokenizer/) nor an original Wan2.2 folder (Wan2.2_VAE.pth, "
-                                    "models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl/, DiT shards)")
-        dit = load_dit(path, dtype=dtype, device=device, backend=backend, attention_quant=attention_quant)
-        lora_layout = None
-        for f in ([lora] if isinstance(lora, (str, Path)) else list(lora or [])):
-            weights = read_lora(f)
-            merge_lora_(dit, weights, strength=lora_strength)
-            if LAYOUT_METADATA_KEY in weights.metadata:
-                found = ConditioningLayout.from_json(weights.metadata[LAYOUT_METADATA_KEY])
-                if lora_layout is not None and found != lora_layout:
-                    raise CheckpointError(f"LoRA {f} was trained with layout {found}, another LoRA with "
-                                          f"{lora_layout}; merge LoRAs trained with the same layout")
-                lora_layout = found
-        if quant == "fp8":  # after the LoRA merge: quantised weights take no delta
-            check_fp8_device(device)
-            quantize_dit_fp8_(dit)
-        vae = load_vae(vae_path, dtype=vae_dtype, device=device)
-        te = TextEncoder.from_pretrained(te_path, dtype=dtype, device=text_encoder_device or device)
-        defaults = Defaults() if dit.cfg.dim >= 1024 else TINY_DEFAULTS
-        return cls(dit, vae, te, layout=layout or lora_layout, defaults=defaults, device=device, vae_tile=vae_tile)
+        return cls.from_plan(plan_pretrained(path, lora=lora, dtype=dtype, backend=backend, quant=quant, device=device,
+                                             text_encoder_device=text_encoder_device, vae_dtype=vae_dtype,
+                                             lora_strength=lora_strength, layout=layout, vae_tile=vae_tile,
+                                             attention_quant=attention_quant), progress=progress)
 
     @classmethod
     def tiny(cls, seed: int = 0, device: str | torch.device = "cpu", backend: str = "torch",
              layout: ConditioningLayout | None = None, quant: str | None = None,
-             attention_quant: str | None = None) -> "Engine":
-        """The same classes at tiny widths with random weights (fp32): runs end to end on a CPU in seconds.
-        Its output is noise: the weights are random."""
-        cfg = ModelConfig.preset("tiny")
-        device = torch.device(device)
-        dit = random_dit(cfg.dit, device=device, seed=seed, backend=resolve_backend(backend, device),
-                         attention_quant=attention_quant)
-        if quant not in QUANT_MODES:
-            raise ValueError(f"quant={quant!r} is not one of {QUANT_MODES}")
-        if quant == "fp8":
-            check_fp8_device(device)
-            quantize_dit_fp8_(dit)
-        vae = random_vae(cfg.vae, seed=seed, device=device)
-        te = TextEncoder.tiny(seed=seed, device=device)
-        return cls(dit, vae, te, layout=layout, defaults=TINY_DEFAULTS, device=device)
+             attention_quant: str | None = None, dtype: str | torch.dtype = "fp32",
+             lora: str | Path | Sequence[str | Path] | None = None, lora_strength: float = 1.0,
+             text_encoder_device: str | torch.device | None = None) -> "Engine":
+        """The same classes at tiny widths with random weights: runs end to end on a CPU in seconds. Its output
+        is noise: the weights are random. `dtype` is that of the DiT's large layers and the text encoder (fp32
+        by default); `lora` merges LoRA files trained on this preset (`anyid-rt train` with preset "tiny")."""
+        return cls.from_plan(plan_tiny(seed=seed, device=device, backend=backend, layout=layout, quant=quant,
+                                       attention_quant=attention_quant, dtype=dtype, lora=lora,
+                                       lora_strength=lora_strength, text_encoder_device=text_encoder_device))
 
     def save_pretrained(self, folder: str | Path, layout: str = "original") -> Path:
         """Write the engine's weights as a model folder in the original Wan layout (DiT in 2 shards with an
@@ -201,40 +375,58 @@ class Engine:
 
         None means the engine's default (`engine.defaults`: 1280x704, 121 frames, 50 UniPC steps, guidance
         5, shift 5 for the 5B). `latents` is the initial noise [48, F, H/16, W/16] (else drawn on the CPU from
-        `seed`). The unconditional pass uses the empty prompt unless `negative_prompt` is given.
+        `seed`). The unconditional pass uses the empty prompt unless `negative_prompt` is given. Every setting
+        and every input file is checked, and every reference read, before the first step.
         """
-        d = self.defaults
-        pick = lambda value, default: default if value is None else value  # noqa: E731
-        height, width, num_frames = pick(height, d.height), pick(width, d.width), pick(num_frames, d.num_frames)
-        steps, guidance, shift = pick(steps, d.steps), pick(guidance, d.guidance), pick(shift, d.shift)
-        sampler = pick(sampler, d.sampler)
+        request = GenerationRequest(prompt=prompt, references=references, primary=primary, image=image,
+                                    negative_prompt=negative_prompt, height=height, width=width,
+                                    num_frames=num_frames, steps=steps, guidance=guidance, shift=shift,
+                                    sampler=sampler, seed=seed, output=output, latents=latents,
+                                    prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds)
+        return self.run(request, progress=progress)
+
+    def check(self, request: GenerationRequest, names: Mapping[str, str] | None = None) -> GenerationRequest:
+        """`request` with this engine's defaults filled in, checked against its models (a RequestError naming
+        the setting as `names` spells it otherwise)."""
+        return request.check(self.geometry, self.defaults, names, max_references=self.layout.max_references)
+
+    @torch.inference_mode()
+    def run(self, request: GenerationRequest, progress: bool = True,
+            names: Mapping[str, str] | None = None) -> Video:
+        """`generate` with its arguments as one `GenerationRequest`; `names` spells the settings in errors (the
+        CLI passes its flag names). `progress` shows progress bars for each stage."""
+        r = self.check(request, names)
         geometry = self.geometry
-        _check_request(geometry, prompt, prompt_embeds, negative_prompt, height, width, num_frames, steps, guidance,
-                       shift, sampler, seed, output)
+        for name in ("prompt", "negative_prompt"):  # given embeddings must fit the DiT
+            self._check_embeds(getattr(r, f"{name}_embeds"), name)
         # every input is read and checked before any compute: bad media fails without partial output
-        refs = self._prepare_references(references, primary, height, width)
-        image_pixels = self._prepare_image(image, height, width, num_frames)
-        latent_shape = geometry.latent_shape(num_frames, height, width)  # (F, H/16, W/16)
-        noise = _initial_noise(latents, seed, (self.dit.cfg.in_dim, *latent_shape))
-        use_cfg = guidance != 1.0
+        refs = self._prepare_references(r.references, r.primary, r.height, r.width, progress)
+        image_pixels = self._prepare_image(r.image, r.height, r.width, r.num_frames)
+        latent_shape = geometry.latent_shape(r.num_frames, r.height, r.width)  # (F, H/16, W/16)
+        noise = _initial_noise(r.latents, r.seed, (self.dit.cfg.in_dim, *latent_shape))
+        use_cfg = r.guidance != 1.0
+        guidance = r.guidance
         timings: dict[str, float] = {}
         clock = _Clock(self.device, timings)
 
         with clock("text_encode"):
-            cond = self._embed(prompt, prompt_embeds, "prompt")
+            cond = self._embed(r.prompt, r.prompt_embeds, "prompt")
             contexts = [cond]
             if use_cfg:
-                contexts.append(self._embed(negative_prompt or "", negative_prompt_embeds, "negative_prompt"))
+                contexts.append(self._embed(r.negative_prompt or "", r.negative_prompt_embeds, "negative_prompt"))
             text_kv = self.dit.prepare_text([c.to(self.device) for c in contexts])
         with clock("reference_encode"):
-            ref_latents = [self.encode_pixels(r.pixels) for r in refs]  # each [1, 48, f_i, h, w]
-            if use_cfg:  # batch row 1 is the aggregated unconditional pass: every reference nulled
-                ref_latents = [torch.cat([z, self.null_latent(r.pixels.shape)]) for z, r in zip(ref_latents, refs)]
+            ref_latents = []  # each [1 or 2, 48, f_i, h, w]
+            for ref in tqdm(refs, desc="encoding references", unit="ref", disable=not (progress and refs)):
+                z = self.encode_pixels(ref.pixels)
+                if use_cfg:  # batch row 1 is the aggregated unconditional pass: every reference nulled
+                    z = torch.cat([z, self.null_latent(ref.pixels.shape)])
+                ref_latents.append(z)
             image_latent = self.encode_pixels(image_pixels) if image_pixels is not None else None
 
         layout = StepLayout.build(self.layout, geometry, latent_shape, [z.shape[2] for z in ref_latents],
                                   image_mode=image_latent is not None)
-        schedule = make_sampler(sampler, steps, shift, device=self.device)
+        schedule = make_sampler(r.sampler, r.steps, r.shift, device=self.device)
         batch = 2 if use_cfg else 1
         x = noise.to(self.device)[None]  # [1, 48, F, h, w] fp32
         if image_latent is not None:
@@ -250,41 +442,40 @@ class Engine:
                 if image_latent is not None:  # re-pin the clean first frame, as the official i2v loop
                     x[:, :, :1] = image_latent
         with clock("vae_decode"):
-            pixels = self.vae.decode(x.to(self.vae.dtype), tile=self.vae_tile)  # [1, 3, T, H, W] in [-1, 1]
+            # [1, 3, T, H, W] in [-1, 1]
+            pixels = self.vae.decode(x.to(self.vae.dtype), tile=self.vae_tile, progress=progress)
             frames = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [3, T, H, W]
             frames = frames.permute(1, 2, 3, 0).contiguous().cpu()  # [T, H, W, 3]
         timings["total"] = sum(timings.values())
-        video = Video(frames, x[0].float().cpu(), d.fps, timings)
-        if output is not None:
-            video.save(output)
+        video = Video(frames, x[0].float().cpu(), self.defaults.fps, timings)
+        if r.output is not None:
+            video.save(r.output)
         return video
 
-    def _embed(self, text: str | None, embeds: torch.Tensor | None, name: str) -> torch.Tensor:
+    def _check_embeds(self, embeds: torch.Tensor | None, name: str) -> None:
         dim = self.dit.cfg.text_dim
+        if embeds is None:
+            return
+        shape = tuple(getattr(embeds, "shape", ()))
+        if not isinstance(embeds, torch.Tensor) or len(shape) not in (2, 3) or (len(shape) == 3 and shape[0] != 1) \
+                or shape[-1] != dim:
+            raise ValueError(f"{name}_embeds must be [1, L, {dim}] (the text encoder's trimmed output), got "
+                             f"{shape if isinstance(embeds, torch.Tensor) else type(embeds).__name__}")
+
+    def _embed(self, text: str | None, embeds: torch.Tensor | None, name: str) -> torch.Tensor:
         if embeds is not None:
-            e = embeds[0] if embeds.ndim == 3 else embeds
-            if embeds.ndim not in (2, 3) or (embeds.ndim == 3 and embeds.shape[0] != 1) or e.shape[-1] != dim:
-                raise ValueError(f"{name}_embeds must be [1, L, {dim}] (the text encoder's trimmed output), "
-                                 f"got {tuple(embeds.shape)}")
-            return e
+            return embeds[0] if embeds.ndim == 3 else embeds
         return self.text_encoder.encode(text, device=self.device)[0]
 
-    def _prepare_references(self, references, primary, height, width) -> list[PreparedReference]:
+    def _prepare_references(self, references, primary, height, width, progress: bool = False
+                            ) -> list[PreparedReference]:
+        """Read, fit and pad every reference (checked by `GenerationRequest.check`), primary first."""
         if references is None:
             return []
-        if isinstance(references, (str, Path)) or not isinstance(references, Sequence):
-            raise TypeError("references must be a list (paths, PIL images, arrays or tensors); "
-                            f"got {type(references).__name__}")
-        n, cap = len(references), self.layout.max_references
-        if n == 0:
-            raise ValueError("references is an empty list; pass references=None for text-to-video")
-        if n > cap:
-            raise ValueError(f"{n} references given; this layout takes at most {cap} (ConditioningLayout."
-                             "max_references). Drop some references or raise the cap")
-        if not isinstance(primary, int) or not 0 <= primary < n:
-            raise ValueError(f"primary={primary!r} is out of range for {n} references (0..{n - 1})")
+        n = len(references)
         order = [primary] + [i for i in range(n) if i != primary]  # the primary reference comes first
-        prepared = [prepare_reference(references[i], height, width, self.layout, i) for i in order]
+        prepared = [prepare_reference(references[i], height, width, self.layout, i)
+                    for i in tqdm(order, desc="reading references", unit="ref", disable=not progress)]
         total = sum(self.geometry.latent_frames(p.num_frames) for p in prepared)
         if total > self.dit.cfg.rope_max_positions - 64:
             raise ValueError(f"references add {total} latent frames; too many for the RoPE range")
@@ -293,8 +484,6 @@ class Engine:
     def _prepare_image(self, image, height, width, num_frames) -> torch.Tensor | None:
         if image is None:
             return None
-        if num_frames < 5:
-            raise ValueError("image-to-video needs num_frames >= 5: frame 0 is the image")
         frames = media.load_media(image)
         if frames.shape[0] != 1:
             raise ValueError(f"image= takes one image, got {frames.shape[0]} frames; use references= for clips")
@@ -327,27 +516,6 @@ class _Clock:
             torch.cuda.synchronize(self.device)
 
 
-def _check_request(geometry: TokenGeometry, prompt, prompt_embeds, negative_prompt, height, width, num_frames, steps,
-                   guidance, shift, sampler, seed, output) -> None:
-    if prompt_embeds is None and not isinstance(prompt, str):
-        raise TypeError(f"prompt must be a str (or pass prompt_embeds=), got {type(prompt).__name__}")
-    if negative_prompt is not None and not isinstance(negative_prompt, str):
-        raise TypeError(f"negative_prompt must be a str or None, got {type(negative_prompt).__name__}")
-    geometry.check(height, width, num_frames)  # H, W multiples of 32 and 4n+1 frames for Wan2.2
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps={steps!r} must be an int >= 1")
-    if not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or guidance < 1:
-        raise ValueError(f"guidance={guidance!r} must be >= 1 (1 disables guidance and its second pass)")
-    if not isinstance(shift, (int, float)) or shift <= 0:
-        raise ValueError(f"shift={shift!r} must be > 0")
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler={sampler!r} is not one of {SAMPLERS}")
-    if not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    if output is not None and Path(output).suffix.lower() != ".mp4":
-        raise ValueError(f"output={output!r} must end in .mp4")
-
-
 def _initial_noise(latents: torch.Tensor | None, seed: int, shape: tuple[int, ...]) -> torch.Tensor:
     if latents is not None:
         if tuple(latents.shape) != shape:
@@ -358,4 +526,5 @@ def _initial_noise(latents: torch.Tensor | None, seed: int, shape: tuple[int, ..
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
-__all__ = ["Engine", "Video", "Defaults", "TINY_DEFAULTS"]
+__all__ = ["Engine", "Video", "Defaults", "TINY_DEFAULTS", "EnginePlan", "plan_pretrained", "plan_tiny",
+           "check_device", "probe_request_media", "GenerationRequest", "QUANT_MODES"]

@@ -37,7 +37,7 @@ ORIGINAL_VAE = "Wan2.2_VAE.pth"
 ORIGINAL_UMT5 = "models_t5_umt5-xxl-enc-bf16.pth"
 ORIGINAL_TOKENIZER = "google/umt5-xxl"
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json")  # any one makes a tokenizer folder
-DIT_WEIGHTS = "diffusion_pytorch_model*.safetensors (with its .safetensors.index.json when sharded)"
+DIT_WEIGHTS = "diffusion_pytorch_model*.safetensors, with its .safetensors.index.json when sharded"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -298,9 +298,15 @@ class Defaults:
 TINY_DEFAULTS = Defaults(height=64, width=64, num_frames=9, steps=6)
 
 
+def preset_for(dim: int | None) -> str:
+    """The preset whose sizes a DiT of width `dim` has: "tiny" for test-sized models (< 1024), else the 5B's
+    (also when the width is unknown: a folder without config.json)."""
+    return "tiny" if dim is not None and dim < 1024 else "wan2.2-ti2v-5b"
+
+
 def defaults_for(dim: int | None) -> Defaults:
     """The defaults of a DiT of width `dim`: the 5B's, or the tiny preset's for test-sized models (< 1024)."""
-    return TINY_DEFAULTS if dim is not None and dim < 1024 else Defaults()
+    return TINY_DEFAULTS if preset_for(dim) == "tiny" else Defaults()
 
 
 def _is_int(v) -> bool:
@@ -366,8 +372,8 @@ class GenerationRequest:
         r._check_references(names, max_references)
         if r.image is not None:
             if r.num_frames < 5:
-                raise RequestError(f"{show(names, 'image')} (image-to-video) needs "
-                                   f"{show(names, 'num_frames', r.num_frames)} >= 5: frame 0 is the image", "image")
+                raise RequestError(f"{show(names, 'image')} (image-to-video) needs {show(names, 'num_frames')} >= 5 "
+                                   f"(got {show(names, 'num_frames', r.num_frames)}): frame 0 is the image", "image")
             if _is_path(r.image):
                 check_input_file(r.image, "image", names, what="image")
         if r.output is not None:
@@ -419,6 +425,6 @@ class GenerationRequest:
 
 
 __all__ = ["RequestError", "RequestTypeError", "RequestFileError", "GenerationRequest", "ModelFiles", "Defaults",
-           "TINY_DEFAULTS", "defaults_for", "SAMPLERS", "show", "require_packages", "missing_packages",
+           "TINY_DEFAULTS", "defaults_for", "preset_for", "SAMPLERS", "show", "require_packages", "missing_packages",
            "check_input_file", "check_output_path", "atomic_path", "write_text_atomic", "has_tokenizer",
            "ORIGINAL_VAE", "ORIGINAL_UMT5", "ORIGINAL_TOKENIZER", "TOKENIZER_FILES"]

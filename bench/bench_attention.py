@@ -15,7 +15,6 @@ L <= --eager-max-l. Appends JSON lines to <out>/bench_attention.jsonl and plots 
 """
 from __future__ import annotations
 
-import math
 import sys
 
 from anyid_rt.bench import report, timing
@@ -35,7 +34,6 @@ def flops(B: int, H: int, D: int, Lq: int, Lk: int, mode: str) -> float:
 
 def providers(args, device: str) -> dict:
     """name -> (needs [B, L, H, D] inputs?, fn(q, k, v)); only those that run here."""
-    import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

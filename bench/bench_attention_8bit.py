@@ -78,7 +78,6 @@ def accuracy(out_blhd, ref, rows) -> dict:
 
 def run_case(args, device, env, provs, shape, case):
     import torch
-    import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from anyid_rt.kernels.attention import attention_ref

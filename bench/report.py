@@ -368,6 +368,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, default=here, help="folder of *.jsonl records (default bench/results)")
     ap.add_argument("--out", type=Path, default=None, help="where README.md and the plots go (default: --results)")
     args = ap.parse_args(argv)
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:  # checked first: no half-written report, no traceback
+        print("bench/report.py: error: the plots need matplotlib, which is not installed: pip install -e \".[bench]\" "
+              "(the `bench` extra)", file=sys.stderr)
+        return 2
     paths = write_report(args.results, args.out)
     for p in paths.values():
         print(f"wrote {p}")

@@ -28,10 +28,9 @@ FLOP_FORMULA = ("per guided step = batch x count_flops(cfg, N); count_flops = la
                 "+ 4 N^2 d + 4 N T d) + 2 N d p (in + out): N tokens (target + references, joint attention), "
                 "T = 512 text rows, d = dim, f = ffn_dim, p = patch volume; 2 FLOPs per multiply-add; the text "
                 "K/V projections (once per prompt) are not counted")
-DIFFUSERS_CARRY = ("diffusers is not on the GPU machines; carry its pure-Python wheel: here `pip download "
-                   "diffusers==<version> --no-deps -d .whl/`, there `python3 -m pip install -q --no-index "
-                   "--no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site` (its requirements "
-                   "are already installed there)")
+# what a user is told when the diffusers baseline cannot run (the offline recipe is in README.md)
+DIFFUSERS_CARRY = ("To compare against diffusers: pip install \"diffusers>=0.35\" (on a machine without a package "
+                   "index, carry its wheel: README.md, Benchmarks, \"On the GPU machines\")")
 
 
 def step_flops(cfg: DiTConfig, tokens: int, batch: int) -> float:

@@ -61,11 +61,21 @@ class GraphVAE:
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         return self.vae.encode(frames)
 
-    def decode(self, latent: torch.Tensor, tile=None) -> torch.Tensor:
+    def decode(self, latent: torch.Tensor, tile=None, progress: bool = False) -> torch.Tensor:
         if tile is not None:
             raise ValueError("spatial tiling is not available with the exported decoder graphs; the decoder "
                              "streams one latent frame at a time, build a plan for the resolution instead")
-        return decode_streaming(self.first, self.step, latent.float())
+        from tqdm.auto import tqdm
+
+        with tqdm(total=latent.shape[2], desc="VAE decode", unit="latent frame", disable=not progress) as bar:
+            def counted(call: Callable) -> Callable:
+                def run(*tensors):
+                    out = call(*tensors)
+                    bar.update(1)
+                    return out
+                return run
+
+            return decode_streaming(counted(self.first), counted(self.step), latent.float())
 
 
 def graph_engine(base: Engine, dit_call: DiTCall, vae_first: Callable, vae_step: Callable) -> Engine:

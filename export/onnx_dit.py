@@ -126,7 +126,8 @@ def dit_dynamic_shapes() -> dict[str, dict[int, object]]:
     """torch.export dynamic dims: batch B, target tokens N, reference tokens R, segments S."""
     from torch.export import Dim
 
-    B, N, R, S = Dim("batch", min=1, max=64), Dim("tokens", min=1), Dim("ref_tokens", min=0), Dim("segments", min=1, max=64)
+    B, N, R = Dim("batch", min=1, max=64), Dim("tokens", min=1), Dim("ref_tokens", min=0)
+    S = Dim("segments", min=1, max=64)
     return {"tokens": {0: B, 1: N}, "ref_tokens": {0: B, 1: R}, "t_freq": {0: B, 1: S}, "seg_index": {0: N},
             "ref_seg_index": {0: R}, "rope_cos": {0: N}, "rope_sin": {0: N}, "ref_rope_cos": {0: R},
             "ref_rope_sin": {0: R}, "context": {0: B}}

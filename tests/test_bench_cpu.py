@@ -373,7 +373,7 @@ def test_missing_diffusers_and_ftfy_are_recorded_not_hidden(tmp_path, monkeypatc
     text = next(r for r in recs if r["kind"] == "stage" and r["stage"] == "text_encode")
     assert text["status"] == "ok" and "ftfy" in text["path"] and text["output"]["shape"][1] == CFG.text.dim
     steps = {r["variant"]: r for r in recs if r["kind"] == "dit_step"}
-    assert steps["diffusers"]["status"] == "skipped" and "pip download diffusers" in steps["diffusers"]["reason"]
+    assert steps["diffusers"]["status"] == "skipped" and "pip install \"diffusers" in steps["diffusers"]["reason"]
     assert steps["torch"]["status"] == "ok" and steps["torch"]["baseline"] is None
     assert "not importable" in steps["torch"]["baseline_reason"]
 

@@ -1,4 +1,5 @@
-"""The command line: generate, demo, errors, and --help of every command."""
+"""The command line: generate, demo, errors, and --help of every command (fast, importing nothing heavy).
+Request checks, Ctrl-C and honoured flags: tests/test_cli_requests.py."""
 from __future__ import annotations
 
 import subprocess
@@ -44,14 +45,46 @@ def test_generate_bad_input_exits_2_with_the_reason(tmp_path, capsys, args, mess
     assert not (tmp_path / "x.mp4").exists()
 
 
-def test_generate_needs_a_model_or_tiny():
-    with pytest.raises(SystemExit, match="--model"):
-        main(["generate", "--prompt", "p"])
+@pytest.mark.parametrize("args, message", [
+    (["generate", "--prompt", "p"], "one of the arguments --model --tiny is required"),
+    (["generate", "--tiny"], "the following arguments are required: --prompt"),
+])
+def test_missing_required_flags_exit_2(capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2  # as every bad request (the README promises 2)
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", [[], ["generate"], ["demo"], ["bench"], ["train"], ["train", "sft"],
-                                     ["export"], ["serve"]])
+                                     ["export"], ["export", "onnx"], ["export", "trt"], ["export", "triton-repo"],
+                                     ["serve"], ["eval"]])
 def test_help(command):
     r = subprocess.run([sys.executable, "-m", "anyid_rt.cli", *command, "--help"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "usage: anyid-rt" in r.stdout
+
+
+# what `--help` must not import: they take seconds (torch alone 1.5-3 s on a 2-core machine), the help < 1 s
+HEAVY = ("torch", "transformers", "onnx", "triton", "anyid_rt.engine", "anyid_rt.models", "anyid_rt.media")
+
+
+def test_help_imports_nothing_heavy():
+    """Building the parser and printing the help of every command the parser owns imports none of HEAVY (the
+    `bench` tool parses its own arguments in its module, which is tooling)."""
+    code = f"""
+import contextlib, io, sys
+from anyid_rt.cli import build_parser
+commands = [[], ["generate"], ["demo"], ["export"], ["export", "onnx"], ["export", "trt"],
+            ["export", "triton-repo"], ["serve"], ["train"], ["train", "sft"], ["train", "dpo"], ["eval"]]
+for c in commands:
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            build_parser().parse_args(c + ["--help"])
+        except SystemExit as e:
+            assert e.code == 0, c
+print(sorted(m for m in {HEAVY!r} if m in sys.modules))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]", f"--help imported {r.stdout.strip()}"

@@ -230,12 +230,30 @@ def test_lora_merge_and_layout_metadata(pipeline, engine, tmp_path):
     (dict(references=["/nonexistent/face.jpg"]), ValueError, "reference 0"),
     (dict(latents=torch.zeros(48, 2, 4, 4)), ValueError, "latents must be"),
     (dict(output="x.avi"), ValueError, ".mp4"),
+    (dict(height=64.0), ValueError, r"height=64.0 must be an int \(got float\), .* e.g. 64$"),
+    (dict(num_frames=10.0), ValueError, r"num_frames=10.0 must be an int .* e.g. 9$"),
+    (dict(primary=2), ValueError, "primary=2 selects a reference, but none is given"),
+    (dict(prompt="  "), ValueError, "prompt is empty and nothing else conditions the video"),
+    (dict(prompt_embeds=torch.zeros(1, 3, 32)), ValueError, "give prompt or prompt_embeds, not both"),
+    (dict(image="/nonexistent/i.png"), FileNotFoundError, "image='/nonexistent/i.png' \\(image\\): file not found"),
 ])
 def test_bad_input(tiny, tmp_path, kwargs, error, match):
     kwargs = {"prompt": "p", **kwargs}
     prompt = kwargs.pop("prompt")
     with pytest.raises(error, match=match):
         tiny.generate(prompt, steps=kwargs.pop("steps", 1), progress=False, **kwargs)
+
+
+def test_empty_prompt_with_references_keeps_the_primary(tiny):
+    """With references an empty differential prompt is a request: "as the primary reference"."""
+    v = tiny.generate("", references=[_image(1)], steps=1, progress=False)
+    assert v.frames.shape == (FRAMES, H, W, 3)
+
+
+def test_output_folder_must_be_creatable(tiny, tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ValueError, match="cannot create the folder .*a_file is a file"):
+        tiny.generate("p", steps=1, output=tmp_path / "a_file" / "v.mp4", progress=False)
 
 
 def test_unreadable_reference_leaves_no_output(tiny, tmp_path):
@@ -245,6 +263,55 @@ def test_unreadable_reference_leaves_no_output(tiny, tmp_path):
     with pytest.raises(media.MediaError, match="reference 1"):
         tiny.generate("p", references=[_image(0), str(bad)], output=out, progress=False)
     assert not out.exists()
+
+
+def test_from_pretrained_checks_everything_before_loading(tmp_path, monkeypatch, tiny):
+    """Model folder parts, LoRA files (read and fitted against the DiT's config) and devices are checked
+    before any weight is read: the loaders are replaced by ones that fail the test."""
+    import anyid_rt.engine as engine_module
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights were read before the request was refused")
+
+    folder = tiny.save_pretrained(tmp_path / "model")
+    for name in ("load_dit", "load_vae", "random_dit"):
+        monkeypatch.setattr(engine_module, name, no_loading)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\0" * 64)
+    with pytest.raises(CheckpointError, match="lora='.*garbage.safetensors': not a readable safetensors LoRA"):
+        Engine.from_pretrained(folder, lora=garbage, dtype="fp32", device="cpu")
+    name = "blocks.0.self_attn.q"
+    save_lora(LoraWeights({name: torch.ones(4, 3072)}, {name: torch.ones(3072, 4)}, {}), tmp_path / "big.safetensors")
+    for make in (lambda: Engine.from_pretrained(folder, lora=tmp_path / "big.safetensors", device="cpu"),
+                 lambda: Engine.tiny(lora=tmp_path / "big.safetensors")):
+        with pytest.raises(CheckpointError, match="big.safetensors: LoRA does not fit the model"):
+            make()
+    with pytest.raises(FileNotFoundError, match="lora='/nonexistent.safetensors' \\(LoRA\\): file not found"):
+        Engine.from_pretrained(folder, lora="/nonexistent.safetensors", device="cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device='cuda': CUDA is not available here"):
+            Engine.from_pretrained(folder, device="cuda")
+        with pytest.raises(ValueError, match="device='cuda': CUDA is not available here"):
+            Engine.tiny(device="cuda")
+    (folder / "Wan2.2_VAE.pth").unlink()
+    with pytest.raises(FileNotFoundError, match=r"lacks the VAE \(Wan2.2_VAE.pth\)"):
+        Engine.from_pretrained(folder, device="cpu")
+
+
+def test_loaders_name_the_file_they_looked_at(tmp_path, tiny):
+    """Called directly (not through the engine's checks), the loaders still say which file is wrong."""
+    from anyid_rt.models import TextEncoder, load_dit
+    from anyid_rt.models.vae_loader import save_vae_original
+
+    only_vae = tmp_path / "only_vae"
+    only_vae.mkdir()
+    save_vae_original(tiny.vae, only_vae / "Wan2.2_VAE.pth")
+    with pytest.raises(CheckpointError, match=r"Wan2.2_VAE.pth: not a Wan DiT checkpoint: it looks like a Wan VAE"):
+        load_dit(only_vae)
+    folder = tiny.save_pretrained(tmp_path / "model")
+    (folder / "models_t5_umt5-xxl-enc-bf16.pth").unlink()  # config.json there is the DiT's, not umT5's
+    with pytest.raises(FileNotFoundError, match="has no models_t5_umt5-xxl-enc-bf16.pth"):
+        TextEncoder.from_pretrained(folder)
 
 
 def test_quant_and_missing_folder(tmp_path):

@@ -159,7 +159,8 @@ def test_reference_runs_on_the_index_alone():
     index_only = SegmentMap(seg.index)
     x, y = torch.randn(2, 25, 16, device=DEV), torch.randn(2, 25, 16, device=DEV)
     shift, scale = _mod_rows(2, 4, 16)
-    assert torch.equal(layernorm_modulate_ref(x, shift, scale, index_only), layernorm_modulate_ref(x, shift, scale, seg))
+    assert torch.equal(layernorm_modulate_ref(x, shift, scale, index_only),
+                       layernorm_modulate_ref(x, shift, scale, seg))
     assert torch.equal(gated_residual_ref(x, y, shift, index_only), gated_residual_ref(x, y, shift, seg))
     with pytest.raises(ValueError, match=r"segment index \(24,\) does not cover L=25"):
         layernorm_modulate_ref(x, shift, scale, SegmentMap(seg.index[:24]))

@@ -2,19 +2,20 @@
 
 Modules (plain, no registries):
     lora       inject / merge / disable / export LoRA on the DiT's nn.Linear layers
-    config     typed dataclass configs read from TOML or JSON (SFTConfig, DPOConfig)
+    config     typed dataclass configs read from TOML or JSON (SFTConfig, DPOConfig), ConfigError
+    preflight  checks everything a config names (paths, packages, device, resume) before a model loads
     groups     ID groups: the dataset folders and their meta.json
     references reference forms (face / portrait / clip), the face detector, crop boxes
     prompts    AnyID's differential prompts and the description similarities behind them
     data       training instances, buckets and the batch plan over ID groups
-    pairs      preference pairs for Flow-DPO
+    pairs      preference pairs for Flow-DPO and their dataset
     cache      disk cache of VAE latents and prompt embeddings keyed by content hash
     sft        supervised training (AnyID section 4.2), `train_sft(cfg)`
     dpo        Flow-DPO (AnyID eq. 3-4), `train_dpo(cfg)`
     dist       torchrun data parallelism (DDP)
     common     the shared loop, checkpoints, logs, validation
-    synthetic  a tiny ID-group dataset and preference pairs from the bundled astronaut image
-    cli        `anyid-rt train sft|dpo --config FILE` (also `python -m anyid_rt.trainer.cli`)
+    synthetic  a tiny ID-group dataset and preference pairs from the bundled astronaut image (configs/data)
+    cli        `anyid-rt train sft|dpo CONFIG` (also `python -m anyid_rt.trainer.cli`)
 
 Importing this package imports nothing heavy; import the submodules you need.
 """

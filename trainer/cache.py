@@ -3,19 +3,19 @@
 A key is the sha1 of a JSON recipe that fixes the tensor completely: the source file's content hash, the
 frame indices, crop parameters and output size, and a fingerprint of the encoder's weights (so a cache built
 with one VAE is never read with another). Entries are safetensors files `cache_dir/<kind>/<k[:2]>/<k>.safetensors`
-written atomically (a temporary file, then os.replace), so concurrent data-parallel processes can share a
-cache folder and an interrupted write leaves no half file behind.
+written atomically (a temporary file of a unique name, then os.replace), so concurrent data-parallel processes
+can share a cache folder and an interrupted write leaves no half file behind.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from ..eval.common import atomic_path
 
 
 def recipe_key(recipe: dict) -> str:
@@ -86,11 +86,8 @@ class TensorCache:
             return
         from safetensors.torch import save_file
 
-        p = self.path(kind, recipe)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f"{p.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, p)
+        with atomic_path(self.path(kind, recipe)) as tmp:  # a unique name per writer; removed if interrupted
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
 
 
 class Encoders:

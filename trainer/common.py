@@ -391,6 +391,5 @@ def stack_refs(per_sample: Iterable[list[torch.Tensor]]) -> list[torch.Tensor]:
 
 
 __all__ = ["build_engine", "check_precision", "check_geometry", "GroupsForward", "target_layout", "train_segments",
-           "sample_seed",
-           "add_noise", "make_optimizer", "rng_state", "set_rng_state", "Checkpoints", "MetricLog", "read_log",
-           "validate", "LoopResult", "run_loop", "restore", "stack_refs"]
+           "sample_seed", "add_noise", "make_optimizer", "rng_state", "set_rng_state", "Checkpoints", "MetricLog",
+           "read_log", "validate", "LoopResult", "run_loop", "restore", "stack_refs"]

@@ -358,6 +358,9 @@ class RunConfig:
         _positive("", batch_size=self.batch_size, grad_accum=self.grad_accum, max_steps=self.max_steps,
                   train_shift=self.train_shift, log_every=self.log_every, keep_checkpoints=self.keep_checkpoints)
         _non_negative("", checkpoint_every=self.checkpoint_every)
+        if not self.checkpoint_every and self.keep_checkpoints != RunConfig.keep_checkpoints:
+            raise ConfigError("keep_checkpoints", "has no effect with checkpoint_every = 0 (no checkpoints); remove it "
+                              "or set checkpoint_every", self.keep_checkpoints)
         if self.mixed_precision not in MIXED_PRECISION:
             raise ConfigError("mixed_precision", f"must be one of {list(MIXED_PRECISION)}", self.mixed_precision)
         if not self.resume:

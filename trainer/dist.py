@@ -1,6 +1,6 @@
 """Data parallelism: torchrun + DistributedDataParallel (NCCL on GPUs, gloo on CPUs).
 
-    torchrun --nproc_per_node 8 -m anyid_rt.trainer.cli sft --config sft.toml
+    torchrun --nproc_per_node 8 -m anyid_rt.trainer.cli sft sft.toml
 
 Every process builds the same model and the same LoRA (seeded init; DDP also broadcasts rank 0's
 parameters at wrap time), reads the same global micro-batch order and takes its own slice of it, and

@@ -1,6 +1,6 @@
 """Flow-DPO: human-centric preference tuning (AnyID section 4.4, eq. 3-4).
 
-    anyid-rt train dpo --config dpo.toml
+    anyid-rt train dpo dpo.toml
 
 Starts from the SFT LoRA merged into the base weights (`anyid_rt.lora.merge_lora_`) and trains a fresh
 LoRA on preference pairs. The reference model is the same network with the LoRA disabled (the merged SFT

@@ -20,7 +20,7 @@ import importlib
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -58,7 +58,6 @@ class Checks:
     pairs_total: int = 0  # DPO: pairs in the file before the Pareto filter
     sft_lora: LoraWeights | None = None  # DPO
     layout: ConditioningLayout | None = None
-    notes: list[str] = field(default_factory=list)
 
     def summary(self, cfg: RunConfig, stage: str) -> str:
         """The one line a run prints before it loads anything: model, device, dtype, backend, quantisation,
@@ -67,7 +66,7 @@ class Checks:
         model = f"{m.preset} (random weights, seed {m.seed or 0})" if m.preset else m.path
         lay = self.layout or ConditioningLayout()
         if self.dataset is not None:
-            data = (f"{len(self.dataset)} target clips in {len(self.dataset.groups)} ID groups, similarity "
+            data = (f"{len(self.dataset)} target clips in {len(self.dataset.groups)} ID group(s), similarity "
                     f"{self.dataset.similarity.name}")
         else:
             data = f"{len(self.pairs)} of {self.pairs_total} pairs"
@@ -156,8 +155,9 @@ def check_device(cfg: RunConfig) -> tuple[torch.device, torch.dtype, str]:
                               getattr(m, key.split(".")[1]))
     try:
         dtype = check_precision(cfg.mixed_precision, device)
-    except ValueError as e:
-        raise ConfigError("mixed_precision", str(e), cfg.mixed_precision) from None
+    except ValueError:
+        raise ConfigError("mixed_precision", f"needs a CUDA device (the run is on {device}); use \"fp32\" on a CPU",
+                          cfg.mixed_precision) from None
     try:
         backend = resolve_backend(m.backend, device)
     except ValueError as e:
@@ -197,7 +197,7 @@ def check_lora_targets(cfg: RunConfig, linears: dict[str, tuple[int, int]]) -> N
         try:
             match_names(list(linears), [t])
         except ValueError:
-            sample = ", ".join(list(linears)[:4])
+            sample = ", ".join([n for n in linears if n.startswith("blocks.0.")][:4] or list(linears)[:4])
             raise ConfigError(f"lora.targets[{i}]", f"matches no linear layer of the model (full-match regular "
                               f"expression over names such as {sample})", t) from None
 
@@ -327,6 +327,9 @@ def check_dpo(cfg: DPOConfig) -> Checks:
     sft_layout = None
     if cfg.sft_lora:
         checks.sft_lora, sft_layout = read_sft_lora(cfg, linears)
+    if cfg.layout is not None and sft_layout is not None and cfg.layout != sft_layout:
+        raise ConfigError("layout", f"differs from the layout the SFT LoRA {cfg.sft_lora} was trained with "
+                          f"({sft_layout.to_json()}); remove [layout] to use that one")
     checks.layout = cfg.layout or sft_layout or ConditioningLayout()
     check_file("pairs", cfg.pairs, "pairs file (JSONL)")
     if cfg.pairs_root is not None:

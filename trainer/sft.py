@@ -1,6 +1,6 @@
 """Supervised LoRA training of the omni-referenced model (AnyID section 4.2).
 
-    anyid-rt train sft --config sft.toml          (torchrun --nproc_per_node N ... for data parallel)
+    anyid-rt train sft sft.toml          (torchrun --nproc_per_node N ... for data parallel)
 
 Per sample: a target clip latent x0 (VAE), its references' latents (each encoded on its own, at t = 0), a
 differential prompt. The references are placed in the token sequence per the conditioning layout
