@@ -281,10 +281,11 @@ def test_from_pretrained_checks_everything_before_loading(tmp_path, monkeypatch,
     with pytest.raises(CheckpointError, match="lora='.*garbage.safetensors': not a readable safetensors LoRA"):
         Engine.from_pretrained(folder, lora=garbage, dtype="fp32", device="cpu")
     name = "blocks.0.self_attn.q"
-    save_lora(LoraWeights({name: torch.ones(4, 3072)}, {name: torch.ones(3072, 4)}, {}), tmp_path / "big.safetensors")
+    save_lora(LoraWeights({name: torch.ones(4, 3072)}, {name: torch.ones(3072, 4)}, {name: 4.0}),
+              tmp_path / "big.safetensors")
     for make in (lambda: Engine.from_pretrained(folder, lora=tmp_path / "big.safetensors", device="cpu"),
                  lambda: Engine.tiny(lora=tmp_path / "big.safetensors")):
-        with pytest.raises(CheckpointError, match="big.safetensors: LoRA does not fit the model"):
+        with pytest.raises(CheckpointError, match="big.safetensors': LoRA does not fit the model"):
             make()
     with pytest.raises(FileNotFoundError, match="lora='/nonexistent.safetensors' \\(LoRA\\): file not found"):
         Engine.from_pretrained(folder, lora="/nonexistent.safetensors", device="cpu")
