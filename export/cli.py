@@ -283,7 +283,10 @@ def cmd_export_trt(args) -> int:
                            f"says they were exported at the {exported} preset; drop --preset", "preset")
     preset = args.preset or exported or "wan2.2-ti2v-5b"
     buckets = [Bucket.parse(b) for b in args.bucket] if args.bucket else None
-    if args.workspace_gb <= 0:
+    if args.print_profiles:
+        _refuse_unused(args, {"out": "--out", "timing_cache": "--timing-cache", "workspace_gb": "--workspace-gb"},
+                       "with --print-profiles (nothing is built)")
+    elif args.workspace_gb is not None and args.workspace_gb <= 0:
         raise RequestError(f"--workspace-gb {args.workspace_gb} must be > 0", "workspace_gb")
     if not args.print_profiles:
         if args.out:
@@ -310,7 +313,7 @@ def cmd_export_trt(args) -> int:
         timing = Path(args.timing_cache) if args.timing_cache else graph.with_name("timing.cache")
         with atomic_path(plan) as tmp:  # a build cut short leaves no plan that looks complete
             build_engine(graph, tmp, profiles, precision=precision, timing_cache=timing,
-                         workspace_gb=args.workspace_gb)
+                         workspace_gb=16.0 if args.workspace_gb is None else args.workspace_gb)
         print(f"wrote {plan} ({time.perf_counter() - t0:.0f} s; timing cache {timing})")
     return 0
 
@@ -348,6 +351,9 @@ def cmd_export_triton_repo(args) -> int:
     # is refused here rather than found out when serving
     files = ModelFiles.find(args.model, EXPORT_NAMES) if args.model else None
     preset = _preset(args, files)
+    if files is None:  # the served tiny model is Engine.tiny(seed) in fp32 on --device (export/triton_model.py)
+        _refuse_unused(args, {"lora": "--lora", "dtype": "--dtype", "text_encoder_device": "--text-encoder-device"},
+                       "on the tiny preset's server model (Engine.tiny in fp32); they apply with --model")
     check_output_path(args.out, "output", EXPORT_NAMES, folder=True)
     for f in args.lora or []:
         check_input_file(f, "lora", EXPORT_NAMES, what="LoRA")
@@ -372,12 +378,14 @@ def cmd_export_triton_repo(args) -> int:
 
     denoiser = "TensorRT plans (BLS)" if args.engines else "onnxruntime graphs (BLS)" if args.onnx else "PyTorch"
     model = files.describe() if files else f"tiny preset (random weights, seed {args.seed or 0})"
-    print(f"anyid-rt export triton-repo: model {model} | preset {preset} | device {device} | dtype {args.dtype} | "
+    dtype = args.dtype or "bf16"
+    print(f"anyid-rt export triton-repo: model {model} | preset {preset} | device {device} | "
+          f"dtype {dtype if files else 'fp32'} | "
           f"denoiser {denoiser} | {args.instances} instance(s) | limits {limits.max_pixels} pixels, "
           f"{limits.max_frames} frames, {limits.max_steps} steps", flush=True)
     out = Path(args.out)
     with atomic_path(out, folder=True) as tmp:  # moved into --out at the end: no half-written repository
-        write_repository(tmp, preset, args.model, tiny_seed=args.seed or 0, device=device, dtype=args.dtype,
+        write_repository(tmp, preset, args.model, tiny_seed=args.seed or 0, device=device, dtype=dtype,
                          lora=args.lora or (), instances=args.instances, engines=args.engines, onnx=args.onnx,
                          limits=limits, torch_threads=args.torch_threads,
                          text_encoder_device=args.text_encoder_device or "")
@@ -474,7 +482,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "reference latent frames opt-max); default: the preset's")
     t.add_argument("--out", default=None, help="folder for the plans (default: beside the graphs)")
     t.add_argument("--timing-cache", default=None, help="timing cache file (default: timing.cache beside the graph)")
-    t.add_argument("--workspace-gb", type=float, default=16.0)
+    t.add_argument("--workspace-gb", type=float, default=None, help="builder workspace in GB (default 16)")
     t.add_argument("--print-profiles", action="store_true", help="print the profiles and stop (no TensorRT needed)")
     t.set_defaults(func=_guard(cmd_export_trt))
 
@@ -484,13 +492,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "folder's own (wan2.2-ti2v-5b for the 5B: CUDA, up to 1280x704 x 121 frames)")
     r.add_argument("--model", help="weights folder (the 5B); the server loads it from this path")
     r.add_argument("--out", required=True, help="repository folder (created; models of the same names replaced)")
-    r.add_argument("--lora", action="append", default=None, help="LoRA file(s) the server merges at load")
+    r.add_argument("--lora", action="append", default=None, help="with --model: LoRA file(s) merged at load")
     r.add_argument("--seed", type=int, default=None,
                    help="tiny preset: seed of Engine.tiny's random weights (default 0)")
     r.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="the server's device (default: cpu for tiny, cuda otherwise)")
-    r.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
-    r.add_argument("--text-encoder-device", default=None, help="e.g. cpu to keep umT5 off the server's GPU")
+    r.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                   help="with --model: DiT and text-encoder weights (default bf16)")
+    r.add_argument("--text-encoder-device", default=None,
+                   help="with --model: e.g. cpu to keep umT5 off the server's GPU")
     r.add_argument("--instances", type=int, default=1, help="model instances (processes) of `anyid`")
     r.add_argument("--torch-threads", type=int, default=0, help="CPU threads per instance (0: torch's default)")
     r.add_argument("--engines", help="folder with dit.plan, vae_decode_*.plan and their ONNX: BLS to TensorRT")
