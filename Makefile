@@ -7,6 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CORE := $(VENV)/.installed-core
 TESTDEPS := $(VENV)/.installed-test
+LINTDEPS := $(VENV)/.installed-lint
 
 .PHONY: demo test test-slow lint bench gpu-suite clean
 
@@ -27,6 +28,13 @@ $(TESTDEPS): $(CORE)
 	$(PIP) install -q --no-deps "nvidia-pytriton==0.7.0"
 	$(VENV)/bin/anyid-rt serve --prepare
 	touch $(TESTDEPS)
+
+$(LINTDEPS): | $(PY)
+	$(PIP) install -q "ruff==0.17.6"
+	touch $(LINTDEPS)
+
+lint: $(LINTDEPS)
+	$(VENV)/bin/ruff check --no-cache .
 
 demo: $(CORE)
 	$(VENV)/bin/anyid-rt demo --out out/demo.mp4

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
-from . import media
+from . import frame_ops, media
 from .config import TokenGeometry
 from .models.dit import Segments
 
@@ -111,7 +111,7 @@ def prepare_reference(ref: Any, height: int, width: int, layout: ConditioningLay
         frames = media.load_clip(ref, layout.max_clip_frames, (height, width), layout.pad_color)  # uint8 [T, H, W, 3]
     except media.MediaError as e:
         raise media.MediaError(f"reference {index}: {e}") from e
-    pixels = media.to_model_range(frames)  # [3, T, H, W] in [-1, 1]
+    pixels = frame_ops.to_model_range(frames)  # [3, T, H, W] in [-1, 1]
     if isinstance(ref, media.InMemoryFile):  # not str(ref): a file sent as bytes can be megabytes long
         desc = f"in-memory {type(ref).__name__}"
     else:

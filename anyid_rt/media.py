@@ -51,6 +51,9 @@ from typing import Iterable, NamedTuple, Sequence, Union
 import numpy as np
 import torch
 
+from .frame_ops import (Fit, MediaError, canvas, check_fit, check_frames, check_max_frames, clip_indices, fit_and_pad,
+                        fit_box, fitted, paste, to_4n_plus_1, to_model_range, writable)
+
 ASSET_DIR = Path(__file__).resolve().parent / "assets"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".webm", ".mkv", ".avi", ".gif")
@@ -59,10 +62,6 @@ H264_ENCODERS = ("libx264", "h264", "libopenh264")
 _FLOAT_TOL = 1e-3
 _PIL_IMAGE_FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "BMP")  # PIL's names for what IMAGE_EXTENSIONS hold
 InMemoryFile = Union[bytes, bytearray, memoryview, io.BytesIO]
-
-
-class MediaError(ValueError):
-    """A reference or output file / array could not be used; the message says what was wrong and what works."""
 
 
 class ClipTooLong(MediaError):
@@ -158,14 +157,6 @@ class _Video(NamedTuple):
     what: str
 
 
-class _Fit(NamedTuple):
-    """Where kept frames go: fitted inside height x width, centred, padded with `pad` (RGB)."""
-
-    height: int
-    width: int
-    pad: tuple[int, int, int]
-
-
 class _Decoded(NamedTuple):
     frames: np.ndarray | None  # uint8 [k, h, w, 3], the kept frames (None when none was reached)
     count: int  # frames decoded
@@ -225,7 +216,7 @@ def _frame_count(video: _Video, max_source_frames: int | None, max_seconds: floa
     return n
 
 
-def _decode(video: _Video, keep: np.ndarray | None = None, first: int | None = None, fit: _Fit | None = None,
+def _decode(video: _Video, keep: np.ndarray | None = None, first: int | None = None, fit: Fit | None = None,
             to_end: bool = False, max_source_frames: int | None = None,
             max_seconds: float | None = None) -> _Decoded:
     """One decoding pass, converting to RGB and storing only the frames it keeps.
@@ -268,8 +259,8 @@ def _decode(video: _Video, keep: np.ndarray | None = None, first: int | None = N
                         kept.append(rgb)
                     elif fit is not None:
                         if out is None:
-                            out = _canvas(len(keep), fit)  # uint8 [len(keep), height, width, 3]
-                        _paste(out[k], rgb, box)
+                            out = canvas(len(keep), fit)  # uint8 [len(keep), height, width, 3]
+                        paste(out[k], rgb, box)
                     else:
                         if out is None:
                             out = np.empty((len(keep), *rgb.shape), np.uint8)
@@ -291,7 +282,7 @@ def _decode(video: _Video, keep: np.ndarray | None = None, first: int | None = N
     return _Decoded(out, count, fps, codec)
 
 
-def _clip_from_video(video: _Video, max_frames: int, fit: _Fit | None, max_source_frames: int | None,
+def _clip_from_video(video: _Video, max_frames: int, fit: Fit | None, max_source_frames: int | None,
                      max_seconds: float | None) -> np.ndarray:
     """The frames `clip_indices` keeps, decoded streaming (see the module docstring): uint8 [T, h, w, 3]."""
     n = max(1, _frame_count(video, max_source_frames, max_seconds))
@@ -309,7 +300,7 @@ def read_video(path: str | Path, max_frames: int | None = None) -> VideoData:
     Every frame is kept (or the first `max_frames`): memory grows with the clip; `read_frames` and `load_clip`
     keep only some."""
     path = _check_path(path)
-    _check_max_frames(max_frames)
+    check_max_frames(max_frames)
     got = _decode(_Video(str(path), str(path)), first=max_frames)
     return VideoData(torch.from_numpy(got.frames), got.fps, got.codec)
 
@@ -342,17 +333,6 @@ def _check_path(path) -> Path:
     return path
 
 
-def _check_max_frames(max_frames) -> None:
-    if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, int)
-                                   or max_frames < 1):
-        raise ValueError(f"max_frames must be a positive int or None, got {max_frames!r}")
-
-
-def _writable(a: np.ndarray) -> np.ndarray:
-    """Contiguous and writable (torch warns on read-only numpy memory such as np.asarray(PIL image))."""
-    return np.ascontiguousarray(a) if a.flags.writeable else np.array(a, order="C")
-
-
 def _match_layouts(shape: tuple) -> list[str]:
     nd, ch = len(shape), (1, 3, 4)
     out = []
@@ -375,7 +355,7 @@ def _array_to_frames(a, what: str, layout: str | None) -> torch.Tensor:
     if isinstance(a, np.ndarray):
         if a.dtype.kind not in "uif":
             raise MediaError(f"{what} has dtype {a.dtype}; use uint8 in [0, 255] or float in [0, 1]")
-        t = torch.from_numpy(_writable(a))
+        t = torch.from_numpy(writable(a))
     else:
         t = a.detach()
         if t.device.type != "cpu":
@@ -474,7 +454,7 @@ def load_media(x, max_frames: int | None = None, *, layout: str | None = None) -
     `max_frames` keeps the first `max_frames` frames (a video stops decoding there). See the module docstring
     for the accepted forms; errors are `MediaError` (a ValueError) except for unsupported Python types
     (TypeError). A whole video is held in memory: `load_clip` is the bounded way to read a reference."""
-    _check_max_frames(max_frames)
+    check_max_frames(max_frames)
     src = _source(x, layout)
     if isinstance(src, _Video):
         frames = torch.from_numpy(_decode(src, first=max_frames).frames)
@@ -497,16 +477,16 @@ def load_clip(x, max_frames: int, size: tuple[int, int] | None = None, pad_value
     arrives: memory is that of the result whatever the clip's length (the module docstring says how the frame
     count is found). `max_source_frames` / `max_seconds` refuse a longer clip, by its stated length before
     decoding and by what is decoded while decoding (a server's bound on work); None: no bound."""
-    _check_max_frames(max_frames)
+    check_max_frames(max_frames)
     if max_frames is None:
         raise ValueError("max_frames is required")
-    _check_max_frames(max_source_frames)
+    check_max_frames(max_source_frames)
     if max_seconds is not None and (isinstance(max_seconds, bool) or not isinstance(max_seconds, (int, float))
                                     or not max_seconds > 0):
         raise ValueError(f"max_seconds must be a positive number or None, got {max_seconds!r}")
     if size is not None and (not isinstance(size, (tuple, list)) or len(size) != 2):
         raise ValueError(f"size must be (height, width), got {size!r}")
-    fit = None if size is None else _check_fit(*size, pad_value)
+    fit = None if size is None else check_fit(*size, pad_value)
     src = _source(x, layout)
     if isinstance(src, _Video):
         return torch.from_numpy(_clip_from_video(src, max_frames, fit, max_source_frames, max_seconds))
@@ -516,127 +496,12 @@ def load_clip(x, max_frames: int, size: tuple[int, int] | None = None, pad_value
     if fit is None:
         return frames.contiguous()
     box = fit_box(frames.shape[1], frames.shape[2], fit.height, fit.width)
-    return torch.from_numpy(_fitted(frames.numpy(), fit, box))
+    return torch.from_numpy(fitted(frames.numpy(), fit, box))
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Geometry
+# The official Wan image-to-video crop
 # ---------------------------------------------------------------------------------------------------------------
-
-def _check_frames(frames, what: str = "frames") -> torch.Tensor:
-    if isinstance(frames, np.ndarray):
-        frames = torch.from_numpy(_writable(frames))
-    if not isinstance(frames, torch.Tensor):
-        raise TypeError(f"{what} must be a uint8 tensor [T, H, W, 3], got {type(frames).__name__}")
-    if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
-        raise MediaError(f"{what} must be uint8 [T, H, W, 3], got {str(frames.dtype).replace('torch.', '')} "
-                         f"{list(frames.shape)} (load_media converts other forms)")
-    if 0 in frames.shape:
-        raise MediaError(f"{what} of shape {list(frames.shape)} is empty")
-    return frames.cpu()
-
-
-def to_model_range(frames) -> torch.Tensor:
-    """uint8 [T, H, W, 3] -> float32 [3, T, H, W] in [-1, 1], as `TF.to_tensor(x).sub_(0.5).div_(0.5)`."""
-    frames = _check_frames(frames)
-    return frames.permute(3, 0, 1, 2).float().div(255).sub_(0.5).div_(0.5)
-
-
-def _resize(frame: np.ndarray, width: int, height: int) -> np.ndarray:
-    from PIL import Image
-
-    if frame.shape[0] == height and frame.shape[1] == width:
-        return frame
-    return np.array(Image.fromarray(frame).resize((width, height), Image.LANCZOS))
-
-
-def fit_box(h: int, w: int, height: int, width: int) -> tuple[int, int, int, int]:
-    """Where an h x w frame lands when fitted inside height x width with its aspect ratio kept:
-    (top, left, new_h, new_w). The scale is min(height / h, width / w); sizes are rounded, at least 1."""
-    scale = min(height / h, width / w)
-    nh = min(height, max(1, round(h * scale)))
-    nw = min(width, max(1, round(w * scale)))
-    return (height - nh) // 2, (width - nw) // 2, nh, nw
-
-
-def _check_fit(height, width, pad_value) -> _Fit:
-    if not (isinstance(height, int) and isinstance(width, int)) or height < 1 or width < 1:
-        raise ValueError(f"height and width must be positive ints, got {height!r} x {width!r}")
-    if isinstance(pad_value, (int, np.integer)):
-        pad_value = (int(pad_value),) * 3
-    pad = tuple(pad_value)
-    if len(pad) != 3 or not all(isinstance(v, (int, np.integer)) and 0 <= v <= 255 for v in pad):
-        raise ValueError(f"pad_value must be an int or 3 ints in [0, 255], got {pad_value!r}")
-    return _Fit(height, width, tuple(int(v) for v in pad))
-
-
-def _canvas(n: int, fit: _Fit) -> np.ndarray:
-    """uint8 [n, height, width, 3] of the pad colour."""
-    out = np.empty((n, fit.height, fit.width, 3), np.uint8)
-    out[:] = fit.pad
-    return out
-
-
-def _paste(dst: np.ndarray, frame: np.ndarray, box: tuple[int, int, int, int]) -> None:
-    """Resize one uint8 [h, w, 3] frame into its `fit_box` place on a canvas frame [height, width, 3]."""
-    top, left, nh, nw = box
-    dst[top:top + nh, left:left + nw] = _resize(frame, nw, nh)
-
-
-def _fitted(frames: np.ndarray, fit: _Fit, box: tuple[int, int, int, int]) -> np.ndarray:
-    """uint8 [T, h, w, 3] -> uint8 [T, height, width, 3]: each frame fitted and padded."""
-    out = _canvas(len(frames), fit)
-    for i in range(len(frames)):
-        _paste(out[i], frames[i], box)
-    return out
-
-
-def fit_and_pad(frames, height: int, width: int, pad_value: int | Sequence[int] = (0, 0, 0)) -> torch.Tensor:
-    """Fit a clip inside height x width keeping its aspect ratio, centre it, pad with `pad_value` (RGB, 0..255).
-
-    Input uint8 [T, H, W, 3]; output float32 [3, T, height, width] in [-1, 1] (`to_model_range`). Resizing is
-    PIL LANCZOS per frame (antialiased; the filter the official Wan i2v preprocessing uses); a frame already at the
-    target size is copied unchanged. Placement is `fit_box` (an odd leftover puts the extra padding row/column
-    at the bottom/right). `load_clip(..., size=...)` does the same to each frame while a video decodes."""
-    frames = _check_frames(frames)
-    fit = _check_fit(height, width, pad_value)
-    _, h, w, _ = frames.shape
-    return to_model_range(torch.from_numpy(_fitted(frames.numpy(), fit, fit_box(h, w, height, width))))
-
-
-def clip_indices(num_frames: int, max_frames: int) -> np.ndarray:
-    """The frames a clip of `num_frames` frames keeps as a reference of at most `max_frames` frames: increasing
-    int64 indices, 4n+1 of them.
-
-    Rule: let m be the largest 4n+1 <= max_frames. If T = num_frames <= max_frames, the first 4*floor((T-1)/4)+1
-    frames (drops at most 3 frames from the end; the frame rate is kept). If T > max_frames, m frames spread
-    uniformly, round(linspace(0, T-1, m)) (first and last frame kept; the step is > 1, so no index repeats). A
-    1-frame clip stays 1 frame."""
-    _check_max_frames(max_frames)
-    if max_frames is None:
-        raise ValueError("max_frames is required")
-    if num_frames < 1:
-        raise MediaError("the clip has zero frames")
-    if num_frames <= max_frames:
-        return np.arange((num_frames - 1) // 4 * 4 + 1, dtype=np.int64)
-    m = (max_frames - 1) // 4 * 4 + 1
-    return np.round(np.linspace(0, num_frames - 1, m)).astype(np.int64)
-
-
-def to_4n_plus_1(frames, max_frames: int):
-    """Make a clip 4n+1 frames long with at most `max_frames` frames (time is dim 0; tensor or numpy array): the
-    frames `clip_indices` selects (a leading slice, a view, when the clip is not longer than `max_frames`)."""
-    _check_max_frames(max_frames)
-    if max_frames is None:
-        raise ValueError("max_frames is required")
-    if not isinstance(frames, (torch.Tensor, np.ndarray)):
-        raise TypeError(f"frames must be a tensor or numpy array, got {type(frames).__name__}")
-    t = frames.shape[0] if frames.ndim else 0
-    idx = clip_indices(t, max_frames)
-    if t <= max_frames:
-        return frames[:len(idx)]
-    return frames[torch.from_numpy(idx)] if isinstance(frames, torch.Tensor) else frames[idx]
-
 
 def crop_center_to(image, width: int, height: int) -> torch.Tensor:
     """Official Wan i2v resize-and-crop: scale = max(width / iw, height / ih), resize to (round(iw * scale),
@@ -650,7 +515,7 @@ def crop_center_to(image, width: int, height: int) -> torch.Tensor:
         raise ValueError(f"width and height must be positive ints, got {width!r} x {height!r}")
     frames = image if (isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and image.ndim == 4
                        and image.shape[-1] == 3) else load_media(image)
-    frames = _check_frames(frames)
+    frames = check_frames(frames)
     _, ih, iw, _ = frames.shape
     scale = max(width / iw, height / ih)
     rw, rh = round(iw * scale), round(ih * scale)
@@ -689,7 +554,7 @@ def write_mp4(frames, path: str | Path, fps: float = 24, *, crf: int = 18, prese
     default (BT.601, limited range), as in the official Wan `cache_video` path."""
     import av
 
-    frames = _check_frames(frames)
+    frames = check_frames(frames)
     if isinstance(fps, bool) or not isinstance(fps, (int, float, Fraction)) or not math.isfinite(fps) or fps <= 0:
         raise ValueError(f"fps must be a positive number, got {fps!r}")
     rate = Fraction(fps).limit_denominator(1001)
@@ -721,6 +586,6 @@ def write_mp4(frames, path: str | Path, fps: float = 24, *, crf: int = 18, prese
     return path
 
 
-__all__ = ["MediaError", "ClipTooLong", "VideoData", "load_media", "load_clip", "read_video", "read_frames", "fit_and_pad", "fit_box",
-           "to_model_range", "clip_indices", "to_4n_plus_1", "write_mp4", "h264_encoder", "crop_center_to",
-           "IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "LAYOUTS", "ASSET_DIR", "InMemoryFile"]
+__all__ = ["MediaError", "ClipTooLong", "VideoData", "load_media", "load_clip", "read_video", "read_frames", "write_mp4",
+           "h264_encoder", "crop_center_to", "IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "LAYOUTS", "ASSET_DIR",
+           "InMemoryFile"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from anyid_rt import media
+from anyid_rt import frame_ops, media
 from anyid_rt.conditioning import LAYOUT_METADATA_KEY, ConditioningLayout
 from anyid_rt.engine import Engine
 from anyid_rt.lora import LoraWeights, merge_lora_, save_lora
@@ -166,7 +166,7 @@ def test_reference_cache_hits(tiny):
 def test_image_to_video_pins_frame_zero(tiny):
     img = _image(3, 64, 64)
     v = tiny.generate("p", image=img, steps=2, progress=False)
-    z = tiny.encode_pixels(media.to_model_range(media.crop_center_to(img, W, H)))
+    z = tiny.encode_pixels(frame_ops.to_model_range(media.crop_center_to(img, W, H)))
     torch.testing.assert_close(v.latents[:, :1], z[0])
     with pytest.raises(ValueError, match="num_frames >= 5"):
         tiny.generate("p", image=img, num_frames=1, progress=False)

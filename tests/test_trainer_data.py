@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from anyid_rt import media
+from anyid_rt import frame_ops, media
 from anyid_rt.conditioning import ConditioningLayout
 from anyid_rt.engine import Engine
 from anyid_rt.trainer.cache import Encoders, TensorCache
@@ -122,7 +122,7 @@ def test_face_crop_uses_json_box_then_detector(dataset):
     px = dataset.render_reference(spec, RefSpec(0, "face", (3,)))
     assert px.shape == (3, 1, 64, 64) and px.min() >= -1 and px.max() <= 1
     crop = torch.from_numpy(np.ascontiguousarray(frames[3:4, y0:y1, x0:x1]))
-    assert torch.equal(px, media.fit_and_pad(crop, 64, 64, LAYOUT.pad_color))
+    assert torch.equal(px, frame_ops.fit_and_pad(crop, 64, 64, LAYOUT.pad_color))
 
 
 def test_no_face_and_no_box_is_a_clear_error(root, tmp_path):

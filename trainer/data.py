@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .. import media
+from .. import frame_ops, media
 from ..conditioning import ConditioningLayout
 from .cache import file_digest
 from .groups import ClipMeta, DataError, load_groups
@@ -217,7 +217,7 @@ class IDGroupDataset:
         first = spec.target_frames[0]
         frames = self.frames_of(clip.path, spec.target_frames[-1] + 1, first)[[i - first for i in spec.target_frames]]
         _, h, w = spec.bucket
-        return media.to_model_range(media.crop_center_to(torch.from_numpy(frames), w, h))
+        return frame_ops.to_model_range(media.crop_center_to(torch.from_numpy(frames), w, h))
 
     def crop_region(self, clip: ClipMeta, ref: RefSpec, frames: np.ndarray) -> tuple[int, int, int, int]:
         """The pixel box (x0, y0, x1, y1) a reference is cut from, with this dataset's detector and margin."""

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from .. import media
+from .. import frame_ops, media
 from ..conditioning import ConditioningLayout, prepare_reference
 from .cache import Encoders, file_digest
 from .data import assign_bucket
@@ -155,7 +155,7 @@ class PairDataset:
         """The first F frames, resized and centre-cropped to H x W: float [3, F, H, W] in [-1, 1]."""
         f, h, w = bucket
         frames = media.read_video(path, max_frames=f).frames
-        return media.to_model_range(media.crop_center_to(frames, w, h))
+        return frame_ops.to_model_range(media.crop_center_to(frames, w, h))
 
     def features(self, k: int, enc: Encoders):
         """(winner latent, loser latent, reference latents, prompt embedding) of spec k, through the cache."""

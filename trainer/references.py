@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .. import media
+from .. import frame_ops, media
 from .groups import Box, ClipMeta, DataError
 
 FORMS = ("face", "portrait", "clip")
@@ -169,7 +169,7 @@ def render_reference(clip: ClipMeta, ref: RefSpec, frames: np.ndarray, height: i
     float [3, T, H, W] in [-1, 1]."""
     x0, y0, x1, y1 = reference_region(clip, ref, frames, detector, face_margin, first)
     crop = frames[[i - first for i in ref.frames], y0:y1, x0:x1]
-    return media.fit_and_pad(torch.from_numpy(np.ascontiguousarray(crop)), height, width, pad_color)
+    return frame_ops.fit_and_pad(torch.from_numpy(np.ascontiguousarray(crop)), height, width, pad_color)
 
 
 def needs_detector(clip: ClipMeta, ref: RefSpec) -> bool:
