@@ -117,7 +117,8 @@ def cmd_generate(args) -> int:
                                device=args.device, text_encoder_device=args.text_encoder_device, names=CLI_NAMES)
     request = plan.check(request, CLI_NAMES)
     if not request.prompt.strip():
-        print("note: --prompt is empty: the video keeps the primary reference's look (nothing changes)")
+        print("note: --prompt is empty: nothing is asked to change relative to the "
+              + ("primary reference" if request.references else "--image"))
     engine = _load("generate", plan, not args.no_progress)
     video = engine.run(request, progress=not args.no_progress, names=CLI_NAMES)
     _print_result(video, Path(args.out))

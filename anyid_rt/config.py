@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields, replace
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:  # annotations only
+    import torch
 
 # torch is imported where a dtype is needed, not here: the CLI reads presets and checks video sizes with this
 # module before anything heavy is imported (`anyid-rt --help` and a request's checks stay fast).
@@ -300,5 +303,6 @@ class ModelConfig:
         return cls(DiTConfig.preset(name), VAEConfig.preset(name), TextEncoderConfig.preset(name))
 
 
-__all__ = ["PRESETS", "DTYPES", "DTYPE_NAMES", "parse_dtype", "dtype_name", "DiTConfig", "VAEConfig", "TextEncoderConfig",
-           "TokenGeometry", "ModelConfig", "replace", "WAN22_LATENTS_MEAN", "WAN22_LATENTS_STD"]
+__all__ = ["PRESETS", "DTYPES", "DTYPE_NAMES", "parse_dtype", "dtype_name", "DiTConfig",  # noqa: F822 (DTYPES: lazy)
+           "VAEConfig", "TextEncoderConfig", "TokenGeometry", "ModelConfig", "replace", "WAN22_LATENTS_MEAN",
+           "WAN22_LATENTS_STD"]

@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from . import media
+from . import frame_ops, media
 from .cache import LRUCache
 from .conditioning import LAYOUT_METADATA_KEY, ConditioningLayout, PreparedReference, StepLayout, prepare_reference
 from .config import ModelConfig, TokenGeometry, dtype_name, parse_dtype
@@ -42,6 +42,7 @@ from .request import (TINY_DEFAULTS, Defaults, GenerationRequest, ModelFiles, Re
 from .sampling import make_sampler
 
 QUANT_MODES = (None, "fp8")  # fp8: E4M3 linear layers in the DiT blocks (anyid_rt.quant)
+_WAN22_DEFAULTS = Defaults()  # the 5B's (frozen: safe as an argument default)
 # the umT5 text encoder's packages (the `text` extra), {module: pip package}; ftfy cleans every prompt
 TEXT_PACKAGES = {"transformers": "transformers", "tokenizers": "tokenizers", "ftfy": "ftfy"}
 
@@ -104,7 +105,7 @@ class EnginePlan:
     text_encoder_device: torch.device
     dtype: torch.dtype
     vae_dtype: torch.dtype
-    backend: str  # resolved: torch or triton
+    backend: str  # resolved: torch, triton, or auto (on CUDA: chosen per op by measurement)
     backend_asked: str  # as asked: auto, torch or triton
     quant: str | None
     attention_quant: str | None
@@ -118,7 +119,7 @@ class EnginePlan:
 
     def summary(self) -> str:
         model = self.files.describe() if self.files else f"tiny preset (random weights, seed {self.seed})"
-        backend = self.backend + (" (auto)" if self.backend_asked == "auto" else "")
+        backend = self.backend + (" (auto)" if self.backend_asked == "auto" and self.backend != "auto" else "")
         te = "" if self.text_encoder_device == self.device else f", text encoder on {self.text_encoder_device}"
         lora = "".join(f", LoRA {p.name}" for p, _ in self.loras)
         layout = " ".join(f"{k}={v}" for k, v in asdict(self.layout).items())
@@ -180,8 +181,8 @@ def _resolve_backend(backend: str, device: torch.device, names: Mapping[str, str
     return resolved
 
 
-def _read_loras(files: list[Path], dit_cfg, layout: ConditioningLayout | None,
-                names: Mapping[str, str] | None) -> tuple[tuple[tuple[Path, LoraWeights], ...], ConditioningLayout, str]:
+def _read_loras(files: list[Path], dit_cfg, layout: ConditioningLayout | None, names: Mapping[str, str] | None
+                ) -> tuple[tuple[tuple[Path, LoraWeights], ...], ConditioningLayout, str]:
     """Read every LoRA file and check it against a DiT of config `dit_cfg` built on the meta device (no weights);
     the layout: `layout` if given, else the LoRAs' (which must agree), else the default."""
     out, lora_layout, source = [], None, "default"
@@ -257,7 +258,7 @@ def plan_tiny(seed: int = 0, device: str | torch.device = "cpu", backend: str = 
 
 class Engine:
     def __init__(self, dit: WanDiT, vae: WanVAE, text_encoder: TextEncoder, *,
-                 layout: ConditioningLayout | None = None, defaults: Defaults = Defaults(),
+                 layout: ConditioningLayout | None = None, defaults: Defaults = _WAN22_DEFAULTS,
                  device: torch.device | str = "cpu", vae_tile: VAETiling | tuple | None = None,
                  cache_size: int = 32):
         self.dit, self.vae, self.text_encoder = dit, vae, text_encoder
@@ -310,7 +311,8 @@ class Engine:
         config.json, `Wan2.2_VAE.pth`, `models_t5_umt5-xxl-enc-bf16.pth`, `google/umt5-xxl/`).
 
         `lora`: one or more LoRA files (ComfyUI keys) merged into the DiT at load; the conditioning layout
-        in their metadata is used unless `layout` is given. `backend`: "auto" (Triton on CUDA), "torch" or
+        in their metadata is used unless `layout` is given. `backend`: "auto" (on CUDA each op's fastest correct
+        implementation, measured at its first use: kernels/select.py; torch elsewhere), "torch" or
         "triton". `text_encoder_device="cpu"` keeps the 11 GB encoder off the GPU. `quant="fp8"`
         quantises the DiT blocks' linear layers to E4M3 (after the LoRA merge; needs sm89+);
         `attention_quant="int8"` / `"int8-fp8"` selects 8-bit attention on its own (kernels/attention_8bit.py).
@@ -488,7 +490,7 @@ class Engine:
         if frames.shape[0] != 1:
             raise ValueError(f"image= takes one image, got {frames.shape[0]} frames; use references= for clips")
         # resize by the larger scale and centre-crop to H x W, as the official i2v preprocessing
-        return media.to_model_range(media.crop_center_to(frames, width, height))  # [3, 1, H, W] in [-1, 1]
+        return frame_ops.to_model_range(media.crop_center_to(frames, width, height))  # [3, 1, H, W] in [-1, 1]
 
 
 class _Clock:

@@ -131,6 +131,53 @@ def clip_indices(num_frames: int, max_frames: int) -> np.ndarray:
     return np.round(np.linspace(0, num_frames - 1, m)).astype(np.int64)
 
 
+LONG_CLIP_MODES = ("window", "subsample")
+
+
+def resample_indices(num_frames: int, src_fps: float, fps: float) -> np.ndarray:
+    """The source frames of a clip of `num_frames` frames at `src_fps` that show a timeline at `fps`: frame k of
+    the result is the source frame nearest to time k / fps, floor(k * src_fps / fps + 1/2) (clamped to the last
+    frame), for every k whose time lies inside the clip (k / fps < num_frames / src_fps). Non-decreasing int64
+    indices; a faster source drops frames, a slower one repeats them (nearest neighbour, never blends)."""
+    if num_frames < 1:
+        raise MediaError("the clip has zero frames")
+    for name, v in (("src_fps", src_fps), ("fps", fps)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v <= 0:
+            raise ValueError(f"{name} must be a positive frame rate, got {v!r}")
+    step = float(src_fps) / float(fps)  # source frames per output frame
+    n = max(1, int(np.ceil(num_frames / step - 1e-9)))  # outputs whose time lies inside the clip
+    return np.minimum(np.floor(np.arange(n) * step + 0.5), num_frames - 1).astype(np.int64)
+
+
+def select_frames(num_frames: int, max_frames: int, *, src_fps: float | None = None, fps: float | None = None,
+                  long_clip: str = "subsample") -> np.ndarray:
+    """The source frames a clip keeps as a reference: the one selection rule of training and inference.
+
+    1. The timeline: with `fps` and a known `src_fps`, the frames `resample_indices` picks (the clip at `fps`);
+       otherwise every frame (the clip's own rate; frames in memory carry no rate and are taken as they are).
+    2. The 4n+1 rule over that timeline, at most `max_frames` (m = the largest 4n+1 <= max_frames): a timeline
+       of at most max_frames frames keeps its first 4*floor((n-1)/4)+1; a longer one keeps m frames, either
+       "subsample" (spread uniformly over the whole clip, `clip_indices`: the effective rate drops) or "window"
+       (the centred run of m consecutive frames: the rate is kept, the rest of the clip is cut).
+    Returns non-decreasing int64 source indices (repeats only where a slow clip is resampled up). With
+    fps=None and long_clip="subsample" this is exactly `clip_indices`."""
+    check_max_frames(max_frames)
+    if max_frames is None:
+        raise ValueError("max_frames is required")
+    if long_clip not in LONG_CLIP_MODES:
+        raise ValueError(f"long_clip must be one of {LONG_CLIP_MODES}, got {long_clip!r}")
+    if num_frames < 1:
+        raise MediaError("the clip has zero frames")
+    timeline = (resample_indices(num_frames, src_fps, fps) if fps is not None and src_fps
+                else np.arange(num_frames, dtype=np.int64))
+    n = len(timeline)
+    if n <= max_frames or long_clip == "subsample":
+        return timeline[clip_indices(n, max_frames)]
+    m = (max_frames - 1) // 4 * 4 + 1
+    start = (n - m) // 2
+    return timeline[start:start + m]
+
+
 def to_4n_plus_1(frames, max_frames: int):
     """Make a clip 4n+1 frames long with at most `max_frames` frames (time is dim 0; tensor or numpy array): the
     frames `clip_indices` selects (a leading slice, a view, when the clip is not longer than `max_frames`)."""
@@ -147,4 +194,4 @@ def to_4n_plus_1(frames, max_frames: int):
 
 
 __all__ = ["MediaError", "Fit", "check_frames", "to_model_range", "fit_box", "check_fit", "fit_and_pad", "clip_indices",
-           "to_4n_plus_1"]
+           "to_4n_plus_1", "LONG_CLIP_MODES", "resample_indices", "select_frames"]

@@ -3,7 +3,9 @@
 Keys (ARCHITECTURE.md section 5): `diffusion_model.blocks.{i}.{self_attn|cross_attn}.{q,k,v,o}.lora_down.weight`,
 `.lora_up.weight` and `.alpha` (also `blocks.{i}.ffn.{0,2}`); the delta of a module is
 (alpha / rank) * up @ down. The conditioning layout and training facts sit in the safetensors metadata.
-The trainer writes these files (anyid_rt.trainer.lora) and the engine merges them here, once, at load.
+The trainer writes these files (anyid_rt.trainer.lora) and the engine merges them here, once, at load, before
+it fuses the projections; a fused model takes a LoRA as well, each piece's delta into its rows of the fused
+weight (`lora_targets`), so the keys name the checkpoint's modules either way.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 from torch import nn
 
 from .models.checkpoint import CheckpointError
+from .models.linears import checkpoint_names
 
 LORA_PREFIX = "diffusion_model."
 _KEY = re.compile(r"^(?:model\.)?diffusion_model\.(.+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
@@ -95,16 +98,36 @@ def read_lora(path: str | Path) -> LoraWeights:
     return LoraWeights(down, up, alpha, dict(f.metadata() or {}))
 
 
+def lora_targets(model: nn.Module) -> dict[str, tuple[nn.Linear, slice]]:
+    """Every nn.Linear of `model` by the checkpoint module name a LoRA uses, with the rows of its weight that
+    the name owns: all of them, or one piece's block of a fused projection (`blocks.3.self_attn.q` -> rows
+    0:dim of `blocks.3.self_attn.qkv`; models/linears.py `checkpoint_names`)."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            pieces = checkpoint_names(name)
+            rows = module.out_features // len(pieces)
+            for i, piece in enumerate(pieces):
+                out[piece] = (module, slice(i * rows, (i + 1) * rows))
+    return out
+
+
 def check_lora_fits(model: nn.Module, lora: LoraWeights) -> None:
-    """Raise a CheckpointError unless every module of the LoRA is a Linear of `model` of matching shape. `model`
-    may live on the meta device: the engine checks LoRA files this way before loading any weight."""
-    modules = dict(model.named_modules())
-    unknown = [n for n in lora.modules if not isinstance(modules.get(n), nn.Linear)]
+    """Raise a CheckpointError unless every module of the LoRA is a Linear of `model` (or a piece of a fused
+    one) of matching shape. `model` may live on the meta device: the engine checks LoRA files this way
+    before loading any weight."""
+    targets = lora_targets(model)
+    unknown = [n for n in lora.modules if n not in targets]
     if unknown:
         raise CheckpointError(f"LoRA does not fit the model: no Linear named {unknown[:10]}"
                               + (" ..." if len(unknown) > 10 else ""))
-    wrong = [f"{n}: LoRA {lora.up[n].shape[0]}x{lora.down[n].shape[1]} vs weight {tuple(modules[n].weight.shape)}"
-             for n in lora.modules if (lora.up[n].shape[0], lora.down[n].shape[1]) != tuple(modules[n].weight.shape)]
+
+    def shape(n: str) -> tuple[int, int]:
+        module, rows = targets[n]
+        return rows.stop - rows.start, module.in_features
+
+    wrong = [f"{n}: LoRA {lora.up[n].shape[0]}x{lora.down[n].shape[1]} vs weight {shape(n)}"
+             for n in lora.modules if (lora.up[n].shape[0], lora.down[n].shape[1]) != shape(n)]
     if wrong:
         raise CheckpointError("LoRA does not fit the model (shapes differ; trained for another model size?): "
                               + "; ".join(wrong[:10]))
@@ -112,11 +135,13 @@ def check_lora_fits(model: nn.Module, lora: LoraWeights) -> None:
 
 @torch.no_grad()
 def merge_lora_(model: nn.Module, lora: LoraWeights, strength: float = 1.0, sign: float = 1.0) -> None:
-    """W += sign * strength * (alpha / rank) * up @ down for every module of the LoRA, in fp32, in place.
-    Every module must exist in `model` as a Linear of matching shape, or nothing is changed."""
+    """W += sign * strength * (alpha / rank) * up @ down for every module of the LoRA, in fp32, in place (into
+    its rows of a fused projection). Every module must exist in `model` as a Linear of matching shape, or
+    nothing is changed."""
     check_lora_fits(model, lora)
-    modules = dict(model.named_modules())
+    targets = lora_targets(model)
     for n in lora.modules:
-        w = modules[n].weight
+        module, rows = targets[n]
+        w = module.weight[rows]  # a view: the update lands in the layer's weight
         delta = lora.up[n].float().to(w.device) @ lora.down[n].float().to(w.device)
         w.copy_((w.float() + sign * strength * lora.scale(n) * delta).to(w.dtype))

@@ -8,72 +8,89 @@ as do the text K/V projections, which run once per prompt.
 
     y = (q(x) @ q(W)^T) * s_x[token] * s_w[channel] + b,   q(v) = round_e4m3(v / s),  s = amax|v| / 448
 
+Activation quantisation is one pass over the activations (kernels/fp8_quant.py: a Triton kernel on the
+"triton" backend, its PyTorch reference on "torch"), and none at all where the adaptive LayerNorm feeds the
+layer: an `FP8Linear` takes either a tensor, which it quantises, or `FP8Rows` (E4M3 values and per-token
+scales) already quantised by its producer. `quantize_dit_fp8_` sets the two modulated LayerNorms of each
+block (before the self-attention projections and before ffn.0) to write FP8Rows when every layer reading
+them is FP8, so the q, k and v projections share one quantisation of their input and ffn.0 none.
+
 `fp8_linear_ref` is the plain PyTorch emulation of the same numerics (dequantise, matmul in fp32); it is
 what the quality tests compare against, and what runs where `_scaled_mm` cannot.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels.fp8_quant import E4M3, E4M3_MAX, FP8Rows, quantize_rows_fp8, quantize_rows_fp8_ref
 from .models.linears import BLOCK_LINEARS, TEXT_KV_LINEARS
 
-E4M3 = torch.float8_e4m3fn
-E4M3_MAX = 448.0
 # Linear layers inside each block that are swapped; the text K/V projections run once per prompt
 # (WanDiT.prepare_text), so they stay bf16 (models/linears.py says why each consumer picks what it picks).
 FP8_TARGETS = tuple(name for name in BLOCK_LINEARS if name not in TEXT_KV_LINEARS)
 
-
-def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """E4M3 values and fp32 scales [rows, 1] with one scale per row of a 2-D tensor (amax / 448)."""
-    scale = x.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / E4M3_MAX  # [rows, 1]
-    q = (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
-    return q, scale
+# the activation quantiser of each ops backend (kernels/__init__.py), chosen when a layer is built
+QUANTIZERS: dict[str, Callable[[torch.Tensor], FP8Rows]] = {"torch": quantize_rows_fp8_ref,
+                                                            "triton": quantize_rows_fp8}
 
 
-def fp8_linear_ref(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor,
+def fp8_linear_ref(x: torch.Tensor | FP8Rows, weight_q: torch.Tensor, weight_scale: torch.Tensor,
                    bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """Emulation: quantise x per token, dequantise both operands, matmul in fp32. x [..., in]."""
-    x2 = x.reshape(-1, x.shape[-1])
-    xq, xs = quantize_rowwise(x2)
-    out = (xq.float() * xs) @ (weight_q.float() * weight_scale).t()
+    """Emulation: quantise x [..., in] per token (unless given as FP8Rows), dequantise both operands, matmul
+    in fp32. weight_q [out, in] E4M3, weight_scale [out, 1] fp32."""
+    rows = x if isinstance(x, FP8Rows) else quantize_rows_fp8_ref(x)
+    out = rows.dequantize().reshape(-1, rows.shape[-1]) @ (weight_q.float() * weight_scale).t()
     if bias is not None:
         out = out + bias.float()
-    return out.to(out_dtype).reshape(*x.shape[:-1], weight_q.shape[0])
+    return out.to(out_dtype).reshape(*rows.shape[:-1], weight_q.shape[0])
 
 
 class FP8Linear(nn.Module):
-    """A Linear with E4M3 weights (per output channel) and per-token dynamic E4M3 activations."""
+    """A Linear with E4M3 weights (per output channel) and per-token dynamic E4M3 activations.
+
+    forward takes x [..., in] in any float dtype, quantised here by the backend's one-pass quantiser, or
+    FP8Rows (values [..., in] E4M3, scales [..., 1] fp32) quantised by the layer's producer.
+    """
 
     def __init__(self, weight_q: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-                 out_dtype: torch.dtype, use_scaled_mm: bool = True):
+                 out_dtype: torch.dtype, use_scaled_mm: bool = True, backend: str = "torch"):
         super().__init__()
+        if backend not in QUANTIZERS:
+            raise ValueError(f"FP8Linear backend must be one of {tuple(QUANTIZERS)} (the DiT's resolved ops "
+                             f"backend), got {backend!r}")
         self.in_features, self.out_features = weight_q.shape[1], weight_q.shape[0]
         self.register_buffer("weight_q", weight_q)  # [out, in] E4M3, row-major: .t() is column-major
         self.register_buffer("weight_scale", weight_scale.float().reshape(1, -1))  # [1, out]
         self.bias = None if bias is None else nn.Parameter(bias.to(out_dtype), requires_grad=False)
         self.out_dtype = out_dtype
         self.use_scaled_mm = use_scaled_mm
+        self.backend = backend
+        self.quantize = QUANTIZERS[backend]  # x [..., in] -> FP8Rows, one pass
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, use_scaled_mm: bool = True) -> "FP8Linear":
-        wq, ws = quantize_rowwise(linear.weight.detach())
+    def from_linear(cls, linear: nn.Linear, use_scaled_mm: bool = True, backend: str = "torch") -> "FP8Linear":
+        wq, ws = quantize_rows_fp8_ref(linear.weight.detach())  # per output channel: [out, in], [out, 1]
         bias = None if linear.bias is None else linear.bias.detach()
-        return cls(wq, ws.reshape(-1), bias, linear.weight.dtype, use_scaled_mm)
+        return cls(wq, ws.reshape(-1), bias, linear.weight.dtype, use_scaled_mm, backend)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | FP8Rows) -> torch.Tensor:
+        rows = x if isinstance(x, FP8Rows) else self.quantize(x)
+        if rows.shape[-1] != self.in_features:
+            raise ValueError(f"FP8Linear expects {self.in_features} input features, got {tuple(rows.shape)}")
         if not self.use_scaled_mm:
-            return fp8_linear_ref(x, self.weight_q, self.weight_scale.t(), self.bias, self.out_dtype)
-        x2 = x.reshape(-1, self.in_features)
-        xq, xs = quantize_rowwise(x2)
+            return fp8_linear_ref(rows, self.weight_q, self.weight_scale.t(), self.bias, self.out_dtype)
+        # [M, in] row-major values, [M, 1] scales (views of the contiguous per-token tensors)
+        xq, xs = rows.values.reshape(-1, self.in_features), rows.scale.reshape(-1, 1)
         out = torch._scaled_mm(xq, self.weight_q.t(), scale_a=xs, scale_b=self.weight_scale,
                                bias=self.bias, out_dtype=self.out_dtype)
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return out.reshape(*rows.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 rowwise"
+        return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 rowwise, {self.backend}"
 
 
 def check_fp8_device(device: torch.device | str) -> None:
@@ -86,9 +103,13 @@ def check_fp8_device(device: torch.device | str) -> None:
                              f"{torch.cuda.get_device_name(device)} is sm{major}{minor}. Use quant=None (bf16)")
 
 
-def quantize_dit_fp8_(dit: nn.Module, targets: tuple[str, ...] = FP8_TARGETS, use_scaled_mm: bool = True) -> list[str]:
-    """Swap the targeted Linear layers of every block for FP8Linear, in place. Returns the swapped names.
+def quantize_dit_fp8_(dit: nn.Module, targets: tuple[str, ...] = FP8_TARGETS, use_scaled_mm: bool = True,
+                      backend: str | None = None) -> list[str]:
+    """Swap the targeted Linear layers of every block for FP8Linear, in place, and let each block's modulated
+    LayerNorms write FP8Rows where every layer reading them is now FP8 (`fp8_inputs_`). Returns the swapped
+    names. `backend` picks the layers' activation quantiser (QUANTIZERS); default: the DiT's ops backend.
     Merge LoRAs before calling: the quantised weights cannot take a LoRA delta afterwards."""
+    backend = dit.backend if backend is None else backend
     swapped = []
     for i, block in enumerate(dit.blocks):
         for name in targets:
@@ -97,13 +118,32 @@ def quantize_dit_fp8_(dit: nn.Module, targets: tuple[str, ...] = FP8_TARGETS, us
             linear = getattr(parent, leaf) if not leaf.isdigit() else parent[int(leaf)]
             if not isinstance(linear, nn.Linear):
                 raise TypeError(f"blocks.{i}.{name} is {type(linear).__name__}, not a Linear (quantised twice?)")
-            fp8 = FP8Linear.from_linear(linear, use_scaled_mm)
+            fp8 = FP8Linear.from_linear(linear, use_scaled_mm, backend)
             if leaf.isdigit():
                 parent[int(leaf)] = fp8
             else:
                 setattr(parent, leaf, fp8)
             swapped.append(f"blocks.{i}.{name}")
+        fp8_inputs_(block)
     return swapped
+
+
+def modulated_input_readers(block: nn.Module) -> dict[str, list[nn.Module]]:
+    """The layers reading each modulated LayerNorm's output in `Block.forward` (models/dit.py), by the Block
+    attribute holding that LayerNorm's output dtype: the self-attention's input projections (every linear
+    of it but the output projection `o`: q, k and v, or a fused qkv) and the FFN's first layer."""
+    attn = [m for n, m in block.self_attn.named_children() if n != "o" and isinstance(m, (nn.Linear, FP8Linear))]
+    return {"attn_input_dtype": attn, "ffn_input_dtype": [block.ffn[0]]}
+
+
+def fp8_inputs_(block: nn.Module) -> dict[str, torch.dtype | None]:
+    """Set a block's modulated LayerNorms to write E4M3 rows (FP8Rows) where every reader is an FP8Linear,
+    and to the compute dtype (None) otherwise; called by `quantize_dit_fp8_`. Returns the settings."""
+    settings = {attr: E4M3 if readers and all(isinstance(m, FP8Linear) for m in readers) else None
+                for attr, readers in modulated_input_readers(block).items()}
+    for attr, dtype in settings.items():
+        setattr(block, attr, dtype)
+    return settings
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -113,3 +153,7 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 def psnr(a: torch.Tensor, b: torch.Tensor, peak: float = 255.0) -> float:
     mse = (a.float() - b.float()).pow(2).mean().item()
     return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(peak ** 2 / mse)).item()
+
+
+__all__ = ["E4M3", "E4M3_MAX", "FP8Rows", "FP8_TARGETS", "QUANTIZERS", "FP8Linear", "fp8_linear_ref",
+           "quantize_dit_fp8_", "modulated_input_readers", "fp8_inputs_", "check_fp8_device", "cosine", "psnr"]

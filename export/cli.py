@@ -212,7 +212,7 @@ def cmd_export_onnx(args) -> int:
 
 
 def _quantize(args, engine, dit_path: Path, folder: Path, out: Path) -> dict:
-    from .qdq import CALIBRATION_PROMPTS, calibrate_engine, quantize_modelopt, run_calibration, save_qdq
+    from .qdq import CALIBRATION_PROMPTS, calibrate_engine, run_calibration, save_qdq
 
     prompts = (Path(args.calib_prompts).read_text().splitlines() if args.calib_prompts else CALIBRATION_PROMPTS)
     prompts = [p for p in prompts if p.strip()][: args.calib_size]
@@ -224,12 +224,15 @@ def _quantize(args, engine, dit_path: Path, folder: Path, out: Path) -> dict:
         samples = []
         run_calibration(engine, prompts, refs, on_inputs=lambda x: samples.append({k: v.cpu() for k, v in x.items()}),
                         **kw)
-        quantize_modelopt(dit_path, target, samples)
-        summary = {"quantizer": "modelopt", "samples": len(samples)}
+        from .modelopt_qdq import quantize_modelopt
+
+        # modelopt's intermediate and temporary graphs stay in a folder of its own, removed even on failure
+        summary = {"quantizer": "modelopt", "samples": len(samples), **quantize_modelopt(dit_path, target, samples)}
     else:
         amax = calibrate_engine(engine, prompts, refs, **kw)
         summary = {"quantizer": "builtin", **save_qdq(dit_path, target, amax, args.quantize)}
-        print(f"  {len(summary['quantized'])} linears quantised, high precision: {', '.join(summary['high_precision'])}")
+    print(f"  {len(summary['quantized'])} linears quantised, high precision: "
+          f"{', '.join(summary['high_precision'])}")
     print(f"wrote {out / target.name} ({args.quantize}, {len(prompts)} calibration prompts x {args.calib_steps} "
           f"steps, {time.perf_counter() - t0:.0f} s)")
     return {"format": args.quantize, "prompts": len(prompts), **summary}
@@ -444,8 +447,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
     o = sub.add_parser("onnx", help="DiT denoising forward and VAE decoder as ONNX (opset 18+)",
                        description="Export the DiT step and the VAE decoder as ONNX graphs into --out. torch.export "
-                                   "traces each graph: minutes on a CPU even at the tiny preset (the VAE decoder's two "
-                                   "graphs take most of it; --parts dit alone is faster).")
+                                   "traces each graph: 80-100 s on a 2-core CPU even at the tiny preset, three "
+                                   "quarters of it the VAE decoder's two graphs (--parts dit alone: about 20 s).")
     o.add_argument("--preset", choices=PRESETS, default=None,
                    help="tiny (random weights; the default without --model); with --model the folder's own")
     o.add_argument("--model", help="weights folder (original or diffusers layout); the tiny preset needs none")

@@ -72,11 +72,15 @@ def dit_inputs(cfg: DiTConfig, latents: Sequence[torch.Tensor], frame_starts: Se
 class DiTStep(nn.Module):
     """`WanDiT.forward_tokens` with the graph's inputs (see the module docstring). Holds the WanDiT (same
     parameters, not copies) and runs the torch reference ops whatever the DiT's backend: they trace to plain
-    ONNX operators, where the Triton kernels would need plugins."""
+    ONNX operators, where the Triton kernels would need plugins.
+
+    The graph has one MatMul per checkpoint linear (`blocks.3.self_attn.q/MatMul`): TensorRT's layer names,
+    the Q/DQ pass (one weight scale per layer, as modelopt's recipe) and modelopt's node filters key on those
+    names. So a DiT whose projections the engine fused is unfused here, in place (`unfuse_projections`)."""
 
     def __init__(self, dit: WanDiT):
         super().__init__()
-        self.dit = dit
+        self.dit = dit.unfuse_projections()
         self.ops = dit_ops("torch")
 
     def forward(self, tokens: torch.Tensor, ref_tokens: torch.Tensor, t_freq: torch.Tensor,

@@ -4,18 +4,20 @@ The recipe is modelopt's `FP8_DEFAULT_CFG` (reference/perf-anchors.md section 8)
 tensor for each linear's weight and input, "max" calibration (scale = amax / 448). As in modelopt's Wan
 recipe (`filter_func_wan_video`), the patch embedding, the time and text embedders and the head stay in
 high precision; every linear inside the transformer blocks (self- and cross-attention q, k, v, o and the
-FFN) is quantised. Attention itself (the two batched matmuls) is not: that is modelopt's `--quantize-mha`
-option, which needs TensorRT's FP8 fMHA fusion and is left to the modelopt path.
+FFN) is quantised. Attention itself (the two batched matmuls) is not, by either path below: that is
+modelopt's `--quantize-mha` option, which needs TensorRT's FP8 fMHA fusion.
 
-Two ways to produce the Q/DQ graph, the same graph form either way (opset 19 QuantizeLinear /
-DequantizeLinear with float8e4m3fn zero points; weights stored as FP8 initializers followed by a
-DequantizeLinear, activations as a Q -> DQ pair in front of the MatMul):
+Two ways to produce the Q/DQ graph (opset 19 QuantizeLinear / DequantizeLinear with float8e4m3fn zero
+points), quantising the same layers:
 
-- `quantize_modelopt`: `modelopt.onnx.quantization.quantize(quantize_mode="fp8")`, with the
-  high-precision layers passed as `nodes_to_exclude` (needs `pip install "nvidia-modelopt[onnx]"`).
-- `insert_qdq`: this module's pass, with activation ranges calibrated in PyTorch (`calibrate`). It is the
-  reference the tests check (graph structure, onnxruntime against `fake_quant` in PyTorch) and a working
-  path where modelopt is not installed. `fmt="int8"` (scale = amax / 127) builds the INT8 variant.
+- `insert_qdq` (`--quantizer builtin`): this module's pass, with activation ranges calibrated in PyTorch
+  (`calibrate`). Weights are stored as FP8 initializers followed by a DequantizeLinear, activations get a
+  Q -> DQ pair in front of the MatMul, one scale per tensor (amax / 448). It is the reference the tests check
+  (graph structure, onnxruntime against `fake_quant` in PyTorch) and needs no modelopt. `fmt="int8"`
+  (scale = amax / 127) builds the INT8 variant.
+- `modelopt_qdq.quantize_modelopt` (`--quantizer modelopt`): modelopt's ONNX PTQ on the same layers, with
+  modelopt's own conventions (per-channel weight scales behind a Q -> DQ pair, amax mapped to 127^2 / 448;
+  see that module). `fake_quant(..., per_channel_weights=True, amax_level=...)` emulates it.
 
 LoRA must be merged into the weights before quantising (unmerged LoRA branches break TensorRT's Q/DQ
 fusion): the export loads LoRA files through `Engine.from_pretrained(lora=...)`, which merges them.
@@ -154,7 +156,7 @@ def calibrate_engine(engine, prompts: Sequence[str] = CALIBRATION_PROMPTS, refer
     return dict(amax)
 
 
-def _fake_quant(x: torch.Tensor, scale: float, fmt: str) -> torch.Tensor:
+def _fake_quant(x: torch.Tensor, scale: float | torch.Tensor, fmt: str) -> torch.Tensor:
     if fmt == "fp8":
         return (x.float() / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float() * scale
     return torch.round(x.float() / scale).clamp(-128, 127) * scale
@@ -165,17 +167,24 @@ def _scale(amax: float, fmt: str) -> float:
 
 
 @contextlib.contextmanager
-def fake_quant(dit: WanDiT, act_amax: dict[str, float], fmt: str = "fp8"):
-    """Within the block, the quantised linears of `dit` compute on fake-quantised weights and inputs (per
-    tensor, the scales `insert_qdq` writes): the PyTorch oracle of the Q/DQ graph."""
+def fake_quant(dit: WanDiT, act_amax: dict[str, float], fmt: str = "fp8", *, per_channel_weights: bool = False,
+               amax_level: float | None = None):
+    """Within the block, the quantised linears of `dit` compute on fake-quantised weights and inputs: the
+    PyTorch oracle of a Q/DQ graph. By default the scales `insert_qdq` writes (one per tensor, amax mapped to
+    the format's largest value); `per_channel_weights` gives every output channel its own weight scale, and
+    `amax_level` maps amax to another value (modelopt's ONNX FP8: both, with
+    `modelopt_qdq.MODELOPT_FP8_AMAX_LEVEL`)."""
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {sorted(FORMATS)}, got {fmt!r}")
+    level = FORMATS[fmt] if amax_level is None else float(amax_level)
     saved, hooks = {}, []
     with torch.no_grad():
         for name, m in quantized_modules(dit).items():
-            saved[name] = m.weight.data
-            m.weight.data = _fake_quant(m.weight.data, _scale(m.weight.data.abs().max(), fmt), fmt).to(m.weight.dtype)
-            s = _scale(act_amax[name], fmt)
+            saved[name] = w = m.weight.data
+            # nn.Linear weight [out, in]: one amax per output channel ([out, 1]) or one in all
+            amax = w.float().abs().amax(dim=1, keepdim=True) if per_channel_weights else w.float().abs().max()
+            m.weight.data = _fake_quant(w, amax.clamp_min(1e-12) / level, fmt).to(w.dtype)
+            s = max(float(act_amax[name]), 1e-12) / level
             hooks.append(m.register_forward_pre_hook(
                 lambda mod, args, s=s: (_fake_quant(args[0], s, fmt).to(args[0].dtype), *args[1:])))
     try:
@@ -316,36 +325,6 @@ def save_qdq(onnx_in: str | Path, onnx_out: str | Path, act_amax: dict[str, floa
     return qdq_summary(model)
 
 
-_BATCHED = ("tokens", "ref_tokens", "t_freq", "context")
-
-
-def quantize_modelopt(onnx_in: str | Path, onnx_out: str | Path, samples: Sequence[dict[str, torch.Tensor]],
-                      fmt: str = "fp8", high_precision_dtype: str = "bf16") -> None:
-    """modelopt's ONNX PTQ with the same recipe: E4M3 per tensor, max calibration, the high-precision layers
-    excluded. Calibration data are the samples' graph inputs (all of one layout: modelopt batches them)."""
-    try:
-        from modelopt.onnx.quantization import quantize
-    except ImportError as e:
-        raise MissingDependency(
-            "FP8 quantisation with modelopt needs NVIDIA TensorRT Model Optimizer: pip install \"nvidia-modelopt[onnx]\" "
-            "(or use --quantizer builtin, which writes the same FP8 Q/DQ recipe without modelopt)") from e
-    import onnx
-
-    if fmt != "fp8":
-        raise ValueError("the modelopt path here writes FP8; use --quantizer builtin for int8")
-    model = onnx.load(str(onnx_in), load_external_data=False)
-    exclude = [re.escape(ln.node) for ln in linear_nodes(model) if not ln.quantized]
-    layouts = {tuple(s["tokens"].shape[1:]) + tuple(s["ref_tokens"].shape[1:]) for s in samples}
-    if len(layouts) != 1:
-        raise ValueError(f"modelopt calibration batches its samples: give samples of one layout, got {layouts}")
-    # batched inputs concatenate along the batch; the per-token tables are shared by the layout
-    calib = {k: (np.concatenate([s[k].cpu().numpy() for s in samples]) if k in _BATCHED else samples[0][k].cpu().numpy())
-             for k in samples[0]}
-    quantize(str(onnx_in), quantize_mode="fp8", calibration_data=calib, calibration_method="max",
-             nodes_to_exclude=exclude, op_types_to_quantize=["MatMul", "Gemm"],
-             high_precision_dtype=high_precision_dtype, output_path=str(onnx_out))
-
-
 __all__ = ["QUANTIZED", "HIGH_PRECISION", "LinearNode", "linear_nodes", "calibrate", "calibrate_engine",
            "run_calibration", "CALIBRATION_PROMPTS", "fake_quant", "insert_qdq", "qdq_summary", "save_qdq",
-           "quantize_modelopt", "MissingDependency"]
+           "MissingDependency"]

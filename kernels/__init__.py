@@ -1,26 +1,32 @@
 """Kernels of the DiT, each op file holding its Triton kernel, launcher and plain-PyTorch reference.
 
-The implementation is chosen once, when a model is built (`dit_ops(backend)`), never per call: the torch
-references are the CPU path, the export path and the test oracle; the Triton kernels are the CUDA path.
-An unsupported combination raises an error that names the fix; nothing falls back silently.
+The implementation is chosen when a model is built (`dit_ops(backend)`), never per call: "torch" gives the
+references (the CPU path, the export path and the test oracle), "triton" the Triton kernels, and "auto"
+(on CUDA) each op's fastest correct implementation, measured once per shape class at its first call and
+remembered on disk (kernels/select.py). An unsupported combination raises an error that names the fix;
+nothing falls back silently.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    from .select import Selector
 
 BACKENDS = ("auto", "torch", "triton")
 
 
 def resolve_backend(backend: str, device: torch.device | str | None) -> str:
-    """Map "auto" to "triton" on CUDA and "torch" elsewhere; validate explicit choices."""
+    """The backend a model on `device` is built with: "torch" and "triton" as asked; "auto" stays "auto" on
+    CUDA (chosen per op by measurement, kernels/select.py) and is "torch" elsewhere."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    if backend == "auto":
-        return "triton" if dev.type == "cuda" else "torch"
+    if backend == "auto" and dev.type != "cuda":
+        return "torch"
     return backend
 
 
@@ -50,7 +56,8 @@ class SegmentMap:
 
 @dataclass(frozen=True)
 class DiTOps:
-    """The ops a DiT forward calls; one instance per model, picked at construction."""
+    """The ops a DiT forward calls; one instance per model, picked at construction (under "auto", each field
+    is a `select.AutoOp` that picks per shape class at its first call)."""
 
     backend: str
     attention: Callable  # (q, k, v) -> softmax(q k^T / sqrt(D)) v, [B, Lq, H, D]
@@ -66,7 +73,12 @@ class DiTOps:
 ATTENTION_QUANT = (None, "int8", "int8-fp8")
 
 
-def dit_ops(backend: str, attention_quant: str | None = None) -> DiTOps:
+def dit_ops(backend: str, attention_quant: str | None = None, *, compiled: bool = False,
+            selector: Selector | None = None) -> DiTOps:
+    """The ops of a DiT built with `backend` ("torch", "triton" or "auto"; resolve "auto" per device with
+    `resolve_backend` first) and 8-bit attention mode `attention_quant`. Under "auto", `compiled` says the
+    model runs under torch.compile (the norms then compete with their compiled references) and `selector`
+    (a select.Selector) replaces the process's default one."""
     from functools import partial
 
     from . import attention, attention_8bit, modulation, norm
@@ -82,4 +94,15 @@ def dit_ops(backend: str, attention_quant: str | None = None) -> DiTOps:
         attn = attention.attention if pv is None else partial(attention_8bit.attention_8bit, pv=pv)
         return DiTOps("triton", attn, modulation.layernorm_modulate, modulation.gated_residual,
                       norm.rms_norm, norm.rms_norm_rope, norm.layer_norm)
-    raise ValueError(f"dit_ops needs a resolved backend ('torch' or 'triton'), got {backend!r}")
+    if backend == "auto":
+        from . import select
+
+        def auto(op: str) -> select.AutoOp:
+            return select.AutoOp(op, select.candidates(op, compiled), selector, select.unavailable(op))
+
+        # the 8-bit attention has one GPU implementation (its numerics are its own): nothing to choose from
+        attn = auto("attention") if pv is None else select.on_cuda(
+            partial(attention_8bit.attention_8bit, pv=pv), partial(attention_8bit.attention_8bit_ref, pv=pv))
+        return DiTOps("auto", attn, auto("layernorm_modulate"), auto("gated_residual"), auto("rms_norm"),
+                      auto("rms_norm_rope"), auto("layer_norm"))
+    raise ValueError(f"dit_ops takes 'torch', 'triton' or 'auto', got {backend!r}")

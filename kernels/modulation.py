@@ -11,6 +11,10 @@ contracts (and Triton backward kernels, registered through torch.library). A ker
 segment (grid: row blocks x batch), so a token's modulation row is a launch argument instead of a per-token
 lookup; a launch per segment (S is 1 to a few) costs a few microseconds against ~0.1 ms of memory traffic
 per launch at production sizes.
+
+`layernorm_modulate(..., out_dtype=torch.float8_e4m3fn)` is the FP8 engine's input to the linear layer that
+follows (quant.py): the kernel quantises each token's fp32 row (E4M3 values, one fp32 scale per token, as
+fp8_quant.py) before its single write, so no bf16 activation is written, read back and quantised again.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import triton.language as tl
 
 from . import SegmentMap
 from ._utils import check_triton_device, num_sms, row_tiling
+from .fp8_quant import AMAX_FLOOR, E4M3, E4M3_MAX, FP8Rows, quantize_rows_fp8_ref, quantize_tile
 
 
 def _check_segments(L: int, rows: torch.Tensor, segments: SegmentMap) -> None:
@@ -35,12 +40,17 @@ def _check_segments(L: int, rows: torch.Tensor, segments: SegmentMap) -> None:
 
 
 def layernorm_modulate_ref(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, segments: SegmentMap,
-                           eps: float = 1e-6, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """LayerNorm(x) (no affine, fp32) * (1 + scale[seg]) + shift[seg]; x [B, L, D], shift/scale [B, S, D]."""
+                           eps: float = 1e-6, out_dtype: torch.dtype | None = None) -> torch.Tensor | FP8Rows:
+    """LayerNorm(x) (no affine, fp32) * (1 + scale[seg]) + shift[seg]; x [B, L, D], shift/scale [B, S, D].
+
+    out_dtype float8_e4m3fn: the fp32 result quantised per token (`quantize_rows_fp8_ref`), returned as
+    FP8Rows (values [B, L, D], scales [B, L, 1]): the input an FP8Linear takes without quantising again.
+    """
     _check_segments(x.shape[1], shift, segments)
     normed = F.layer_norm(x.float(), (x.shape[-1],), eps=eps)  # [B, L, D] fp32
     idx = segments.index
-    return (normed * (1 + scale.float())[:, idx] + shift.float()[:, idx]).to(out_dtype or x.dtype)
+    y = normed * (1 + scale.float())[:, idx] + shift.float()[:, idx]
+    return quantize_rows_fp8_ref(y) if out_dtype == E4M3 else y.to(out_dtype or x.dtype)
 
 
 def gated_residual_ref(residual: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
@@ -55,17 +65,21 @@ def gated_residual_ref(residual: torch.Tensor, y: torch.Tensor, gate: torch.Tens
 # [row_start, row_start + n_rows) whose modulation row is `seg`. All math in fp32.
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["row_start", "n_rows", "seg"])
-def _ln_modulate_fwd_kernel(X, Shift, Scale, Out, row_start, n_rows, seg, D,
+def _ln_modulate_fwd_kernel(X, Shift, Scale, Out, OutScale, row_start, n_rows, seg, D,
                             stride_xb, stride_xl, stride_shb, stride_shs, stride_scb, stride_scs,
-                            stride_ob, stride_ol,
-                            EPS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out = (x - mean) * rstd * (1 + scale[seg]) + shift[seg], one read of x, one write of out."""
+                            stride_ob, stride_ol, stride_osb,
+                            EPS: tl.constexpr, FP8_OUT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out = (x - mean) * rstd * (1 + scale[seg]) + shift[seg], one read of x, one write of out.
+
+    FP8_OUT: out is E4M3 and OutScale [B, L] fp32 gets each token's scale, the fp32 rows quantised as
+    fp8_quant.quantize_tile does (the tile's masked columns are 0: x, shift and scale load as 0 there)."""
     b = tl.program_id(1).to(tl.int64)
     local = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rows = (row_start + local).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
-    mask = (local < n_rows)[:, None] & cmask[None, :]
+    rmask = local < n_rows
+    mask = rmask[:, None] & cmask[None, :]
     x = tl.load(X + b * stride_xb + rows[:, None] * stride_xl + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     mean = tl.sum(x, 1) / D
     xc = tl.where(mask, x - mean[:, None], 0.0)
@@ -73,6 +87,9 @@ def _ln_modulate_fwd_kernel(X, Shift, Scale, Out, row_start, n_rows, seg, D,
     shift = tl.load(Shift + b * stride_shb + seg * stride_shs + cols, mask=cmask, other=0.0).to(tl.float32)
     scale = tl.load(Scale + b * stride_scb + seg * stride_scs + cols, mask=cmask, other=0.0).to(tl.float32)
     y = xc * rstd[:, None] * (1.0 + scale[None, :]) + shift[None, :]
+    if FP8_OUT:
+        y, row_scale = quantize_tile(y, AMAX_FLOOR, E4M3_MAX)
+        tl.store(OutScale + b * stride_osb + rows, row_scale, mask=rmask)
     tl.store(Out + b * stride_ob + rows[:, None] * stride_ol + cols[None, :], y.to(Out.dtype.element_ty), mask=mask)
 
 
@@ -208,18 +225,26 @@ def _check(x: torch.Tensor, rows: tuple[torch.Tensor, ...], segments: SegmentMap
 # ----------------------------------------------------------------------------------------------------------
 # Operators (torch.library.custom_op with fake functions and autograd; see attention.py for the choice)
 # ----------------------------------------------------------------------------------------------------------
+def _launch_ln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, seg_lens: Sequence[int],
+                        eps: float, out: torch.Tensor, out_scale: torch.Tensor | None) -> None:
+    """One forward launch per segment into `out` [B, L, D] (and, for E4M3 output, `out_scale` [B, L, 1])."""
+    B, L, D = x.shape
+    block_r, block_d, warps = row_tiling(D)
+    fp8 = out_scale is not None
+    for s, start, n in _segments(seg_lens):
+        _ln_modulate_fwd_kernel[(triton.cdiv(n, block_r), B)](
+            x, shift, scale, out, out_scale if fp8 else out, start, n, s, D, x.stride(0), x.stride(1),
+            shift.stride(0), shift.stride(1), scale.stride(0), scale.stride(1), out.stride(0), out.stride(1),
+            out_scale.stride(0) if fp8 else 0,
+            EPS=eps, FP8_OUT=fp8, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps)
+
+
 @torch.library.custom_op("anyid_rt::layernorm_modulate", mutates_args=())
 def _layernorm_modulate_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, seg_lens: list[int],
                            eps: float, out_dtype: torch.dtype) -> torch.Tensor:
     x, shift, scale = _rows(x), _rows(shift), _rows(scale)
-    B, L, D = x.shape
-    out = torch.empty((B, L, D), dtype=out_dtype, device=x.device)
-    block_r, block_d, warps = row_tiling(D)
-    for s, start, n in _segments(seg_lens):
-        _ln_modulate_fwd_kernel[(triton.cdiv(n, block_r), B)](
-            x, shift, scale, out, start, n, s, D, x.stride(0), x.stride(1), shift.stride(0), shift.stride(1),
-            scale.stride(0), scale.stride(1), out.stride(0), out.stride(1),
-            EPS=eps, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps)
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    _launch_ln_modulate(x, shift, scale, seg_lens, eps, out, None)
     return out
 
 
@@ -268,6 +293,24 @@ def _layernorm_modulate_backward(ctx, dy):
 
 
 _layernorm_modulate_op.register_autograd(_layernorm_modulate_backward, setup_context=_layernorm_modulate_setup)
+
+
+@torch.library.custom_op("anyid_rt::layernorm_modulate_fp8", mutates_args=())
+def _layernorm_modulate_fp8_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, seg_lens: list[int],
+                               eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E4M3 values [B, L, D], per-token scales [B, L, 1] fp32); inference only, no backward."""
+    x, shift, scale = _rows(x), _rows(shift), _rows(scale)
+    B, L, D = x.shape
+    out = torch.empty((B, L, D), dtype=E4M3, device=x.device)
+    out_scale = torch.empty((B, L, 1), dtype=torch.float32, device=x.device)
+    _launch_ln_modulate(x, shift, scale, seg_lens, eps, out, out_scale)
+    return out, out_scale
+
+
+@_layernorm_modulate_fp8_op.register_fake
+def _(x, shift, scale, seg_lens, eps):
+    B, L, D = x.shape
+    return x.new_empty((B, L, D), dtype=E4M3), x.new_empty((B, L, 1), dtype=torch.float32)
 
 
 @torch.library.custom_op("anyid_rt::gated_residual", mutates_args=())
@@ -334,14 +377,21 @@ _gated_residual_op.register_autograd(_gated_residual_backward, setup_context=_ga
 # Public entry points
 # ----------------------------------------------------------------------------------------------------------
 def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, segments: SegmentMap,
-                       eps: float = 1e-6, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                       eps: float = 1e-6, out_dtype: torch.dtype | None = None) -> torch.Tensor | FP8Rows:
     """Triton `layernorm_modulate_ref`: one read of x [B, L, D], one write of out [B, L, D] in out_dtype.
 
     LayerNorm without affine in fp32, then * (1 + scale[seg]) + shift[seg] with shift/scale [B, S, D].
     Backward (autograd): a Triton kernel for dx with per-program partial sums for dshift and dscale, reduced
     by torch (ops anyid_rt::layernorm_modulate / layernorm_modulate_bwd).
+
+    out_dtype float8_e4m3fn: the same kernel quantises each fp32 row before its one write and returns FP8Rows
+    (E4M3 values [B, L, D], scales [B, L, 1] fp32), the bytes `fp8_quant.quantize_rows_fp8` gives for the
+    fp32 output (op anyid_rt::layernorm_modulate_fp8; inference only, no backward). The FP8 layers' input
+    costs 1 byte + 4 per row instead of a bf16 write, a read and a separate quantisation.
     """
     seg_lens = _check(x, (shift, scale), segments, "layernorm_modulate")
+    if out_dtype == E4M3:
+        return FP8Rows(*_layernorm_modulate_fp8_op(x, shift, scale, seg_lens, float(eps)))
     return _layernorm_modulate_op(x, shift, scale, seg_lens, float(eps), out_dtype or x.dtype)
 
 

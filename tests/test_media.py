@@ -5,11 +5,12 @@ import subprocess
 import sys
 import warnings
 
-import av
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+av = pytest.importorskip("av", reason="PyAV is not installed (the GPU machines lack it)")
 
 from anyid_rt import media
 from anyid_rt.media import (ASSET_DIR, MediaError, crop_center_to, fit_and_pad, fit_box, load_clip, load_media,

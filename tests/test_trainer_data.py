@@ -277,7 +277,8 @@ def test_preference_pairs_and_pareto_filter(tmp_path):
     back = read_pairs(path)
     assert [(p.identity, p.prompt_following) for p in back] == labels
     assert back[0].winner == str(tmp_path / "w.mp4") and back[0].references == (str(tmp_path / "r.png"),)
-    assert [p.prompt for p in pareto_filter(back)] == ["p0", "p1", "p2"]
+    # the paper's rule: strictly better on both tracks; a tie on one track (p1, p2) rejects the pair
+    assert [p.prompt for p in pareto_filter(back)] == ["p0"]
     line = {"prompt": "x", "references": ["r.png"], "winner": "w.mp4", "loser": "l.mp4",
             "labels": {"identity": "winner", "prompt": "tie"}}
     path.write_text(json.dumps(line) + "\n")

@@ -38,6 +38,7 @@ from torch import nn
 from ..conditioning import LAYOUT_METADATA_KEY, ConditioningLayout
 from ..eval.common import atomic_path
 from ..lora import LoraWeights, save_lora
+from ..models.dit import WanDiT
 from ..models.linears import BLOCK_LINEARS
 
 # every linear of every block (models/linears.py), as one full-match pattern
@@ -157,7 +158,8 @@ def inject_lora(dit: nn.Module, rank: int, alpha: float, targets: Sequence[str] 
     """Freeze every parameter of `dit` and swap a `LoraLinear` in for each matching nn.Linear.
 
     `seed` fixes the kaiming init of the down matrices (drawn on the CPU, in module order), so every process
-    of a data-parallel run starts from the same LoRA. Returns the names of the wrapped modules.
+    of a data-parallel run starts from the same LoRA. Returns the names of the wrapped modules. A WanDiT
+    whose projections the engine fused is unfused first: LoRA adapts the checkpoint's separate q, k, v.
     """
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"LoRA rank must be an int >= 1, got {rank!r}")
@@ -165,6 +167,8 @@ def inject_lora(dit: nn.Module, rank: int, alpha: float, targets: Sequence[str] 
         raise ValueError(f"LoRA alpha must be a positive number, got {alpha!r}")
     if lora_modules(dit):
         raise ValueError("the model already holds LoRA modules; remove_lora(dit) first (merge=True keeps them)")
+    if isinstance(dit, WanDiT):
+        dit.unfuse_projections()
     names = match_targets(dit, targets)
     dit.requires_grad_(False)
     gen = torch.Generator().manual_seed(seed)

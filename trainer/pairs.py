@@ -1,9 +1,11 @@
 """Preference pairs for Flow-DPO: two generated clips of the same inputs and which one is better, per track.
 
 One JSONL line per pair (`read_pairs`); the labels say, for identity fidelity and for prompt following,
-whether the winner is better (+1), equal (0) or worse (-1) than the loser. `pareto_filter` keeps the pairs
-whose winner is not worse on either track and better on one. `PairDataset` gives each pair its bucket and
-reference order and renders its latents through the cache.
+whether the winner is better (+1), equal (0) or worse (-1) than the loser. `pareto_filter` applies the
+paper's rule (section 4.4): a pair is a training sample only when its winner is unequivocally better on BOTH
+tracks, so a tie on either track rejects it. `merge_axis` and `dominance` decide a matchup from human and
+automatic judgements (`candidates.py`, `label.py`). `PairDataset` gives each pair its bucket and reference
+order and renders its latents through the cache.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch
 
 from .. import frame_ops, media
 from ..conditioning import ConditioningLayout, prepare_reference
+from ..eval.common import write_text_atomic
 from .cache import Encoders, file_digest
 from .data import assign_bucket
 from .groups import DataError, probe_video
@@ -94,16 +97,42 @@ def read_pairs(path: str | Path, root: str | Path | None = None) -> list[Prefere
     return pairs
 
 
-def write_pairs(path: str | Path, pairs: Sequence[PreferencePair]) -> Path:
-    path = Path(path)
-    path.write_text("".join(json.dumps(p.to_json()) + "\n" for p in pairs))
-    return path
+def write_pairs(path: str | Path, pairs: Sequence[PreferencePair], extra: Sequence[dict] | None = None) -> Path:
+    """Write `pairs` as JSONL, under a temporary name renamed into place (a reader never sees half a file).
+    `extra[i]` adds keys to line i (e.g. where each label came from); `read_pairs` ignores them."""
+    lines = [{**p.to_json(), **(extra[i] if extra else {})} for i, p in enumerate(pairs)]
+    return write_text_atomic(path, "".join(json.dumps(d) + "\n" for d in lines))
 
 
 def pareto_filter(pairs: Sequence[PreferencePair]) -> list[PreferencePair]:
-    """Keep the pairs whose winner Pareto-dominates the loser: not worse on either track, better on one."""
-    return [p for p in pairs
-            if p.identity >= 0 and p.prompt_following >= 0 and (p.identity > 0 or p.prompt_following > 0)]
+    """Keep the pairs whose winner is strictly better than the loser on both tracks (identity fidelity and
+    prompt following), the paper's rule: "a pair is deemed a valid training sample only if one video is
+    unequivocally superior to the other across both evaluation axes" (AnyID section 4.4). A tie on either
+    track rejects the pair; so does a line whose loser is the better one (write it the other way round)."""
+    return [p for p in pairs if p.identity > 0 and p.prompt_following > 0]
+
+
+def merge_axis(human: int | None, auto: int | None) -> tuple[int | None, str | None]:
+    """One track's verdict on a matchup (+1: candidate a better, -1: b better, 0: tie) and where it came
+    from: the human label wins where there is one, the automatic score's verdict is used otherwise; (None,
+    None) when there is neither (the track needs a human label)."""
+    if human is not None:
+        return human, "human"
+    if auto is not None:
+        return auto, "auto"
+    return None, None
+
+
+def dominance(identity: int | None, prompt: int | None) -> int | None:
+    """+1 when candidate a is strictly better on both tracks, -1 when b is, 0 when neither is (a tie on a
+    track, or each better on one: the paper rejects such pairs), None while a track is undecided."""
+    if identity is None or prompt is None:
+        return None
+    if identity > 0 and prompt > 0:
+        return 1
+    if identity < 0 and prompt < 0:
+        return -1
+    return 0
 
 
 @dataclass(frozen=True)
@@ -173,4 +202,5 @@ class PairDataset:
         return clip(p.winner), clip(p.loser), refs, enc.text(p.prompt)
 
 
-__all__ = ["PreferencePair", "read_pairs", "write_pairs", "pareto_filter", "PairSpec", "PairDataset"]
+__all__ = ["PreferencePair", "read_pairs", "write_pairs", "pareto_filter", "merge_axis", "dominance", "PairSpec",
+           "PairDataset"]

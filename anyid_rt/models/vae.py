@@ -528,7 +528,8 @@ class WanVAE(nn.Module):
         if min(latent.shape[2:]) < 1 or latent.shape[0] < 1:
             raise ValueError(f"decode got an empty latent of shape {tuple(latent.shape)}")
 
-    def decode(self, latent: torch.Tensor, tile: VAETiling | tuple | None = None, progress: bool = False) -> torch.Tensor:
+    def decode(self, latent: torch.Tensor, tile: VAETiling | tuple | None = None,
+               progress: bool = False) -> torch.Tensor:
         """Normalised latent [B, 48, F, h, w] -> frames [B, 3, 1 + 4(F-1), 16h, 16w], fp32, clamped to [-1, 1].
 
         `conv2` runs on the whole latent, then the decoder streams one latent frame at a time (the first gives
@@ -559,7 +560,8 @@ class WanVAE(nn.Module):
         weight_sum = torch.zeros(h * s, w * s, device=self.device)
         ramp = tiling.overlap * s
         th, tw = min(tiling.tile_h, h), min(tiling.tile_w, w)
-        tiles = len(_tile_starts(h, tiling.tile_h, tiling.overlap)) * len(_tile_starts(w, tiling.tile_w, tiling.overlap))
+        tiles = len(_tile_starts(h, tiling.tile_h, tiling.overlap)) * len(_tile_starts(w, tiling.tile_w,
+                                                                                     tiling.overlap))
         bar = tqdm(total=f * tiles, desc="VAE decode (tiled)", unit="latent frame", disable=not progress)
         for r0 in _tile_starts(h, tiling.tile_h, tiling.overlap):
             wr = _ramp(th * s, ramp, lead=r0 > 0, trail=r0 + th < h)
