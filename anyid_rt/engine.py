@@ -37,7 +37,8 @@ from .models.text_encoder import TextEncoder
 from .models.vae import VAETiling, WanVAE
 from .models.vae_loader import load_vae, save_vae_original
 from .quant import check_fp8_device, quantize_dit_fp8_
-from .request import (TINY_DEFAULTS, Defaults, GenerationRequest, ModelFiles, RequestError, atomic_path,
+from .files import atomic_path
+from .request import (TINY_DEFAULTS, Defaults, GenerationRequest, ModelFiles, RequestError,
                       check_input_file, defaults_for, require_packages, show)
 from .sampling import make_sampler
 
@@ -471,13 +472,16 @@ class Engine:
 
     def _prepare_references(self, references, primary, height, width, progress: bool = False
                             ) -> list[PreparedReference]:
-        """Read, fit and pad every reference (checked by `GenerationRequest.check`), primary first."""
+        """Read, fit and pad every reference (checked by `GenerationRequest.check`) under the layout's reference
+        policy, primary first, then the auxiliaries in the layout's order (`ConditioningLayout.reference_order`,
+        the rule the trainer follows)."""
         if references is None:
             return []
         n = len(references)
         order = [primary] + [i for i in range(n) if i != primary]  # the primary reference comes first
         prepared = [prepare_reference(references[i], height, width, self.layout, i)
                     for i in tqdm(order, desc="reading references", unit="ref", disable=not progress)]
+        prepared = [prepared[k] for k in self.layout.reference_order([p.num_frames for p in prepared])]
         total = sum(self.geometry.latent_frames(p.num_frames) for p in prepared)
         if total > self.dit.cfg.rope_max_positions - 64:
             raise ValueError(f"references add {total} latent frames; too many for the RoPE range")

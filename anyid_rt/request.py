@@ -22,13 +22,12 @@ import importlib.util
 import json
 import math
 import os
-import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from .config import DiTConfig, TokenGeometry, VAEConfig
+from .files import atomic_path
 
 SAMPLERS = ("unipc", "euler", "dpm++")  # the names `sampler=` takes (anyid_rt.sampling builds them)
 
@@ -130,43 +129,6 @@ def check_output_path(path: str | Path, field: str, names: Mapping[str, str] | N
     if not os.access(existing, os.W_OK | os.X_OK):
         raise RequestError(f"{label}: cannot write into {existing} (permissions)", field)
     return p
-
-
-def _partial_name(path: Path) -> Path:
-    # The suffix stays last, so that writers that pick a format by extension (PyAV, ONNX) still work; the leading
-    # dot and ".partial" keep the temporary out of listings such as glob("*.mp4").
-    return path.with_name(f".{path.stem}.partial-{os.getpid()}-{uuid.uuid4().hex[:6]}{path.suffix}")
-
-
-@contextmanager
-def atomic_path(path: str | Path, folder: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside `path`, renamed onto `path` when the block succeeds and deleted when it
-    fails or is interrupted, so that no half-written output is ever left under the final name. With `folder`
-    the temporary is a folder whose entries then replace those of the same names in `path` (other entries of
-    an existing `path` stay)."""
-    import shutil
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _partial_name(path)
-    if folder:
-        tmp.mkdir()
-    try:
-        yield tmp
-        if folder:
-            path.mkdir(exist_ok=True)
-            for entry in sorted(tmp.iterdir()):
-                target = path / entry.name
-                if target.is_dir() and not target.is_symlink():
-                    shutil.rmtree(target)
-                os.replace(entry, target)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.is_dir() and not tmp.is_symlink():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

@@ -132,8 +132,14 @@ def _check_export_onnx(args):
                 raise RequestError(f"--{name.replace('_', '-')} {value} must be >= 1", name)
             setattr(args, name, value)
         if args.quantizer == "modelopt":
-            require_packages({"modelopt": "nvidia-modelopt[onnx]"}, "--quantizer modelopt (or use --quantizer "
-                             "builtin, the same FP8 recipe without modelopt)", "export")
+            require_packages({"modelopt": "nvidia-modelopt[onnx]", "onnxruntime": "onnxruntime"}, "--quantizer "
+                             "modelopt (or use --quantizer builtin, the same FP8 layers without modelopt)", "export")
+            from .modelopt_qdq import check_graph_dtype
+
+            try:  # modelopt runs the graph in onnxruntime: a bf16 graph needs its CUDA provider
+                check_graph_dtype(args.dtype or ("fp32" if files is None else "bf16"))
+            except ValueError as e:
+                raise RequestError(str(e), "quantizer") from None
     require_packages({"onnx": "onnx", "onnxscript": "onnxscript"}, "export onnx", "export")
     if args.check:
         require_packages({"onnxruntime": "onnxruntime"}, "--check", "export")
@@ -141,7 +147,7 @@ def _check_export_onnx(args):
 
 
 def cmd_export_onnx(args) -> int:
-    from ..request import atomic_path
+    from ..files import atomic_path
 
     files, preset, parts = _check_export_onnx(args)  # no torch yet: a bad flag fails at once
     import torch
@@ -276,7 +282,8 @@ def _exported_preset(graphs: list[Path]) -> str | None:
 
 
 def cmd_export_trt(args) -> int:
-    from ..request import RequestError, atomic_path, check_output_path
+    from ..files import atomic_path
+    from ..request import RequestError, check_output_path
     from .trt import Bucket, build_engine, graph_kind, plan_name, profiles_for, require_tensorrt
 
     graphs = _graphs(args.onnx, args.precision)
@@ -347,7 +354,8 @@ def _check_graphs_folder(folder: str, flag: str, suffix: str) -> None:
 def cmd_export_triton_repo(args) -> int:
     import shutil
 
-    from ..request import ModelFiles, RequestError, atomic_path, check_input_file, check_output_path
+    from ..files import atomic_path
+    from ..request import ModelFiles, RequestError, check_input_file, check_output_path
     from .triton_model import Limits
 
     # the whole request first: a repository the server would reject, or a 5B on the tiny preset's CPU settings,

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..eval.common import atomic_path
+from ..files import atomic_path
 
 
 def recipe_key(recipe: dict) -> str:

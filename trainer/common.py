@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from ..conditioning import ConditioningLayout, StepLayout
 from ..config import TokenGeometry
 from ..engine import Engine
-from ..eval.common import atomic_path, write_text_atomic
+from ..files import atomic_path, write_text_atomic
 from ..models.dit import Segments, WanDiT
 from ..models.dit_loader import keep_fp32
 from . import dist as dist_utils

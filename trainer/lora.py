@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..conditioning import LAYOUT_METADATA_KEY, ConditioningLayout
-from ..eval.common import atomic_path
+from ..files import atomic_path
 from ..lora import LoraWeights, save_lora
 from ..models.dit import WanDiT
 from ..models.linears import BLOCK_LINEARS

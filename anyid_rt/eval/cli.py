@@ -75,7 +75,7 @@ def _one_line(report: dict) -> str:
 
 
 def cmd_eval(args) -> int:
-    from .common import write_json_atomic
+    from ..files import write_json_atomic
     from .evaluator import Evaluator, check_inputs
 
     config = _config(args)

@@ -1,13 +1,10 @@
-"""What every part of the evaluator shares: its error type, atomic writes and the check for optional packages."""
+"""What every part of the evaluator shares: its error type and the check for optional packages (atomic writes
+are `anyid_rt.files`)."""
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import uuid
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Iterator
+
+from ..files import atomic_path, remove_partials, write_json_atomic, write_text_atomic  # noqa: F401 (used by eval modules)
 
 
 class EvalError(ValueError):
@@ -26,41 +23,3 @@ def require(module: str, package: str, why: str) -> None:
                         f"({EXTRA_HINT})")
 
 
-def _tmp_name(path: Path) -> Path:
-    # Keep the suffix last so that writers that pick a format by extension (PyAV, matplotlib) still work; the
-    # leading dot and the ".partial" marker keep such files out of `glob("*.mp4")`-style listings of results.
-    return path.with_name(f".{path.stem}.partial-{os.getpid()}-{uuid.uuid4().hex[:6]}{path.suffix}")
-
-
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it is renamed onto `path` (os.replace is atomic on one
-    file system), on any error or interrupt it is deleted. So a reader never sees a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-    return Path(path)
-
-
-def write_json_atomic(path: str | Path, obj) -> Path:
-    return write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
-
-
-def remove_partials(folder: Path) -> int:
-    """Delete the temporaries a killed run (SIGKILL: no `finally`) left in `folder`; returns how many."""
-    n = 0
-    if folder.is_dir():
-        for p in folder.glob(".*.partial-*"):
-            p.unlink(missing_ok=True)
-            n += 1
-    return n

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from .common import atomic_path, write_text_atomic
+from ..files import atomic_path, write_text_atomic
 
 # Columns that are not scores (left out of comparisons' deltas).
 NON_SCORES = ("copy_paste",)

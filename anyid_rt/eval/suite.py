@@ -33,7 +33,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .common import EvalError, atomic_path, remove_partials, write_json_atomic, write_text_atomic
+from ..files import atomic_path, remove_partials, write_json_atomic, write_text_atomic
+from .common import EvalError
 from .evaluator import EvalConfig, Evaluator
 
 ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
