@@ -5,10 +5,12 @@ subcommand loads it by name when it runs. Every script here runs both ways, `pyt
 `python -m anyid_rt.bench.bench_x`.
 
     timing.py        the one timing harness: measure / summarize / Measurement, peak memory, environment record
-    run.py           typed settings, benchmark cases and the record sink of an `anyid-rt bench` run
+    settings.py      the typed settings of an `anyid-rt bench` run (no torch: `--help` is instant)
+    run.py           benchmark cases and the record sink of a run
     baseline.py      diffusers' WanTransformer3DModel on our weights, its attention backends, one step's inputs
     stages.py        the measured ceiling (matmul, copy), text encoding, reference encoding, VAE decode
-    e2e.py           `anyid-rt bench`: variants, guided steps, whole videos, the command line
+    e2e.py           `anyid-rt bench`: the command line
+    video.py         the run's measurement sequence: ceiling, stages, guided steps, whole videos
     report.py        tables and plots of the records in bench/results/
     cross_compile.py ptxas resource reports of every Triton kernel for a GPU that is not here
     bench_*.py       kernel, VAE, loading and FP8 benchmarks (scripts)

@@ -14,7 +14,8 @@ from anyid_rt.config import TextEncoderConfig, dtype_name, replace
 from anyid_rt.models.random_weights import random_umt5, random_vae
 from anyid_rt.models.vae import VAETiling
 
-from .run import PROMPT, Case, Run, free_memory, log
+from .run import Case, Run, free_memory, log
+from .settings import PROMPT
 from .timing import measure
 
 VAE_STAGES = ("reference_encode", "vae_decode", "vae_decode_tiled")

@@ -20,7 +20,8 @@ from anyid_rt.quant import check_fp8_device, quantize_dit_fp8_
 
 from .baseline import (SharedWeights, StepInputs, diffusers_attention, diffusers_from_dit, diffusers_step, dit_view,
                        make_step_inputs, ours_step, relerr)
-from .run import Case, Run, Settings, VideoEstimate, compose_video, free_memory, log
+from .run import Case, Run, VideoEstimate, compose_video, free_memory, log
+from .settings import Settings
 from .timing import Measurement, measure
 
 VARIANT_BASES = ("torch", "triton", "diffusers")

@@ -24,7 +24,8 @@ import torch
 from anyid_rt.bench import report
 from anyid_rt.bench.baseline import diffusers_from_dit, diffusers_step, dit_view, make_step_inputs, ours_step, relerr
 from anyid_rt.bench.e2e import main as bench_main
-from anyid_rt.bench.run import DEFAULT_DIFFUSERS_BACKENDS, PROMPT, RESULTS_FILE, SCHEMA, Case, compose_video
+from anyid_rt.bench.run import SCHEMA, Case, compose_video
+from anyid_rt.bench.settings import DEFAULT_DIFFUSERS_BACKENDS, PROMPT, RESULTS_FILE
 from anyid_rt.bench.steps import default_variants, parse_variant, step_flops, throughput
 from anyid_rt.bench.timing import bench_ms, dense_peaks, measure, summarize
 from anyid_rt.config import DiTConfig, ModelConfig

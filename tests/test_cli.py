@@ -88,3 +88,21 @@ print(sorted(m for m in {HEAVY!r} if m in sys.modules))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]", f"--help imported {r.stdout.strip()}"
+
+
+def test_bench_help_imports_nothing_heavy():
+    """`anyid-rt bench --help` loads the tool's module by name, which builds its options from torch-free settings."""
+    code = f"""
+import contextlib, io, sys
+from anyid_rt.cli import main
+with contextlib.redirect_stdout(io.StringIO()) as out:
+    try:
+        main(["bench", "--help"])
+    except SystemExit as e:
+        assert e.code == 0
+assert "--steps-timed" in out.getvalue()
+print(sorted(m for m in {HEAVY!r} if m in sys.modules))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]", f"bench --help imported {r.stdout.strip()}"
