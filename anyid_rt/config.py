@@ -75,11 +75,6 @@ def dtype_name(dtype: torch.dtype) -> str:
     raise ValueError(f"dtype {dtype} is not supported; use bf16, fp16 or fp32")
 
 
-def _check_preset(name: str) -> None:
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-
-
 @dataclass(frozen=True)
 class DiTConfig:
     """The Wan2.2 DiT (`WanModel`, model_type ti2v)."""
@@ -128,10 +123,7 @@ class DiTConfig:
 
     @classmethod
     def preset(cls, name: str) -> "DiTConfig":
-        _check_preset(name)
-        if name == "tiny":
-            return cls(dim=64, ffn_dim=128, freq_dim=32, num_heads=2, num_layers=2, text_dim=32)
-        return cls()
+        return ModelConfig.preset(name).dit
 
 
 @dataclass(frozen=True)
@@ -173,10 +165,7 @@ class VAEConfig:
 
     @classmethod
     def preset(cls, name: str) -> "VAEConfig":
-        _check_preset(name)
-        if name == "tiny":
-            return cls(base_dim=8, decoder_base_dim=16, num_res_blocks=1)
-        return cls()
+        return ModelConfig.preset(name).vae
 
 
 @dataclass(frozen=True)
@@ -200,10 +189,7 @@ class TextEncoderConfig:
 
     @classmethod
     def preset(cls, name: str) -> "TextEncoderConfig":
-        _check_preset(name)
-        if name == "tiny":
-            return cls(vocab_size=512, dim=32, dim_kv=8, num_heads=4, dim_ffn=64, num_layers=2)
-        return cls()
+        return ModelConfig.preset(name).text
 
 
 @dataclass(frozen=True)
@@ -300,7 +286,20 @@ class ModelConfig:
 
     @classmethod
     def preset(cls, name: str) -> "ModelConfig":
-        return cls(DiTConfig.preset(name), VAEConfig.preset(name), TextEncoderConfig.preset(name))
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return _PRESET_CONFIGS[name]
+
+
+# The presets, in one table: the released 5B, and the same classes at tiny widths (random weights; a CPU runs
+# the whole engine in seconds).
+_PRESET_CONFIGS = {
+    "wan2.2-ti2v-5b": ModelConfig(),
+    "tiny": ModelConfig(
+        DiTConfig(dim=64, ffn_dim=128, freq_dim=32, num_heads=2, num_layers=2, text_dim=32),
+        VAEConfig(base_dim=8, decoder_base_dim=16, num_res_blocks=1),
+        TextEncoderConfig(vocab_size=512, dim=32, dim_kv=8, num_heads=4, dim_ffn=64, num_layers=2)),
+}
 
 
 __all__ = ["PRESETS", "DTYPES", "DTYPE_NAMES", "parse_dtype", "dtype_name", "DiTConfig",  # noqa: F822 (DTYPES: lazy)

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from . import frame_ops, media
 from .cache import LRUCache
+from .compiled import check_compile, compile_dit_
 from .conditioning import LAYOUT_METADATA_KEY, ConditioningLayout, PreparedReference, StepLayout, prepare_reference
 from .config import ModelConfig, TokenGeometry, dtype_name, parse_dtype
 from .kernels import ATTENTION_QUANT, BACKENDS, resolve_backend
@@ -36,7 +37,8 @@ from .models.random_weights import random_dit, random_vae
 from .models.text_encoder import TextEncoder
 from .models.vae import VAETiling, WanVAE
 from .models.vae_loader import load_vae, save_vae_original
-from .quant import check_fp8_device, quantize_dit_fp8_
+from .models.linears import fused_names
+from .quant import FP8_TARGETS, check_fp8_device, quantize_dit_fp8_
 from .files import atomic_path
 from .request import (TINY_DEFAULTS, Defaults, GenerationRequest, ModelFiles, RequestError,
                       check_input_file, defaults_for, require_packages, show)
@@ -117,6 +119,7 @@ class EnginePlan:
     vae_tile: VAETiling | None
     geometry: TokenGeometry  # the video-size rules of the model to be loaded
     defaults: Defaults  # its generation defaults
+    compile: bool | str = False  # True: regional torch.compile of the blocks; "cudagraphs": and the step graphed
 
     def summary(self) -> str:
         model = self.files.describe() if self.files else f"tiny preset (random weights, seed {self.seed})"
@@ -126,7 +129,8 @@ class EnginePlan:
         layout = " ".join(f"{k}={v}" for k, v in asdict(self.layout).items())
         return (f"model {model}{lora} | device {self.device}{te} | dtype {dtype_name(self.dtype)} (VAE "
                 f"{dtype_name(self.vae_dtype)}) | backend {backend}, attention {self.attention_quant or 'unquantised'}"
-                f" | quantisation {self.quant or 'none'} | layout ({self.layout_source}): {layout}")
+                f" | quantisation {self.quant or 'none'} | layout ({self.layout_source}): {layout}"
+                + (f" | compile {'on' if self.compile is True else self.compile}" if self.compile else ""))
 
     def check(self, request: GenerationRequest, names: Mapping[str, str] | None = None,
               probe_media: bool = True) -> GenerationRequest:
@@ -211,50 +215,56 @@ def _read_loras(files: list[Path], dit_cfg, layout: ConditioningLayout | None, n
     return tuple(out), lora_layout or ConditioningLayout(), source
 
 
-def plan_pretrained(path: str | Path, lora: str | Path | Sequence[str | Path] | None = None,
-                    dtype: str | torch.dtype = "bf16", backend: str = "auto", quant: str | None = None,
-                    device: str | torch.device | None = None, text_encoder_device: str | None = None,
-                    vae_dtype: str | torch.dtype = "fp32", lora_strength: float = 1.0,
-                    layout: ConditioningLayout | None = None, vae_tile: VAETiling | tuple | None = None,
-                    attention_quant: str | None = None, names: Mapping[str, str] | None = None) -> EnginePlan:
-    """Check everything `Engine.from_pretrained` will need, reading no weight: the folder's four parts, every
-    LoRA file (read, and checked against the DiT's config), the devices, dtypes, backend, quantisation and the
-    text encoder's packages. Raises a RequestError (or CheckpointError) naming the setting as `names` spells it."""
+def _check_run(backend, quant, attention_quant, dtype, device, text_encoder_device, compile,
+               names) -> tuple[torch.dtype, torch.device, torch.device, str]:
+    """The checks every plan makes: modes, dtype, devices, backend, FP8 and compile support, the text encoder's
+    packages. Returns (dtype, device, text encoder device, resolved backend)."""
     _check_modes(backend, quant, attention_quant, names)
     dtype = parse_dtype(dtype, show(names, "dtype"))
-    vae_dtype = parse_dtype(vae_dtype, show(names, "vae_dtype"))
-    files = ModelFiles.find(path, names)
     device = check_device(device, "device", names)
     te_device = check_device(text_encoder_device, "text_encoder_device", names) if text_encoder_device else device
     resolved = _resolve_backend(backend, device, names)
     if quant == "fp8":
         check_fp8_device(device)
+    check_compile(compile, device, names)
     require_packages(TEXT_PACKAGES, "the umT5 text encoder", "text")
+    return dtype, device, te_device, resolved
+
+
+def plan_pretrained(path: str | Path, lora: str | Path | Sequence[str | Path] | None = None,
+                    dtype: str | torch.dtype = "bf16", backend: str = "auto", quant: str | None = None,
+                    device: str | torch.device | None = None, text_encoder_device: str | None = None,
+                    vae_dtype: str | torch.dtype = "fp32", lora_strength: float = 1.0,
+                    layout: ConditioningLayout | None = None, vae_tile: VAETiling | tuple | None = None,
+                    attention_quant: str | None = None, compile: bool | str = False,
+                    names: Mapping[str, str] | None = None) -> EnginePlan:
+    """Check everything `Engine.from_pretrained` will need, reading no weight: the folder's four parts, every
+    LoRA file (read, and checked against the DiT's config), the devices, dtypes, backend, quantisation,
+    compilation and the text encoder's packages. Raises a RequestError (or CheckpointError) naming the setting
+    as `names` spells it."""
+    vae_dtype = parse_dtype(vae_dtype, show(names, "vae_dtype"))
+    files = ModelFiles.find(path, names)
+    dtype, device, te_device, resolved = _check_run(backend, quant, attention_quant, dtype, device,
+                                                    text_encoder_device, compile, names)
     loras, layout, source = _read_loras(_lora_files(lora), read_dit_config(files.dit) if lora else None, layout,
                                         names)
     return EnginePlan(files, 0, device, te_device, dtype, vae_dtype, resolved, backend, quant, attention_quant,
                       loras, lora_strength, layout, source, VAETiling.of(vae_tile) if vae_tile is not None else None,
-                      files.geometry, defaults_for(files.dim))
+                      files.geometry, defaults_for(files.dim), compile)
 
 
 def plan_tiny(seed: int = 0, device: str | torch.device = "cpu", backend: str = "torch",
               layout: ConditioningLayout | None = None, quant: str | None = None, attention_quant: str | None = None,
               dtype: str | torch.dtype = "fp32", lora: str | Path | Sequence[str | Path] | None = None,
               lora_strength: float = 1.0, text_encoder_device: str | torch.device | None = None,
-              names: Mapping[str, str] | None = None) -> EnginePlan:
+              compile: bool | str = False, names: Mapping[str, str] | None = None) -> EnginePlan:
     """`plan_pretrained` for the tiny preset (random weights from `seed`): the same checks, no folder."""
-    _check_modes(backend, quant, attention_quant, names)
-    dtype = parse_dtype(dtype, show(names, "dtype"))
-    device = check_device(device, "device", names)
-    te_device = check_device(text_encoder_device, "text_encoder_device", names) if text_encoder_device else device
-    resolved = _resolve_backend(backend, device, names)
-    if quant == "fp8":
-        check_fp8_device(device)
-    require_packages(TEXT_PACKAGES, "the umT5 text encoder", "text")
+    dtype, device, te_device, resolved = _check_run(backend, quant, attention_quant, dtype, device,
+                                                    text_encoder_device, compile, names)
     cfg = ModelConfig.preset("tiny")
     loras, layout, source = _read_loras(_lora_files(lora), cfg.dit, layout, names)
     return EnginePlan(None, seed, device, te_device, dtype, torch.float32, resolved, backend, quant, attention_quant,
-                      loras, lora_strength, layout, source, None, cfg.geometry, TINY_DEFAULTS)
+                      loras, lora_strength, layout, source, None, cfg.geometry, TINY_DEFAULTS, compile)
 
 
 class Engine:
@@ -287,8 +297,10 @@ class Engine:
                            attention_quant=plan.attention_quant, progress=progress)
         for _, weights in plan.loras:
             merge_lora_(dit, weights, strength=plan.lora_strength)
+        dit.fuse_projections()  # q, k, v as one GEMM, the text k, v as another (after the merge: same weights)
         if plan.quant == "fp8":  # after the LoRA merge: quantised weights take no delta
-            quantize_dit_fp8_(dit)
+            quantize_dit_fp8_(dit, fused_names(FP8_TARGETS))  # the fused q, k, v share one input quantisation
+        compile_dit_(dit, plan.compile)  # last: the compiled blocks read the final modules
         if plan.files is None:
             vae = random_vae(cfg.vae, seed=plan.seed, device=plan.device)
             te = TextEncoder.tiny(seed=plan.seed, dtype=plan.dtype, device=plan.text_encoder_device)
@@ -306,7 +318,7 @@ class Engine:
                         vae_dtype: str | torch.dtype = "fp32", lora_strength: float = 1.0,
                         layout: ConditioningLayout | None = None,
                         vae_tile: VAETiling | tuple | None = None, attention_quant: str | None = None,
-                        progress: bool = True) -> "Engine":
+                        compile: bool | str = False, progress: bool = True) -> "Engine":
         """Load Wan2.2-TI2V-5B (or a smaller model of the same family) from a folder in the diffusers layout
         (`transformer/`, `vae/`, `text_encoder/`, `tokenizer/`) or the original layout (DiT shards + index +
         config.json, `Wan2.2_VAE.pth`, `models_t5_umt5-xxl-enc-bf16.pth`, `google/umt5-xxl/`).
@@ -317,25 +329,30 @@ class Engine:
         "triton". `text_encoder_device="cpu"` keeps the 11 GB encoder off the GPU. `quant="fp8"`
         quantises the DiT blocks' linear layers to E4M3 (after the LoRA merge; needs sm89+);
         `attention_quant="int8"` / `"int8-fp8"` selects 8-bit attention on its own (kernels/attention_8bit.py).
+        `compile=True` compiles the DiT's block (one graph reused by every block, static shapes: a request
+        compiles at its first step); `compile="cudagraphs"` also replays each step from a CUDA graph (CUDA
+        only; anyid_rt/compiled.py). The DiT always runs q, k, v (and the text k, v) as one GEMM each.
         Everything is checked before any weight is read (`plan_pretrained`); `progress` shows loading bars.
         """
         return cls.from_plan(plan_pretrained(path, lora=lora, dtype=dtype, backend=backend, quant=quant, device=device,
                                              text_encoder_device=text_encoder_device, vae_dtype=vae_dtype,
                                              lora_strength=lora_strength, layout=layout, vae_tile=vae_tile,
-                                             attention_quant=attention_quant), progress=progress)
+                                             attention_quant=attention_quant, compile=compile), progress=progress)
 
     @classmethod
     def tiny(cls, seed: int = 0, device: str | torch.device = "cpu", backend: str = "torch",
              layout: ConditioningLayout | None = None, quant: str | None = None,
              attention_quant: str | None = None, dtype: str | torch.dtype = "fp32",
              lora: str | Path | Sequence[str | Path] | None = None, lora_strength: float = 1.0,
-             text_encoder_device: str | torch.device | None = None) -> "Engine":
+             text_encoder_device: str | torch.device | None = None, compile: bool | str = False) -> "Engine":
         """The same classes at tiny widths with random weights: runs end to end on a CPU in seconds. Its output
         is noise: the weights are random. `dtype` is that of the DiT's large layers and the text encoder (fp32
-        by default); `lora` merges LoRA files trained on this preset (`anyid-rt train` with preset "tiny")."""
+        by default); `lora` merges LoRA files trained on this preset (`anyid-rt train` with preset "tiny");
+        `compile` as in `from_pretrained`."""
         return cls.from_plan(plan_tiny(seed=seed, device=device, backend=backend, layout=layout, quant=quant,
                                        attention_quant=attention_quant, dtype=dtype, lora=lora,
-                                       lora_strength=lora_strength, text_encoder_device=text_encoder_device))
+                                       lora_strength=lora_strength, text_encoder_device=text_encoder_device,
+                                       compile=compile))
 
     def save_pretrained(self, folder: str | Path, layout: str = "original") -> Path:
         """Write the engine's weights as a model folder in the original Wan layout (DiT in 2 shards with an
