@@ -33,7 +33,10 @@ CLI_NAMES = {"prompt": "--prompt", "references": "--ref", "primary": "--primary"
              "num_frames": "--frames", "steps": "--steps", "guidance": "--guidance", "shift": "--shift",
              "sampler": "--sampler", "seed": "--seed", "output": "--out", "path": "--model", "lora": "--lora",
              "dtype": "--dtype", "backend": "--backend", "device": "--device",
-             "text_encoder_device": "--text-encoder-device", "timings_json": "--timings-json"}
+             "text_encoder_device": "--text-encoder-device", "timings_json": "--timings-json",
+             "compile": "--compile"}
+# --compile's values -> Engine(compile=...)
+COMPILE_MODES = {"off": False, "on": True, "cudagraphs": "cudagraphs"}
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -111,11 +114,17 @@ def cmd_generate(args) -> int:
 
     if args.tiny:
         plan = plan_tiny(seed=args.seed, device=args.device or "cpu", backend=args.backend, dtype=args.dtype or "fp32",
-                         lora=args.lora, text_encoder_device=args.text_encoder_device, names=CLI_NAMES)
+                         lora=args.lora, text_encoder_device=args.text_encoder_device,
+                         compile=COMPILE_MODES[args.compile], names=CLI_NAMES)
     else:
         plan = plan_pretrained(args.model, lora=args.lora, dtype=args.dtype or "bf16", backend=args.backend,
-                               device=args.device, text_encoder_device=args.text_encoder_device, names=CLI_NAMES)
+                               device=args.device, text_encoder_device=args.text_encoder_device,
+                               compile=COMPILE_MODES[args.compile], names=CLI_NAMES)
     request = plan.check(request, CLI_NAMES)
+    if request.references:  # a differential prompt should not restate what the references show (stderr only)
+        from .trainer.prompt_cli import warn_restatements
+
+        warn_restatements(request.prompt, "generate")
     if not request.prompt.strip():
         print("note: --prompt is empty: nothing is asked to change relative to the "
               + ("primary reference" if request.references else "--image"))
@@ -176,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cuda, cuda:1, cpu (default: cuda when available; cpu with --tiny)")
     g.add_argument("--text-encoder-device", default=None,
                    help="e.g. cpu to keep umT5 off the GPU (default: --device)")
+    g.add_argument("--compile", nargs="?", const="on", default="off", choices=list(COMPILE_MODES),
+                   help="torch.compile the DiT block (one graph for all blocks; the first step compiles): "
+                        "--compile (on), --compile cudagraphs (also one CUDA graph per step, CUDA only); "
+                        "default off")
     g.add_argument("--timings-json", default=None, help="also write the stage timings to this JSON file")
     _add_generation_args(g)
     g.set_defaults(func=cmd_generate)
@@ -189,9 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, help_text) in TOOLS.items():  # listed here; main() hands the arguments to the tool
         t = sub.add_parser(name, help=help_text, add_help=False)
         t.add_argument("tool_args", nargs=argparse.REMAINDER, help=f"see anyid-rt {name} --help")
-    from .trainer.cli import add_parser as add_train_parser
+    from .trainer.cli import add_label_parser, add_parser as add_train_parser
 
     add_train_parser(sub)
+    add_label_parser(sub)  # `anyid-rt label`: the preference-labelling page (trainer/label.py)
+    from .trainer.prompt_cli import add_parser as add_prompt_parser  # argparse only
+
+    add_prompt_parser(sub)  # `anyid-rt prompt build|check|calibrate`: differential prompts (docs/prompts.md)
     from .export.cli import add_parser as add_export_parser, add_serve_parser
 
     add_export_parser(sub)

