@@ -27,15 +27,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernels.fp8_quant import E4M3, E4M3_MAX, FP8Rows, quantize_rows_fp8, quantize_rows_fp8_ref
-from .models.linears import BLOCK_LINEARS, TEXT_KV_LINEARS
+from .kernels.select import on_cuda
+from .models.linears import BLOCK_LINEARS, TEXT_KV_LINEARS, fused_names
 
 # Linear layers inside each block that are swapped; the text K/V projections run once per prompt
 # (WanDiT.prepare_text), so they stay bf16 (models/linears.py says why each consumer picks what it picks).
 FP8_TARGETS = tuple(name for name in BLOCK_LINEARS if name not in TEXT_KV_LINEARS)
 
-# the activation quantiser of each ops backend (kernels/__init__.py), chosen when a layer is built
+# the activation quantiser of each ops backend (kernels/__init__.py), chosen when a layer is built; under
+# "auto" the one-pass Triton kernel on CUDA (its only contender, the eager reference, moves several times the
+# bytes), the reference elsewhere
 QUANTIZERS: dict[str, Callable[[torch.Tensor], FP8Rows]] = {"torch": quantize_rows_fp8_ref,
-                                                            "triton": quantize_rows_fp8}
+                                                            "triton": quantize_rows_fp8,
+                                                            "auto": on_cuda(quantize_rows_fp8, quantize_rows_fp8_ref)}
 
 
 def fp8_linear_ref(x: torch.Tensor | FP8Rows, weight_q: torch.Tensor, weight_scale: torch.Tensor,
@@ -72,8 +76,11 @@ class FP8Linear(nn.Module):
         self.quantize = QUANTIZERS[backend]  # x [..., in] -> FP8Rows, one pass
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, use_scaled_mm: bool = True, backend: str = "torch") -> "FP8Linear":
-        wq, ws = quantize_rows_fp8_ref(linear.weight.detach())  # per output channel: [out, in], [out, 1]
+    def from_linear(cls, linear: nn.Linear, use_scaled_mm: bool = True, backend: str = "torch",
+                    weight_amax: torch.Tensor | None = None) -> "FP8Linear":
+        """Quantise `linear`'s weight per output channel: with each channel's max |w| (max calibration), or
+        with calibrated ranges `weight_amax` [out] or [out, 1] (e.g. `modelopt_weight_amax`)."""
+        wq, ws = quantize_rows_fp8_ref(linear.weight.detach(), weight_amax)  # [out, in], [out, 1]
         bias = None if linear.bias is None else linear.bias.detach()
         return cls(wq, ws.reshape(-1), bias, linear.weight.dtype, use_scaled_mm, backend)
 
@@ -103,14 +110,22 @@ def check_fp8_device(device: torch.device | str) -> None:
                              f"{torch.cuda.get_device_name(device)} is sm{major}{minor}. Use quant=None (bf16)")
 
 
-def quantize_dit_fp8_(dit: nn.Module, targets: tuple[str, ...] = FP8_TARGETS, use_scaled_mm: bool = True,
-                      backend: str | None = None) -> list[str]:
+def quantize_dit_fp8_(dit: nn.Module, targets: tuple[str, ...] | None = None, use_scaled_mm: bool = True,
+                      backend: str | None = None, calibration: str = "max") -> list[str]:
     """Swap the targeted Linear layers of every block for FP8Linear, in place, and let each block's modulated
     LayerNorms write FP8Rows where every layer reading them is now FP8 (`fp8_inputs_`). Returns the swapped
-    names. `backend` picks the layers' activation quantiser (QUANTIZERS); default: the DiT's ops backend.
+    names. `targets` (block-relative names) default to FP8_TARGETS, or their fused names (`fused_names`: one
+    qkv) when the DiT's projections are fused (`WanDiT.fuse_projections`).
+    `backend` picks the layers' activation quantiser (QUANTIZERS); default: the DiT's ops backend.
+    `calibration` picks the weight scales (CALIBRATIONS): "max", each output channel's max |w|; "modelopt",
+    the ranges modelopt's PyTorch PTQ finds (`modelopt_weight_amax`). Activations are always per token.
     Merge LoRAs before calling: the quantised weights cannot take a LoRA delta afterwards."""
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"calibration={calibration!r} is not one of {CALIBRATIONS}")
+    if targets is None:
+        targets = fused_names(FP8_TARGETS) if dit.projections_fused else FP8_TARGETS
     backend = dit.backend if backend is None else backend
-    swapped = []
+    found = []  # (block index, name, parent, leaf, linear)
     for i, block in enumerate(dit.blocks):
         for name in targets:
             parent_name, leaf = name.rsplit(".", 1)
@@ -118,14 +133,48 @@ def quantize_dit_fp8_(dit: nn.Module, targets: tuple[str, ...] = FP8_TARGETS, us
             linear = getattr(parent, leaf) if not leaf.isdigit() else parent[int(leaf)]
             if not isinstance(linear, nn.Linear):
                 raise TypeError(f"blocks.{i}.{name} is {type(linear).__name__}, not a Linear (quantised twice?)")
-            fp8 = FP8Linear.from_linear(linear, use_scaled_mm, backend)
-            if leaf.isdigit():
-                parent[int(leaf)] = fp8
-            else:
-                setattr(parent, leaf, fp8)
-            swapped.append(f"blocks.{i}.{name}")
+            found.append((i, name, parent, leaf, linear))
+    amax = modelopt_weight_amax([f[-1] for f in found]) if calibration == "modelopt" else [None] * len(found)
+    for (_, _, parent, leaf, linear), a in zip(found, amax):
+        fp8 = FP8Linear.from_linear(linear, use_scaled_mm, backend, a)
+        if leaf.isdigit():
+            parent[int(leaf)] = fp8
+        else:
+            setattr(parent, leaf, fp8)
+    for block in dit.blocks:
         fp8_inputs_(block)
-    return swapped
+    return [f"blocks.{i}.{name}" for i, name, *_ in found]
+
+
+CALIBRATIONS = ("max", "modelopt")
+
+
+def modelopt_weight_amax(linears: list[nn.Linear]) -> list[torch.Tensor]:
+    """Per-output-channel weight ranges [out, 1] from NVIDIA ModelOpt's PyTorch PTQ (`modelopt.torch.
+    quantization`), as a calibration source for FP8Linear's weight scales.
+
+    The quantiser is modelopt's per-channel FP8 weight format (E4M3, axis 0: the weight side of its
+    FP8_PER_CHANNEL_PER_TOKEN_CFG, whose activations are dynamic per token like this engine's), calibrated
+    with its MSE search: amax candidates from 0.25x to 4x each channel's max, keeping the one whose
+    quantise-dequantise round trip is closest to the weights. modelopt converts the modules it quantises,
+    so it gets fresh Linears that share the weight tensors (no copy); the model is left as it was.
+    """
+    try:
+        import modelopt.torch.quantization as mtq
+    except ImportError as e:
+        raise ImportError(f"calibration='modelopt' needs NVIDIA ModelOpt: pip install 'nvidia-modelopt[torch]' "
+                          f"({e})") from e
+    box = nn.ModuleList()
+    for linear in linears:
+        twin = nn.Linear(linear.in_features, linear.out_features, bias=False, device="meta")
+        twin.weight = linear.weight  # the same Parameter: modelopt reads it and does not change it
+        box.append(twin)
+    cfg = {"quant_cfg": [{"quantizer_name": "*", "enable": False},
+                         {"quantizer_name": "*weight_quantizer", "cfg": {"num_bits": (4, 3), "axis": 0}}],
+           "algorithm": {"method": "mse"}}
+    with torch.no_grad():
+        mtq.quantize(box, cfg, forward_loop=None)  # weights only: no forward pass needed
+    return [twin.weight_quantizer.amax.detach().float().reshape(-1, 1).clone() for twin in box]
 
 
 def modulated_input_readers(block: nn.Module) -> dict[str, list[nn.Module]]:
@@ -155,5 +204,6 @@ def psnr(a: torch.Tensor, b: torch.Tensor, peak: float = 255.0) -> float:
     return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(peak ** 2 / mse)).item()
 
 
-__all__ = ["E4M3", "E4M3_MAX", "FP8Rows", "FP8_TARGETS", "QUANTIZERS", "FP8Linear", "fp8_linear_ref",
-           "quantize_dit_fp8_", "modulated_input_readers", "fp8_inputs_", "check_fp8_device", "cosine", "psnr"]
+__all__ = ["E4M3", "E4M3_MAX", "FP8Rows", "FP8_TARGETS", "QUANTIZERS", "CALIBRATIONS", "FP8Linear", "fp8_linear_ref",
+           "quantize_dit_fp8_", "modelopt_weight_amax", "modulated_input_readers", "fp8_inputs_",
+           "check_fp8_device", "cosine", "psnr"]

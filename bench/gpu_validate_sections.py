@@ -1,13 +1,32 @@
 """The sections of bench/gpu_validate.py (the driver: command line, budget, JSON, log, summary): each a
 function that records its measurements into a dict as it goes and returns a one-line headline, run in the
 order of `SECTIONS` with the estimated seconds used by the budget. Sizes are the production ones on a GPU and
-toy ones in a dry run (`Ctx.size`); every timing goes through anyid_rt.bench.timing.measure."""
+toy ones in a dry run (`Ctx.size`); every timing goes through anyid_rt.bench.timing.measure. The driver
+imports this module after it has mapped the package and, for a dry run, set TRITON_INTERPRET; what a
+section needs from work in progress elsewhere (compiled engine, FP8) is imported inside it, so that its
+absence is that section's "not available" and nothing else's."""
 from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from anyid_rt.bench import timing
+from anyid_rt.bench.baseline import dit_view
+from anyid_rt.config import DiTConfig, VAEConfig
+from anyid_rt.kernels import SegmentMap, attention, dit_ops, select
+from anyid_rt.kernels import attention_8bit as a8
+from anyid_rt.kernels._utils import config_family
+from anyid_rt.kernels.select import REFERENCES, AutoOp, dense
+from anyid_rt.models.dit import count_flops, patchify, sinusoidal_embedding
+from anyid_rt.models.random_weights import random_dit, random_vae
+from anyid_rt.models.vae import VAETiling
+from anyid_rt.quant import cosine, psnr
 
 
 class NotAvailable(Exception):
@@ -57,24 +76,18 @@ class Ctx:
     @property
     def adt(self):
         """The activations' dtype: bf16; fp16 in a dry run (the interpreter's bf16 dots are wrong)."""
-        import torch
-
         return torch.float16 if self.dry else torch.bfloat16
 
     def time(self, fn: Callable[[], object], warmup: int = 2, reps: int = 10, keep: bool = False):
         """The one harness (anyid_rt.bench.timing.measure): an untimed first call (its output kept with
         `keep`), then `warmup` untimed and `reps` timed ones; one of each in a dry run."""
-        from anyid_rt.bench.timing import measure
+        return timing.measure(fn, warmup=0 if self.dry else warmup, reps=1 if self.dry else reps,
+                              device=self.device, inspect=(lambda out: out) if keep else None)
 
-        return measure(fn, warmup=0 if self.dry else warmup, reps=1 if self.dry else reps, device=self.device,
-                       inspect=(lambda out: out) if keep else None)
-
-    def timer(self, fn, device) -> float:  # the selector's timer: the same harness
+    def timer(self, fn, _device) -> float:  # the selector's timer: the same harness
         return self.time(fn).timing.median_ms
 
     def randn(self, *shape, dtype=None, scale: float = 1.0):
-        import torch
-
         return (torch.randn(*shape, device=self.device) * scale).to(dtype or torch.float32)
 
 
@@ -85,25 +98,14 @@ def rel_l2(a, b) -> float:
 def poisoned(ctx: Ctx, fn: Callable[[], Any], out_bytes: int) -> tuple[Any, bool]:
     """fn() after filling the CUDA allocator's next block of `out_bytes` with NaN bits (0xFF bytes), which the
     output allocation then reuses: (the output, whether every element is finite, i.e. written)."""
-    import torch
-
-    from anyid_rt.kernels.select import _dense
-
     if ctx.device.type == "cuda":
         torch.empty(out_bytes, dtype=torch.uint8, device=ctx.device).fill_(255)  # freed at once, then reused
     out = fn()
-    return out, bool(torch.isfinite(_dense(out)).all())
+    return out, bool(torch.isfinite(dense(out)).all())
 
 
 def auto_ops(ctx: Ctx, compiled: bool = False):
     """dit_ops("auto") on this run's selector; in a dry run timed on the CPU too, so that it chooses."""
-    from dataclasses import fields, replace
-
-    import torch
-
-    from anyid_rt.kernels import dit_ops
-    from anyid_rt.kernels.select import REFERENCES, AutoOp
-
     ops = dit_ops("auto", compiled=compiled, selector=ctx.selector)
     if not ctx.dry:
         return ops
@@ -117,8 +119,6 @@ def auto_ops(ctx: Ctx, compiled: bool = False):
 
 
 def choices_of(ops) -> dict:
-    from dataclasses import fields
-
     return {c.shape_class: c.name for f in fields(ops) for c in getattr(getattr(ops, f.name), "choices", {}).values()}
 
 
@@ -127,25 +127,27 @@ def choices_of(ops) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 
 def sec_env(ctx: Ctx, rec: dict) -> str:
-    import torch
-
-    from anyid_rt.bench import timing
-    from anyid_rt.kernels import select
-
     env = timing.environment(ctx.device)
     rec.update(environment=env, fingerprint=select.device_fingerprint(ctx.device), package=ctx.shared["package"],
                fa3=select.unavailable("attention").get("fa3", "importable"),
                datasheet=timing.dense_peaks(env.get("device_name")))
     n, dtype = ctx.size((8192, torch.bfloat16), (256, torch.float32))
-    a, b, c = ctx.randn(n, n, dtype=dtype), ctx.randn(n, n, dtype=dtype), torch.empty(n, n, dtype=dtype, device=ctx.device)
-    m = ctx.time(lambda: torch.mm(a, b, out=c), warmup=10, reps=50)
+    nbytes = ctx.size(2_000_000_000, 16_000_000)
+
+    def matmul():
+        a, b = ctx.randn(n, n, dtype=dtype), ctx.randn(n, n, dtype=dtype)
+        c = torch.empty(n, n, dtype=dtype, device=ctx.device)
+        return ctx.time(lambda: torch.mm(a, b, out=c), warmup=10, reps=50)
+
+    def copy():
+        src = ctx.randn(nbytes // 4)
+        dst = torch.empty_like(src)
+        return ctx.time(lambda: dst.copy_(src), warmup=10, reps=50)
+
+    m = matmul()  # each helper's tensors are freed on return
     tflops = 2 * n ** 3 / m.median_s / 1e12
     rec["matmul"] = dict(n=n, dtype=str(dtype), tflops=tflops, **m.summary())
-    del a, b, c
-    nbytes = ctx.size(2_000_000_000, 16_000_000)
-    src = ctx.randn(nbytes // 4)
-    dst = torch.empty_like(src)
-    m = ctx.time(lambda: dst.copy_(src), warmup=10, reps=50)
+    m = copy()
     gbps = 2 * nbytes / m.median_s / 1e9
     rec["copy"] = dict(bytes_moved=2 * nbytes, gbps=gbps, **m.summary())
     ctx.shared["copy_gbps"] = gbps
@@ -153,19 +155,15 @@ def sec_env(ctx: Ctx, rec: dict) -> str:
 
 
 def _nbytes(x) -> int:
-    import torch
-
     if isinstance(x, torch.Tensor):
         return x.numel() * x.element_size()
     return sum(_nbytes(a) for a in x) if isinstance(x, (tuple, list)) else 0
 
 
 def sec_norms(ctx: Ctx, rec: dict) -> str:
-    from anyid_rt.kernels import SegmentMap, select
-
     B, L, D, H = ctx.size((2, 27280, 3072, 24), (2, 37, 64, 2))
     x32, xa = ctx.randn(B, L, D), ctx.randn(B, L, D, dtype=ctx.adt)
-    shift, scale, gate = (ctx.randn(B, 1, D, scale=0.1) for _ in range(3))
+    shift, scale, gate = ctx.randn(B, 1, 3, D, scale=0.1).unbind(2)  # views of one tensor, as Block.forward's
     w, b = 1 + ctx.randn(D, scale=0.05), ctx.randn(D, scale=0.01)
     angles = ctx.randn(L, D // H // 2, scale=3.0)
     seg = SegmentMap.from_lens((L,), ctx.device)
@@ -189,7 +187,7 @@ def sec_norms(ctx: Ctx, rec: dict) -> str:
                        rejected=choice.rejected, triton_of_copy=gbps.get("triton", 0) / copy if copy else None)
         if not (written and verdict.ok):
             bad.append(f"{op}: written={written}, {verdict.reason or 'ok'}")
-        heads.append(f"{op} {gbps.get('triton', 0):.0f} GB/s ({choice.name})")
+        heads.append(f"{op} {gbps.get('triton', 0):.4g} GB/s (auto: {choice.name})")
         ctx.flush()
     if bad:
         raise CheckFailed("; ".join(bad))
@@ -198,9 +196,6 @@ def sec_norms(ctx: Ctx, rec: dict) -> str:
 
 def attention_case(ctx: Ctx, q, k, v) -> dict:
     """Every attention candidate on one shape: error against fp32 on spread query rows, TFLOP/s, the choice."""
-    from anyid_rt.kernels import attention, select
-    from anyid_rt.kernels._utils import config_family
-
     B, Lq, H, D = q.shape
     flops = 4.0 * B * H * Lq * k.shape[1] * D
     t0 = time.perf_counter()
@@ -245,11 +240,6 @@ def sec_attention(ctx: Ctx, rec: dict) -> str:
 def _dit(ctx: Ctx):
     """The DiT of every section that runs one: the 5B (tiny in a dry run), random weights made on the device."""
     if "dit" not in ctx.shared:
-        import torch
-
-        from anyid_rt.config import DiTConfig
-        from anyid_rt.models.random_weights import random_dit
-
         cfg = DiTConfig() if not ctx.dry else DiTConfig.preset("tiny")
         dtype = torch.float32 if ctx.dry else torch.bfloat16  # the interpreter: no bf16 dots
         ctx.shared["dit"] = random_dit(cfg, dtype=dtype, device=ctx.device, seed=ctx.args.seed)
@@ -258,11 +248,6 @@ def _dit(ctx: Ctx):
 
 def dit_inputs(ctx: Ctx, dit, frames: int) -> tuple:
     """One guided step's tensors (batch 2, one segment, a 100-token prompt) for `forward_tokens`."""
-    import torch
-
-    from anyid_rt.kernels import dit_ops
-    from anyid_rt.models.dit import patchify, sinusoidal_embedding
-
     cfg, dev = dit.cfg, ctx.device
     h, w = ctx.size((44, 80), (4, 6))
     z = ctx.randn(2, cfg.in_dim, frames, h, w)
@@ -275,21 +260,12 @@ def dit_inputs(ctx: Ctx, dit, frames: int) -> tuple:
 
 
 def dit_variants(ctx: Ctx, compiled: bool = False) -> dict:
-    from dataclasses import replace
-
-    from anyid_rt.kernels import dit_ops, select
-
     torch_ops = dit_ops("torch")
     cudnn = None if ctx.dry else replace(torch_ops, attention=select.candidates("attention")["sdpa-cudnn"])
     return {"torch": torch_ops, "auto": auto_ops(ctx, compiled), "triton": dit_ops("triton"), "torch+cudnn": cudnn}
 
 
 def time_dit(ctx: Ctx, dit, inputs: tuple, ops, reference=None) -> dict:
-    import torch
-
-    from anyid_rt.models.dit import count_flops
-    from anyid_rt.quant import cosine
-
     with torch.inference_mode():
         m = ctx.time(lambda: dit.forward_tokens(*inputs, ops=ops), warmup=0, reps=2, keep=True)
     out = m.first_result
@@ -337,13 +313,9 @@ def sec_dit_compiled(ctx: Ctx, rec: dict) -> str:
         from anyid_rt.compiled import compile_dit_
     except ImportError as e:
         raise NotAvailable(f"anyid_rt.compiled.compile_dit_ ({e})") from e
-    from anyid_rt.bench.baseline import dit_view
-
     dit, inputs = _dit(ctx), ctx.shared.get("dit_inputs") or dit_inputs(ctx, _dit(ctx), ctx.size(31, 2))
     view = dit_view(dit, "auto")  # same weights, its own (compiled) modules
     if ctx.dry:  # Inductor's C++ build would take minutes: trace with the eager backend, as a check only
-        import torch
-
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         for block in view.blocks:
             block.compile(backend="eager", dynamic=False)
@@ -353,10 +325,15 @@ def sec_dit_compiled(ctx: Ctx, rec: dict) -> str:
     for name, ops in dit_variants(ctx, compiled=True).items():
         if name == "torch" or ops is None:
             continue
-        why = ctx.budget.why_not(ctx.size(150 if name == "auto" else 70, 10))
+        why = ctx.budget.why_not(ctx.size(100 if name == "auto" else 45, 10))
         if why:
             rec[name] = dict(status="skipped", reason=why)
             continue
+        if name == "auto":  # choose first, eagerly (compiled references included), so that the block compiles once
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                dit.forward_tokens(*inputs, ops=ops)
+            rec["auto_selection_s"] = time.perf_counter() - t0
         r = time_dit(ctx, view, inputs, ops, ctx.shared.get("auto_out"))
         r["compile_s"] = max(0.0, r["first_call_s"] - r["s_per_forward"])
         rec[name] = _keep(r) | ({"choices": choices_of(ops)} if name == "auto" else {})
@@ -366,10 +343,7 @@ def sec_dit_compiled(ctx: Ctx, rec: dict) -> str:
 
 
 def sec_fp8(ctx: Ctx, rec: dict) -> str:
-    import torch
-    import torch.nn.functional as F
-
-    from anyid_rt.quant import FP8Linear, check_fp8_device, cosine, quantize_dit_fp8_
+    from anyid_rt.quant import FP8Linear, check_fp8_device, quantize_dit_fp8_
 
     try:
         check_fp8_device(ctx.device)
@@ -389,7 +363,7 @@ def sec_fp8(ctx: Ctx, rec: dict) -> str:
             rows = quantize_rows_fp8(x)
             xq, xs = rows.values, rows.scale.reshape(-1, 1)
 
-            def mm(fast: bool):
+            def mm(fast: bool, xq=xq, xs=xs, fp8=fp8):
                 return lambda: torch._scaled_mm(xq, fp8.weight_q.t(), scale_a=xs, scale_b=fp8.weight_scale,
                                                 bias=fp8.bias, out_dtype=torch.bfloat16, use_fast_accum=fast)
 
@@ -401,13 +375,11 @@ def sec_fp8(ctx: Ctx, rec: dict) -> str:
                               speedup_fp8_linear=ms["bf16"] / ms["fp8_linear"],
                               speedup_scaled_mm=ms["bf16"] / ms["scaled_mm"], cosine_fp8_vs_bf16=cosine(y8, y16),
                               rel_l2_fp8=rel_l2(y8, ref), rel_l2_bf16=rel_l2(y16, ref))
-        heads.append(f"{K}x{N} x{ms['bf16'] / ms['fp8_linear']:.2f}")
+        heads.append(f"{K}x{N} x{ms['bf16'] / ms['fp8_linear']:.3g}")
         ctx.flush()
     if "dit_inputs" not in ctx.shared or ctx.budget.why_not(ctx.size(30, 5)):
         rec["dit"] = dict(status="skipped", reason="no DiT from the dit section, or no time left")
         return "FP8Linear speed-up " + ", ".join(heads)
-    from anyid_rt.bench.baseline import dit_view
-
     view = dit_view(_dit(ctx), "auto")
     quantize_dit_fp8_(view, backend="triton")
     ops = auto_ops(ctx)
@@ -419,12 +391,6 @@ def sec_fp8(ctx: Ctx, rec: dict) -> str:
 
 
 def sec_attention_8bit(ctx: Ctx, rec: dict) -> str:
-    import torch
-
-    from anyid_rt.kernels import attention, attention_8bit as a8
-    from anyid_rt.kernels._utils import config_family
-    from anyid_rt.quant import cosine
-
     B, L, H, D = ctx.size((2, 27280, 24, 128), (1, 37, 2, 32))
     pv = "fp8" if ctx.dry or a8.fp8_supported(torch.cuda.get_device_capability(ctx.device)) else "bf16"
     q, v = ctx.randn(B, L, H, D, dtype=ctx.adt), ctx.randn(B, L, H, D, dtype=ctx.adt)
@@ -439,11 +405,12 @@ def sec_attention_8bit(ctx: Ctx, rec: dict) -> str:
     d_round = rel_l2(emul32.to(out.dtype), emul32)
     x = a8.quantize_8bit(q, k, v, pv=pv)
     ms = {name: ctx.time(fn).timing.median_ms for name, fn in (
-        (f"8bit-{pv}", lambda: a8.attention_8bit(q, k, v, pv=pv)), (f"8bit-{pv}-core", lambda: a8.attention_8bit_core(x, q.dtype)),
+        (f"8bit-{pv}", lambda: a8.attention_8bit(q, k, v, pv=pv)),
+        (f"8bit-{pv}-core", lambda: a8.attention_8bit_core(x, q.dtype)),
         ("triton-bf16", lambda: attention.attention(q, k, v)))}
     flops = 4.0 * B * H * L * L * D
     ok = written and d_kernel <= 0.1 * d_quant + 2 * d_round
-    rec.update(pv=pv, written=written, first_call_s=first_s, ms=ms, tflops={k_: flops / t / 1e9 for k_, t in ms.items()},
+    rec.update(pv=pv, written=written, first_call_s=first_s, ms=ms, tflops={n: flops / t / 1e9 for n, t in ms.items()},
                config=str(a8._TUNED[config_family(q.device)].best_config), kernel_vs_emulation=d_kernel,
                emulation_vs_fp64=d_quant, output_rounding=d_round, ok=ok, cosine_vs_fp64=cosine(out[:, rows], full),
                speedup_vs_triton_bf16=ms["triton-bf16"] / ms[f"8bit-{pv}"])
@@ -454,13 +421,6 @@ def sec_attention_8bit(ctx: Ctx, rec: dict) -> str:
 
 
 def sec_vae(ctx: Ctx, rec: dict) -> str:
-    import torch
-
-    from anyid_rt.config import VAEConfig
-    from anyid_rt.models.random_weights import random_vae
-    from anyid_rt.models.vae import VAETiling
-    from anyid_rt.quant import psnr
-
     cfg = VAEConfig() if not ctx.dry else VAEConfig.preset("tiny")
     latent = ctx.randn(1, cfg.z_dim, *ctx.size((31, 44, 80), (2, 2, 4)))  # 121 frames of 704 x 1280
     tiling = ctx.size(VAETiling(), VAETiling(2, 2, 1))
@@ -494,15 +454,12 @@ def sec_vae(ctx: Ctx, rec: dict) -> str:
             ctx.flush()
     if len(fp32_out) == 2:
         rec["psnr_tiled_vs_untiled_fp32_db"] = psnr(fp32_out[False], fp32_out[True], peak=2.0)
-    return ", ".join(f"{k} {v['seconds']:.3g} s" + (f" ({v['psnr_vs_fp32_db']:.1f} dB)" if "psnr_vs_fp32_db" in v else "")
-                     for k, v in rec.items() if isinstance(v, dict) and "seconds" in v)
+    runs = {k: v for k, v in rec.items() if isinstance(v, dict) and "seconds" in v}
+    return ", ".join(f"{k} {v['seconds']:.3g} s" + (f" ({v['psnr_vs_fp32_db']:.1f} dB)" if "psnr_vs_fp32_db" in v
+                                                    else "") for k, v in runs.items())
 
 
 def sec_attention_backward(ctx: Ctx, rec: dict) -> str:
-    import torch
-
-    from anyid_rt.kernels import attention, select
-
     B, L, H, D = ctx.size((2, 27280, 24, 128), (1, 37, 2, 32))
     impls = {"triton": attention.attention} | {k: v for k, v in select.candidates("attention").items()
                                               if k.startswith("sdpa")}
@@ -516,14 +473,18 @@ def sec_attention_backward(ctx: Ctx, rec: dict) -> str:
         return torch.autograd.grad(fn(*leaves), leaves, ds.to(dtype))
 
     ref32, low = grads(attention.attention_ref, torch.float32), grads(attention.attention_ref, ctx.adt)
+
+    def backward(fn):  # the forward once, then its backward timed (the graph kept between calls)
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves)
+        return ctx.time(lambda: torch.autograd.grad(out, leaves, dout, retain_graph=True), warmup=1, reps=3)
+
     timing, checks = {}, {}
     for name, fn in impls.items():
         try:
-            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-            out = fn(*leaves)
-            m = ctx.time(lambda: torch.autograd.grad(out, leaves, dout, retain_graph=True), warmup=1, reps=3)  # noqa: B023
-            timing[name] = dict(ms=m.timing.median_ms, tflops=flops / m.timing.median_ms / 1e9, first_call_s=m.first_call_s)
-            del out, leaves
+            m = backward(fn)
+            timing[name] = dict(ms=m.timing.median_ms, tflops=flops / m.timing.median_ms / 1e9,
+                                first_call_s=m.first_call_s)
             verdicts = [select.check(g, r, lo) for g, r, lo in zip(grads(fn, ctx.adt), ref32, low)]
             checks[name] = {f"d{n}": dict(ok=vd.ok, error=vd.error, bound=vd.bound) for n, vd in zip("qkv", verdicts)}
         except Exception as e:  # noqa: BLE001 - a backend without this shape here
@@ -553,8 +514,32 @@ def sec_long(ctx: Ctx, rec: dict) -> str:
     return line + f"; auto DiT {rec['dit']['s_per_forward']:.3g} s at {rec['dit']['tokens']} tokens"
 
 
+def sec_gpu_tests(ctx: Ctx, rec: dict) -> str:
+    """`pytest -m gpu` on --tests, in this process: the package mapping serves the tests too."""
+    import pytest
+
+    files = [str(Path(__file__).resolve().parent.parent / f) for f in ctx.args.tests.split(",")]
+    counts: dict[str, int] = {}
+    failed: list[str] = []
+
+    class Outcomes:  # a pytest plugin: every test's outcome (a skip or an error outside the call counts too)
+        def pytest_runtest_logreport(self, report):
+            if report.when == "call" or report.outcome != "passed":
+                counts[report.outcome] = counts.get(report.outcome, 0) + 1
+            if report.failed:
+                failed.append(f"{report.nodeid} ({report.when}): {str(report.longrepr)[-1500:]}")
+
+    code = int(pytest.main(["-m", "gpu", "-q", "-rfE", "-p", "no:cacheprovider", *files], plugins=[Outcomes()]))
+    rec.update(files=files, exit_code=code, outcomes=counts, failed=failed)
+    line = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "nothing ran"
+    if code not in (0, 5):  # 5: nothing collected
+        raise CheckFailed(f"pytest exit code {code}: {line}")
+    return line
+
+
 # (name, function, estimated seconds on an H100/H200, in a dry run), in priority order
 SECTIONS = (("env", sec_env, 15, 5), ("norms", sec_norms, 25, 10), ("attention", sec_attention, 40, 10),
-            ("dit", sec_dit, 60, 10), ("dit_compiled", sec_dit_compiled, 150, 10), ("fp8", sec_fp8, 40, 10),
+            ("dit", sec_dit, 60, 10), ("dit_compiled", sec_dit_compiled, 100, 10), ("fp8", sec_fp8, 40, 10),
             ("attention_8bit", sec_attention_8bit, 30, 10), ("vae", sec_vae, 60, 5),
-            ("attention_backward", sec_attention_backward, 50, 10), ("long", sec_long, 45, 10))
+            ("attention_backward", sec_attention_backward, 50, 10), ("long", sec_long, 45, 10),
+            ("gpu_tests", sec_gpu_tests, 90, 10))

@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..request import write_text_atomic
+from ..files import write_text_atomic
 from . import SegmentMap
 from . import attention as _attention
 from . import modulation as _modulation
@@ -179,7 +179,7 @@ class Verdict:
     reason: str | None = None
 
 
-def _dense(out: Any) -> Any:
+def dense(out: Any) -> Any:
     """An op's output as one tensor: E4M3 rows with scales (kernels.fp8_quant.FP8Rows) dequantised."""
     if isinstance(out, torch.Tensor) or not hasattr(out, "dequantize"):
         return out
@@ -191,7 +191,7 @@ def check(out: Any, ref32: torch.Tensor, ref_low: Any, factor: float = 2.0, rel_
     is the torch reference on fp32 copies of the inputs and ref_low the same reference at the inputs'
     precision. atol is the rounding noise of a trivial fp32 operation on ref32 ((r + 0.3 - 0.3) - r) or, if
     larger, rel_floor * max(1, max|ref32|). A non-finite output fails (the comparison is False for NaN)."""
-    out, ref_low = _dense(out), _dense(ref_low)
+    out, ref_low = dense(out), dense(ref_low)
     if not isinstance(out, torch.Tensor):
         return Verdict(False, float("inf"), 0.0, f"returned {type(out).__name__}, not a tensor")
     if out.shape != ref32.shape:
@@ -360,7 +360,7 @@ class Choice:
 
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
-    return (text.splitlines()[0] if text else "")[:200]
+    return (text.splitlines()[0] if text else "")[:120]
 
 
 def _stderr(line: str) -> None:
@@ -392,7 +392,8 @@ class Selector:
         choice = self._from_file(op, fp, sc, names)
         if choice is None:
             choice = self._measure(op, impls, args, device, fp, sc, names, not_available or {})
-            self._save(choice)
+            if self._save(choice):
+                choice = replace(choice, source=f"timed, saved to {self.cache_path}")
         self.memo[fp, sc] = choice
         self.log(choice.line())
         return choice
@@ -434,9 +435,10 @@ class Selector:
             return None
         return choice
 
-    def _save(self, choice: Choice) -> None:
+    def _save(self, choice: Choice) -> bool:
+        """Add `choice` to the file (atomically); False if there is no file or it cannot be written."""
         if self.cache_path is None:
-            return
+            return False
         choices, _ = self._read()  # re-read: keep what other processes wrote meanwhile
         if not isinstance(choices.get(choice.fingerprint), dict):
             choices[choice.fingerprint] = {}
@@ -447,7 +449,9 @@ class Selector:
         except OSError as e:
             self.log(f"anyid_rt.kernels: cannot write the kernel choice file {self.cache_path} ({e}); the choice "
                      "holds for this process only")
+            return False
         self._file = choices
+        return True
 
     # -- measuring -----------------------------------------------------------------------------------------
     def _measure(self, op: str, impls: Mapping[str, Callable], args: tuple, device: torch.device, fp: str, sc: str,
@@ -472,8 +476,7 @@ class Selector:
                                + ". Use backend='torch' (the references) and report this")
         best = min(ms, key=ms.__getitem__)
         date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        where = f"timed, saved to {self.cache_path}" if self.cache_path else "timed"
-        return Choice(op, sc, fp, best, ms, rejected, names, date, where)
+        return Choice(op, sc, fp, best, ms, rejected, names, date)
 
 
 _default: Selector | None = None
@@ -509,21 +512,21 @@ class AutoOp:
         return f"AutoOp({self.op}: {' | '.join(self.impls)}; chosen {dict(chosen)})"
 
     def __call__(self, *args):
-        fn = self.chosen.get(signature(args))
+        key = signature(args)
+        fn = self.chosen.get(key)
         if fn is None:
-            fn = self._decide(args)
+            if _device_of(args).type not in self.timed_on:  # nothing to decide: no graph break under compile
+                return REFERENCES[self.op](*args)
+            fn = self._decide(key, args)
         return fn(*args)
 
-    @torch.compiler.disable  # under torch.compile: a graph break at the first call of a class, nothing after
-    def _decide(self, args: tuple) -> Callable:
-        key = signature(args)
-        if _device_of(args).type not in self.timed_on:
-            fn = REFERENCES[self.op]
-        else:
-            choice = (self.selector or default_selector()).choose(self.op, self.impls, args, self.not_available)
-            fn = self.impls[choice.name]
-            self.choices[key] = choice
-        self.chosen[key] = fn
+    # Under torch.compile the decision is a graph break at the first call of a shape class (it runs the
+    # candidates eagerly); the recompile that follows finds the choice and traces straight into it.
+    @torch.compiler.disable
+    def _decide(self, key: Any, args: tuple) -> Callable:
+        choice = (self.selector or default_selector()).choose(self.op, self.impls, args, self.not_available)
+        self.choices[key] = choice
+        self.chosen[key] = fn = self.impls[choice.name]
         return fn
 
 

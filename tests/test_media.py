@@ -535,7 +535,7 @@ from anyid_rt.conditioning import ConditioningLayout, prepare_reference
 def peak_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
-ref = prepare_reference(sys.argv[1], 64, 64, ConditioningLayout(), 0)
+ref = prepare_reference(sys.argv[1], 64, 64, ConditioningLayout(max_clip_frames=121, long_clip="subsample"), 0)
 print(ref.num_frames, peak_mib())
 if len(sys.argv) > 2:  # then the whole clip decoded at once, as before streaming (the high-water mark only rises)
     print(media.load_media(sys.argv[1]).shape[0], peak_mib())

@@ -47,7 +47,7 @@ class Bench:
         return self.ms[self.calls[-1]]
 
 
-def _no_timing(fn, device):
+def _no_timing(_fn, _device):
     raise AssertionError("timed although the choice was known")
 
 
@@ -58,22 +58,22 @@ def _rms_args(L=7, N=48, dtype=torch.float16):
 def _fake_rms_candidates(bench: Bench) -> dict:
     ref = norm.rms_norm_ref
 
-    def raises(*args):
+    def raises(*_args):
         raise RuntimeError("no kernel for this shape")
 
     impls = {
         "exact": ref,
         "slow": ref,
         "wrong": lambda x, w, eps: (ref(x, w, eps).float() * 1.01).to(x.dtype),  # 1 %: far over bf16/fp16 noise
-        "nan": lambda x, w, eps: torch.full_like(x, float("nan")),
+        "nan": lambda x, *_: torch.full_like(x, float("nan")),
         "raises": raises,
     }
     return {name: bench.wrap(name, fn) for name, fn in impls.items()}
 
 
 def _selector(path=None, bench=None, setup=SETUP, log=None):
-    return select.Selector(path, timer=bench.timer if bench else _no_timing, fingerprint=lambda d: setup,
-                           log=(log.append if log is not None else lambda line: None))
+    return select.Selector(path, timer=bench.timer if bench else _no_timing, fingerprint=lambda _device: setup,
+                           log=(log.append if log is not None else lambda _line: None))
 
 
 def test_fastest_correct_candidate_wins_and_a_wrong_one_never_does():
@@ -94,7 +94,7 @@ def test_fastest_correct_candidate_wins_and_a_wrong_one_never_does():
 
 def test_no_correct_candidate_is_an_error_naming_the_fix():
     bench = Bench({"wrong": 1.0})
-    impls = {"wrong": bench.wrap("wrong", lambda x, w, eps: x * 2)}
+    impls = {"wrong": bench.wrap("wrong", lambda x, *_: x * 2)}
     with pytest.raises(RuntimeError, match=r"no implementation computes rms_norm.*wrong result.*backend='torch'"):
         _selector(bench=bench).choose("rms_norm", impls, _rms_args())
 
@@ -104,6 +104,7 @@ def test_choice_is_saved_and_read_back_without_timing(tmp_path):
     bench = Bench({"exact": 5.0, "slow": 10.0, "wrong": 1.0, "nan": 0.5, "raises": 0.1})
     args = _rms_args()
     first = _selector(path, bench).choose("rms_norm", _fake_rms_candidates(bench), args)
+    assert first.source == f"timed, saved to {path}"
     data = json.loads(path.read_text())
     entry = data["choices"][SETUP][select.shape_class("rms_norm", args)]
     assert data["version"] == select.CACHE_VERSION and entry["choice"] == "exact"
@@ -114,6 +115,18 @@ def test_choice_is_saved_and_read_back_without_timing(tmp_path):
     again = _selector(path, log=log).choose("rms_norm", _fake_rms_candidates(Bench({})), _rms_args())
     assert again.name == "exact" and again.source == f"from {path}" and again.ms == first.ms
     assert len(log) == 1 and log[0].endswith(f"[from {path}]")
+
+
+def test_unwritable_file_keeps_the_choice_in_memory(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    path = tmp_path / "a_file" / "choices.json"  # its folder is a file
+    bench = Bench({"exact": 5.0, "slow": 10.0, "wrong": 1.0, "nan": 0.5, "raises": 0.1})
+    log: list[str] = []
+    selector = _selector(path, bench, log=log)
+    choice = selector.choose("rms_norm", _fake_rms_candidates(bench), _rms_args())
+    assert choice.name == "exact" and choice.source == "timed" and "cannot write" in log[0]
+    n = len(bench.timed)
+    assert selector.choose("rms_norm", _fake_rms_candidates(bench), _rms_args()) is choice and len(bench.timed) == n
 
 
 def test_key_follows_the_setup_and_the_candidates(tmp_path):
@@ -141,7 +154,7 @@ def test_fingerprint_names_device_driver_and_versions(monkeypatch):
     assert f"torch {torch.__version__}" in cpu and f"triton {select._version('triton')}" in cpu
     monkeypatch.setattr(torch, "__version__", "9.9.9")
     assert select.device_fingerprint(torch.device("cpu")) != cpu
-    monkeypatch.setattr(select, "_version", lambda package: "7.7.7")
+    monkeypatch.setattr(select, "_version", lambda _package: "7.7.7")
     assert "triton 7.7.7" in select.device_fingerprint(torch.device("cpu"))
 
 
@@ -183,7 +196,7 @@ def test_auto_op_decides_once_per_shape_class():
 
 
 def test_auto_op_runs_the_reference_on_devices_it_does_not_time():
-    op = select.AutoOp("rms_norm", {"boom": lambda *a: 1 / 0}, _selector())  # timed_on: CUDA only
+    op = select.AutoOp("rms_norm", {"boom": lambda *_: 1 / 0}, _selector())  # timed_on: CUDA only
     x, w, eps = _rms_args()
     assert torch.equal(op(x, w, eps), norm.rms_norm_ref(x, w, eps))
 

@@ -35,7 +35,7 @@ def spec(engine) -> EngineSpec:
 
 @pytest.fixture(scope="module")
 def long_clip(tmp_path_factory):
-    """200 frames at 24 fps (8.3 s) of 96 x 160: longer than the layout's 121 frames, so it is subsampled."""
+    """200 frames at 24 fps (8.3 s) of 96 x 160: longer than the layout's 33 frames, so its centred 33 are kept."""
     path = tmp_path_factory.mktemp("clips") / "long.mp4"
     with av.open(str(path), "w") as c:
         s = c.add_stream("libx264", rate=24)
@@ -65,12 +65,13 @@ def test_references_are_what_the_engine_makes_of_the_files(engine, spec, long_cl
     for size in ((64, 64), (32, 96)):
         kw = parse_request(request(references=[f.read_bytes() for f in files], height=size[0], width=size[1]),
                            Limits(), spec)
-        assert [r.shape for r in kw["references"]] == [(n, *size, 3) for n in (1, 9, 121)]
+        # the 9-frame clip is 8 fps: 25 frames at the layout's 24 fps
+        assert [r.shape for r in kw["references"]] == [(n, *size, 3) for n in (1, 25, 33)]
         for i, (got, f) in enumerate(zip(kw["references"], files)):  # the engine takes the decoded frames as is
             want = prepare_reference(str(f), *size, engine.layout, i).pixels
             assert torch.equal(prepare_reference(got, *size, engine.layout, i).pixels, want), (f, size)
     kw = parse_request(request(references=[MP4.read_bytes()]), Limits(), spec)  # no size: the engine's default
-    assert kw["references"][0].shape == (9, spec.height, spec.width, 3)
+    assert kw["references"][0].shape == (25, spec.height, spec.width, 3)
 
 
 def test_request_limits(spec, long_clip):
@@ -98,7 +99,7 @@ def test_request_limits(spec, long_clip):
     refused(Limits(max_reference_seconds=8), r"reference 0: .*lasts 8.33 s.*max_reference_seconds=8", references=[clip])
     refused(Limits(), "reference 0: .*not an image or video", references=[garbage])
     kw = parse_request(request(references=[clip]), Limits(max_reference_frames=200, max_reference_seconds=9), spec)
-    assert kw["references"][0].shape[0] == 121
+    assert kw["references"][0].shape[0] == 33
 
 
 def test_limits_are_repository_config(tmp_path):
