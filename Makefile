@@ -9,7 +9,7 @@ CORE := $(VENV)/.installed-core
 TESTDEPS := $(VENV)/.installed-test
 LINTDEPS := $(VENV)/.installed-lint
 
-.PHONY: demo test test-slow lint bench gpu-suite clean
+.PHONY: demo test test-slow lint bench gpu-validate clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,11 +20,12 @@ $(CORE): setup.py | $(PY)
 	$(PIP) install -q -e ".[text]"
 	touch $(CORE)
 
-# the test oracles (diffusers, transformers), export (onnx, onnxruntime, tritonclient) and the Triton server
+# the test oracles (diffusers, transformers), export (onnx, onnxruntime, tritonclient), modelopt's ONNX PTQ
+# (the `modelopt` extra: modelopt without its CUDA-only [onnx] extra) and the Triton server
 # (nvidia-pytriton, --no-deps: its numpy<2 pin would downgrade numpy; the server's Python stub gets a
 # numpy<2 of its own inside .venv)
 $(TESTDEPS): $(CORE)
-	$(PIP) install -q -e ".[text,test,export,eval]"
+	$(PIP) install -q -e ".[text,test,export,eval,modelopt]"
 	$(PIP) install -q --no-deps "nvidia-pytriton==0.7.0"
 	$(VENV)/bin/anyid-rt serve --prepare
 	touch $(TESTDEPS)
@@ -49,8 +50,9 @@ test-slow: $(TESTDEPS)
 bench: $(TESTDEPS)
 	$(PY) -m pytest -q tests/test_bench_cpu.py --benchmark-only
 
-gpu-suite: $(CORE)
-	bash bench/gpu_suite.sh
+# every GPU number in one budgeted run (bench/gpu_validate.py): a JSON and a log in OUT
+gpu-validate: $(CORE)
+	$(PY) bench/gpu_validate.py --out $${OUT:-bench/results/gpu_validate}
 
 clean:
 	rm -rf $(VENV) out build *.egg-info

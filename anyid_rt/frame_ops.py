@@ -134,6 +134,13 @@ def clip_indices(num_frames: int, max_frames: int) -> np.ndarray:
 LONG_CLIP_MODES = ("window", "subsample")
 
 
+def check_fps(fps, name: str = "fps") -> None:
+    """A frame rate is a positive finite number, or None (no resampling)."""
+    if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not np.isfinite(fps)
+                            or fps <= 0):
+        raise ValueError(f"{name} must be a positive frame rate or None, got {fps!r}")
+
+
 def resample_indices(num_frames: int, src_fps: float, fps: float) -> np.ndarray:
     """The source frames of a clip of `num_frames` frames at `src_fps` that show a timeline at `fps`: frame k of
     the result is the source frame nearest to time k / fps, floor(k * src_fps / fps + 1/2) (clamped to the last
@@ -142,8 +149,9 @@ def resample_indices(num_frames: int, src_fps: float, fps: float) -> np.ndarray:
     if num_frames < 1:
         raise MediaError("the clip has zero frames")
     for name, v in (("src_fps", src_fps), ("fps", fps)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v <= 0:
-            raise ValueError(f"{name} must be a positive frame rate, got {v!r}")
+        if v is None:
+            raise ValueError(f"{name} must be a positive frame rate, got None")
+        check_fps(v, name)
     step = float(src_fps) / float(fps)  # source frames per output frame
     n = max(1, int(np.ceil(num_frames / step - 1e-9)))  # outputs whose time lies inside the clip
     return np.minimum(np.floor(np.arange(n) * step + 0.5), num_frames - 1).astype(np.int64)
@@ -194,4 +202,4 @@ def to_4n_plus_1(frames, max_frames: int):
 
 
 __all__ = ["MediaError", "Fit", "check_frames", "to_model_range", "fit_box", "check_fit", "fit_and_pad", "clip_indices",
-           "to_4n_plus_1", "LONG_CLIP_MODES", "resample_indices", "select_frames"]
+           "to_4n_plus_1", "LONG_CLIP_MODES", "check_fps", "resample_indices", "select_frames"]

@@ -38,9 +38,7 @@ count, or, when it states none (Matroska / WebM, some AVI), a count of the strea
 decoding). The decode pass counts the frames it decodes to the end; where that differs from the count it started
 from (an edit list, a wrong header), a second pass selects by the decoded count. The selection is therefore always
 exactly the one `to_4n_plus_1` makes on the whole decoded clip; a wrong count costs time (one more pass), never
-memory or a different frame. `load_clip(..., fps=24, long_clip="window")` first resamples the clip to 24 fps
-(by the stream's stated rate) and keeps the centred run of a longer clip: `frame_ops.select_frames` is the rule,
-and `ConditioningLayout` chooses its arguments for the engine and the trainer alike.
+memory or a different frame. `fps=` / `long_clip=` resample first and keep a centred run (`select_frames`).
 """
 from __future__ import annotations
 
@@ -54,7 +52,7 @@ import numpy as np
 import torch
 
 from .frame_ops import (Fit, MediaError, canvas, check_fit, check_frames, check_max_frames, clip_indices, fit_and_pad,
-                        fit_box, fitted, paste, select_frames, to_4n_plus_1, to_model_range, writable)
+                        check_fps, fit_box, fitted, paste, select_frames, to_4n_plus_1, to_model_range, writable)
 
 ASSET_DIR = Path(__file__).resolve().parent / "assets"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -195,15 +193,9 @@ def _too_long(video: _Video, frames: int | None, seconds: float | None, max_sour
         raise ClipTooLong(f"{video.what}: the clip lasts {seconds:.3g} s, longer than the limit of {max_seconds:g} s")
 
 
-def _stream_fps(stream) -> float | None:
-    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-    return float(rate) if rate else None
-
-
 def _frame_count(video: _Video, max_source_frames: int | None, max_seconds: float | None) -> tuple[int, float | None]:
     """The clip's frame count as the container states it, else its packets counted (a demux pass, nothing decoded),
-    and its frame rate (None when the stream states none). Refuses a clip whose stated length passes a limit
-    before anything is decoded."""
+    and its stated rate (or None). Refuses a clip whose stated length passes a limit before anything is decoded."""
     import av
 
     container = _open_video(video)
@@ -211,7 +203,8 @@ def _frame_count(video: _Video, max_source_frames: int | None, max_seconds: floa
         if not container.streams.video:
             raise MediaError(f"{video.what}: the file has no video stream")
         stream = container.streams.video[0]
-        n, fps = _stated_frames(stream), _stream_fps(stream)
+        n, rate = _stated_frames(stream), stream.average_rate or stream.guessed_rate or stream.base_rate
+        fps = float(rate) if rate else None
         _too_long(video, n or None, _stated_seconds(container, stream), max_source_frames, max_seconds)
         if n:
             return n, fps
@@ -280,7 +273,8 @@ def _decode(video: _Video, keep: np.ndarray | None = None, first: int | None = N
             raise
         except (av.FFmpegError, OSError, ValueError) as e:
             raise MediaError(f"{video.what}: decoding failed after {count} frame(s) ({type(e).__name__}: {e})") from e
-        fps = _stream_fps(stream)
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        fps = float(rate) if rate else None
         codec = stream.codec_context.name
     if count == 0:
         raise MediaError(f"{video.what}: the video has zero frames")
@@ -291,11 +285,10 @@ def _decode(video: _Video, keep: np.ndarray | None = None, first: int | None = N
 
 def _clip_from_video(video: _Video, max_frames: int, fit: Fit | None, max_source_frames: int | None,
                      max_seconds: float | None, fps: float | None = None, long_clip: str = "subsample") -> np.ndarray:
-    """The frames `select_frames` keeps (`clip_indices` unless a frame rate or long-clip mode is asked), decoded
-    streaming (see the module docstring): uint8 [T, h, w, 3]. A source frame kept twice (a slow clip resampled
-    up) is decoded and fitted once and copied."""
+    """The frames `select_frames` keeps, decoded streaming (module docstring): uint8 [T, h, w, 3]; a source frame
+    kept twice (a slow clip resampled up) is decoded and fitted once."""
     n, rate = _frame_count(video, max_source_frames, max_seconds)
-    n = max(1, n)
+    n = max(1, n)  # a count of 0 is corrected by the decode pass
     for _ in range(2):
         keep = select_frames(n, max_frames, src_fps=rate, fps=fps, long_clip=long_clip)
         unique = np.unique(keep)  # increasing, as `_decode` stores them
@@ -478,9 +471,8 @@ def load_media(x, max_frames: int | None = None, *, layout: str | None = None) -
 
 
 def load_clip(x, max_frames: int, size: tuple[int, int] | None = None, pad_value: int | Sequence[int] = (0, 0, 0), *,
-              layout: str | None = None, max_source_frames: int | None = None,
-              max_seconds: float | None = None, fps: float | None = None,
-              long_clip: str = "subsample") -> torch.Tensor:
+              layout: str | None = None, max_source_frames: int | None = None, max_seconds: float | None = None,
+              fps: float | None = None, long_clip: str = "subsample") -> torch.Tensor:
     """A reference as the engine uses it: the frames the 4n+1 rule keeps of any input `load_media` accepts
     (`clip_indices`, i.e. `to_4n_plus_1(load_media(x), max_frames)`), each fitted into size = (height, width) and
     padded with `pad_value` when a size is given (`fit_and_pad`'s pixels before its [-1, 1] mapping, bit for bit).
@@ -490,11 +482,8 @@ def load_clip(x, max_frames: int, size: tuple[int, int] | None = None, pad_value
     arrives: memory is that of the result whatever the clip's length (the module docstring says how the frame
     count is found). `max_source_frames` / `max_seconds` refuse a longer clip, by its stated length before
     decoding and by what is decoded while decoding (a server's bound on work); None: no bound.
-
-    `fps` resamples a video to that frame rate first (the frames nearest to its timeline, from the stream's stated
-    rate) and `long_clip` says what a clip longer than max_frames keeps ("subsample": spread over the clip;
-    "window": the centred run): `frame_ops.select_frames` is the rule. Frames in memory carry no rate: they are
-    taken as they are. The defaults (None, "subsample") are the rule above, `clip_indices`."""
+    `fps` resamples a video first (from its stated rate; frames in memory are taken as they are) and `long_clip`
+    says what a longer clip keeps: `frame_ops.select_frames` is the rule (the defaults give `clip_indices`)."""
     check_max_frames(max_frames)
     if max_frames is None:
         raise ValueError("max_frames is required")
@@ -504,9 +493,7 @@ def load_clip(x, max_frames: int, size: tuple[int, int] | None = None, pad_value
         raise ValueError(f"max_seconds must be a positive number or None, got {max_seconds!r}")
     if size is not None and (not isinstance(size, (tuple, list)) or len(size) != 2):
         raise ValueError(f"size must be (height, width), got {size!r}")
-    if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps)
-                            or fps <= 0):
-        raise ValueError(f"fps must be a positive frame rate or None, got {fps!r}")
+    check_fps(fps)
     fit = None if size is None else check_fit(*size, pad_value)
     src = _source(x, layout)
     if isinstance(src, _Video):
@@ -609,6 +596,5 @@ def write_mp4(frames, path: str | Path, fps: float = 24, *, crf: int = 18, prese
 
 __all__ = ["MediaError", "ClipTooLong", "VideoData", "load_media", "load_clip", "read_video", "read_frames",
            "write_mp4", "h264_encoder", "crop_center_to", "IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "LAYOUTS",
-           "ASSET_DIR", "InMemoryFile",
-           # re-exported from frame_ops (the frame rules that load_clip applies)
-           "clip_indices", "select_frames", "to_4n_plus_1", "fit_and_pad", "to_model_range"]
+           "ASSET_DIR", "InMemoryFile", "clip_indices", "select_frames", "to_4n_plus_1", "fit_and_pad",
+           "to_model_range"]  # the last five re-exported from frame_ops, the rules load_clip applies

@@ -17,6 +17,7 @@ writing bf16 vs FP8 rows. `--speed` times one DiT forward, batch 2, bf16 against
 inputs, without them, and with the eager quantiser, over one random copy of the weights made on the GPU.
 
     python bench/bench_fp8.py --quality              # CPU is fine   (or python -m anyid_rt.bench.bench_fp8)
+    python bench/bench_fp8.py --calibration          # max vs modelopt weight scales (needs nvidia-modelopt)
     python bench/bench_fp8.py --predict              # the model's table, no device
     python bench/bench_fp8.py --layers-speed --speed --blocks 30   # on an H100/H200
 Results are appended to bench/results/fp8.jsonl (measured and predicted side by side for the speed runs).
@@ -40,7 +41,7 @@ from anyid_rt.kernels.fp8_quant import E4M3, quantize_rows_fp8, quantize_rows_fp
 from anyid_rt.kernels.modulation import layernorm_modulate
 from anyid_rt.models import Segments, WanDiT
 from anyid_rt.models.random_weights import random_dit
-from anyid_rt.quant import FP8Linear, cosine, psnr, quantize_dit_fp8_
+from anyid_rt.quant import FP8Linear, cosine, modelopt_weight_amax, psnr, quantize_dit_fp8_
 
 
 def production_like_activations(tokens: int, width: int, seed: int = 0) -> torch.Tensor:
@@ -91,15 +92,55 @@ def run_quality(device: str) -> None:
                         frames_psnr_db=round(psnr(base.frames, other.frames), 2)), device)
 
 
-def _mid_engine(device: str, quant: str | None, attention_quant: str | None = None) -> Engine:
+def _mid_engine(device: str, quant: str | None, attention_quant: str | None = None,
+                calibration: str = "max") -> Engine:
     tiny = Engine.tiny(seed=0, device=device)
     cfg = DiTConfig(dim=512, ffn_dim=1536, num_heads=4, num_layers=6, text_dim=tiny.dit.cfg.text_dim, freq_dim=128)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         dit = WanDiT(cfg, attention_quant=attention_quant).to(device).eval().requires_grad_(False)
     if quant == "fp8":
-        quantize_dit_fp8_(dit)
+        quantize_dit_fp8_(dit, calibration=calibration)
     return Engine(dit, tiny.vae, tiny.text_encoder, defaults=tiny.defaults, device=device)
+
+
+def run_calibration(device: str, tokens: int = 256) -> None:
+    """FP8 weight scales from max calibration against modelopt's PyTorch PTQ (`calibration="modelopt"`):
+    per layer at the 5B's widths (weights N(0, 0.02), production-like activations), weight and output error
+    against bf16; then full 8-step sampling runs (tiny, mid-size) against the unquantised run."""
+    for out_f, in_f in [(3072, 3072), (14336, 3072), (3072, 14336)]:
+        g = torch.Generator().manual_seed(1)
+        lin = nn.Linear(in_f, out_f).to(device=device, dtype=torch.bfloat16)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(out_f, in_f, generator=g) * 0.02)
+        x = production_like_activations(tokens, in_f, seed=2).to(device=device, dtype=torch.bfloat16)
+        amax = {"max": None, "modelopt": modelopt_weight_amax([lin])[0]}
+        with torch.no_grad():
+            bf16 = lin(x).float()
+            row = dict(bench="fp8_calibration_layer", shape=[out_f, in_f], tokens=tokens)
+            for name, a in amax.items():
+                fp8 = FP8Linear.from_linear(lin, weight_amax=a)
+                w, w_ref = fp8.weight_q.float() * fp8.weight_scale.t(), lin.weight.float()
+                y = fp8(x).float()
+                row[name] = dict(weight_rel=round(((w - w_ref).norm() / w_ref.norm()).item(), 5),
+                                 output_rel=round(((y - bf16).norm() / bf16.norm()).item(), 5),
+                                 output_cos=round(cosine(y, bf16), 6))
+        record(row, device)
+    kw = dict(steps=8, seed=3, progress=False)
+    for name in ("tiny", "mid"):
+        def make(quant, calibration="max", name=name):
+            if name == "mid":
+                return _mid_engine(device, quant, calibration=calibration)
+            engine = Engine.tiny(seed=0, device=device)
+            if quant:
+                quantize_dit_fp8_(engine.dit, calibration=calibration)
+            return engine
+        base = make(None).generate("a woman smiles", **kw)
+        for calibration in ("max", "modelopt"):
+            other = make("fp8", calibration).generate("a woman smiles", **kw)
+            record(dict(bench="fp8_calibration_sampling", model=name, steps=8, calibration=calibration,
+                        latent_cos=round(cosine(base.latents, other.latents), 6),
+                        frames_psnr_db=round(psnr(base.frames, other.frames), 2)), device)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -263,25 +304,25 @@ FORWARD_VARIANTS = ("bf16", "fp8", "fp8-unfused", "fp8-eager")  # fp8: the engin
 
 def forward_speed(blocks: int = 30, token_counts: tuple[int, ...] = (27_280, 58_080), reps: int = 3,
                   variants: tuple[str, ...] = FORWARD_VARIANTS) -> list[dict]:
-    """One DiT forward, batch 2, Triton backend, random bf16 weights made on the GPU once; the FP8 variants
-    are views of them (bench/baseline.py `dit_view`) quantised in place: `fp8` the engine's path (one-pass
-    quantiser, adaptive LayerNorms writing FP8 rows), `fp8-unfused` without the fused inputs, `fp8-eager`
-    with the eager quantiser and no fused inputs (the path before one-pass quantisation)."""
+    """One DiT forward, batch 2, Triton backend, projections fused as the engine runs them, random bf16
+    weights made on the GPU once; every variant is a view of them (bench/baseline.py `dit_view`), the FP8
+    ones quantised in place: `fp8` the engine's path (one-pass quantiser, adaptive LayerNorms writing FP8
+    rows), `fp8-unfused` without the fused inputs, `fp8-eager` with the eager quantiser and no fused inputs
+    (the path before one-pass quantisation)."""
     if not torch.cuda.is_available():
         raise RuntimeError("--speed needs a CUDA GPU")
     cfg = DiTConfig(num_layers=blocks)
     base = random_dit(cfg, dtype=torch.bfloat16, device="cuda", backend="triton")
     models: dict[str, WanDiT] = {}
     for name in variants:
+        view = dit_view(base, "triton").fuse_projections()  # as the engine runs it: one qkv GEMM
+        models[name] = view
         if name == "bf16":
-            models[name] = base
             continue
-        view = dit_view(base, "triton")
         quantize_dit_fp8_(view, backend="torch" if name == "fp8-eager" else None)
         if name != "fp8":
             for block in view.blocks:
                 block.attn_input_dtype = block.ffn_input_dtype = None
-        models[name] = view
     kv = base.prepare_text([torch.randn(100, cfg.text_dim, device="cuda", dtype=torch.bfloat16)] * 2)
     return [_forward_row(models, kv, cfg, tokens, reps) for tokens in token_counts]
 
@@ -314,6 +355,8 @@ def _forward_row(models: dict[str, WanDiT], kv, cfg: DiTConfig, tokens: int, rep
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quality", action="store_true")
+    ap.add_argument("--calibration", action="store_true",
+                    help="FP8 weight scales: max calibration against modelopt's PTQ (needs nvidia-modelopt)")
     ap.add_argument("--predict", action="store_true", help="print the byte / FLOP model's table (no device)")
     ap.add_argument("--layers-speed", action="store_true", help="time each block linear and the quantisers")
     ap.add_argument("--speed", action="store_true", help="time DiT forwards, bf16 against the FP8 variants")
@@ -322,12 +365,14 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
-    if not (args.quality or args.predict or args.layers_speed or args.speed):
-        ap.error("choose --quality, --predict, --layers-speed and/or --speed")
+    if not (args.quality or args.calibration or args.predict or args.layers_speed or args.speed):
+        ap.error("choose --quality, --calibration, --predict, --layers-speed and/or --speed")
     if args.predict:
         print_prediction(predict())
     if args.quality:
         run_quality(args.device)
+    if args.calibration:
+        run_calibration(args.device)
     if args.layers_speed:
         for row in layer_speed(args.device, reps=args.reps):
             record(row, args.device)

@@ -132,8 +132,9 @@ def _check_export_onnx(args):
                 raise RequestError(f"--{name.replace('_', '-')} {value} must be >= 1", name)
             setattr(args, name, value)
         if args.quantizer == "modelopt":
-            require_packages({"modelopt": "nvidia-modelopt[onnx]", "onnxruntime": "onnxruntime"}, "--quantizer "
-                             "modelopt (or use --quantizer builtin, the same FP8 layers without modelopt)", "export")
+            require_packages({"onnxruntime": "onnxruntime"}, "--quantizer modelopt", "export")
+            require_packages({"modelopt": "nvidia-modelopt"}, "--quantizer modelopt (or use --quantizer builtin, the "
+                             "same FP8 layers without modelopt)", "modelopt")
             from .modelopt_qdq import check_graph_dtype
 
             try:  # modelopt runs the graph in onnxruntime: a bf16 graph needs its CUDA provider

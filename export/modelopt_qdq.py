@@ -37,22 +37,27 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
-import torch
 
-from .qdq import MissingDependency, linear_nodes, qdq_summary
+if TYPE_CHECKING:
+    import torch
+
+# torch (through qdq.py) is imported where it is used, so that the export command's request check can ask
+# `check_graph_dtype` before anything heavy loads
 
 # modelopt's FP8 scale is its INT8 scale (amax / 127) times 448 / 127: amax is quantised to 127^2 / 448
 MODELOPT_FP8_AMAX_LEVEL = 127.0 * 127.0 / 448.0
 
-_INSTALL = ("FP8 quantisation with modelopt needs NVIDIA TensorRT Model Optimizer: pip install "
-            "\"nvidia-modelopt[onnx]\" (or use --quantizer builtin, which writes the same FP8 layer choice without "
-            "modelopt)")
+_INSTALL = ("FP8 quantisation with modelopt needs NVIDIA TensorRT Model Optimizer and the packages its ONNX PTQ "
+            "imports: pip install -e \".[export,modelopt]\" (the `modelopt` extra; or use --quantizer builtin, which "
+            "quantises the same layers without modelopt)")
 
 
 def _require_modelopt():
+    from .qdq import MissingDependency
+
     try:
         from modelopt.onnx.quantization import quantize
     except ImportError as e:
@@ -86,9 +91,6 @@ def calibration_reader(samples: Sequence[dict[str, torch.Tensor]]):
 
         def rewind(self) -> None:
             self.next = 0
-
-        def __len__(self) -> int:
-            return len(samples)
 
     return SampleReader()
 
@@ -124,6 +126,8 @@ def _graph_float_type(model) -> str:
     (`high_precision_dtype`), as the builtin pass does."""
     from onnx import TensorProto
 
+    from .qdq import linear_nodes
+
     inits = {t.name: t for t in model.graph.initializer}
     by_name = {n.name: n for n in model.graph.node}
     types = {inits[by_name[ln.node].input[1]].data_type for ln in linear_nodes(model) if ln.quantized
@@ -134,12 +138,21 @@ def _graph_float_type(model) -> str:
     return names[types.pop()]
 
 
-def _calibration_eps() -> list[str]:
-    """onnxruntime's CUDA provider when this onnxruntime has it, else the CPU (never TensorRT here: a plain
-    graph of standard operators needs none of its plugins)."""
+def calibration_eps() -> list[str]:
+    """Where modelopt runs the graph: onnxruntime's CUDA provider when this onnxruntime has it, else the CPU
+    (never TensorRT: a graph of standard operators needs none of its plugins)."""
     import onnxruntime as ort
 
     return ["cuda:0", "cpu"] if "CUDAExecutionProvider" in ort.get_available_providers() else ["cpu"]
+
+
+def check_graph_dtype(dtype: str) -> None:
+    """modelopt calibrates by running the graph in onnxruntime, whose CPU provider has no bf16 MatMul: a bf16
+    graph needs an onnxruntime with the CUDA provider (onnxruntime-gpu). Raises ValueError naming the fix."""
+    if dtype != "fp32" and calibration_eps() == ["cpu"]:
+        raise ValueError(f"--quantizer modelopt calibrates the {dtype} graph in onnxruntime, and this onnxruntime has "
+                         f"only the CPU provider, which has no {dtype} MatMul: export with --dtype fp32, install "
+                         "onnxruntime-gpu on a CUDA machine, or use --quantizer builtin (calibrated in PyTorch)")
 
 
 def quantize_modelopt(onnx_in: str | Path, onnx_out: str | Path, samples: Sequence[dict[str, torch.Tensor]],
@@ -153,6 +166,8 @@ def quantize_modelopt(onnx_in: str | Path, onnx_out: str | Path, samples: Sequen
     quantize = _require_modelopt()
     import onnx
 
+    from .qdq import linear_nodes, qdq_summary
+
     onnx_in, onnx_out = Path(onnx_in), Path(onnx_out)
     model = onnx.load(str(onnx_in), load_external_data=False)
     wanted = [ln for ln in linear_nodes(model) if ln.quantized]
@@ -160,6 +175,7 @@ def quantize_modelopt(onnx_in: str | Path, onnx_out: str | Path, samples: Sequen
         raise ValueError("no block linears found: quantise a graph written by export_dit_onnx (its linears are "
                          "named '<module>/MatMul')")
     precision = _graph_float_type(model)
+    check_graph_dtype(precision)
     reader = calibration_reader(samples)
     onnx_out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{onnx_out.name}.modelopt-", dir=onnx_out.parent))
@@ -170,7 +186,7 @@ def quantize_modelopt(onnx_in: str | Path, onnx_out: str | Path, samples: Sequen
         written = work / "out" / onnx_out.name
         with _tempfiles_in(work):
             quantize(str(src), quantize_mode="fp8", calibration_data_reader=reader, calibration_method="max",
-                     calibration_eps=_calibration_eps(), op_types_to_quantize=["MatMul", "Gemm"],
+                     calibration_eps=calibration_eps(), op_types_to_quantize=["MatMul", "Gemm"],
                      nodes_to_quantize=["^" + re.escape(ln.node) + "$" for ln in wanted], disable_mha_qdq=True,
                      high_precision_dtype=precision, output_path=str(written), log_level=log_level)
         if not written.is_file():
@@ -182,7 +198,7 @@ def quantize_modelopt(onnx_in: str | Path, onnx_out: str | Path, samples: Sequen
         big = sum(len(t.raw_data) for t in result.graph.initializer) > (1800 << 20)
         final = work / onnx_out.name
         onnx.save(result, str(final), save_as_external_data=big, location=onnx_out.name + ".data" if big else None)
-        onnx.checker.check_model(str(final))
+        onnx.checker.check_model(str(final), full_check=not big)  # types and shapes too, where it fits in memory
         onnx_out.with_name(onnx_out.name + ".data").unlink(missing_ok=True)
         if big:
             shutil.move(str(final.with_name(final.name + ".data")), str(onnx_out.with_name(onnx_out.name + ".data")))
@@ -198,8 +214,9 @@ def _check_layers(model, summary: dict, wanted: set[str]) -> None:
     DequantizeLinear nodes, and every DequantizeLinear feeds only those linears' MatMuls."""
     got = set(summary["quantized"])
     if got != wanted:
-        raise RuntimeError(f"modelopt quantised {sorted(got - wanted)[:4]} beyond the block linears and skipped "
-                           f"{sorted(wanted - got)[:4]}: the graph would not be the FP8 recipe")
+        wrong = ([f"quantised {sorted(got - wanted)[:4]}, which should stay in high precision"] if got - wanted else []) \
+            + ([f"left {sorted(wanted - got)[:4]} unquantised"] if wanted - got else [])
+        raise RuntimeError(f"modelopt {' and '.join(wrong)}: the graph would not be the FP8 recipe")
     linears = {f"{m}/MatMul" for m in wanted} | {f"{m}/Gemm" for m in wanted}
     consumers: dict[str, list] = {}
     for n in model.graph.node:
@@ -215,4 +232,4 @@ def _check_layers(model, summary: dict, wanted: set[str]) -> None:
                                    "linears")
 
 
-__all__ = ["quantize_modelopt", "calibration_reader", "MODELOPT_FP8_AMAX_LEVEL"]
+__all__ = ["quantize_modelopt", "calibration_reader", "calibration_eps", "check_graph_dtype", "MODELOPT_FP8_AMAX_LEVEL"]

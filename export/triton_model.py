@@ -17,10 +17,10 @@ request (missing prompt, undecodable reference, too many references, values out 
 response; the model keeps serving.
 
 A request is validated completely before the engine runs: sizes, counts and bytes first, then every reference is
-decoded (`anyid_rt.media.load_clip`) to exactly what the engine makes of the file: only the frames its 4n+1 clip
-rule keeps, each fitted to the working size as it arrives. A reference therefore costs the memory of its fitted
-frames (at most the layout's `max_clip_frames`), not of the clip; `Limits` bound the bytes and the length (frames
-and seconds) of what a request may ask the server to decode.
+decoded (`anyid_rt.conditioning.load_reference`, the engine's own) to exactly what the engine makes of the file:
+only the frames its layout's reference policy keeps, each fitted to the working size as it arrives. A reference
+therefore costs the memory of its fitted frames (at most the layout's `max_clip_frames`), not of the clip;
+`Limits` bound the bytes and the length (frames and seconds) of what a request may ask the server to decode.
 
 The model imports anyid_rt from the Python environment of the stub: `anyid-rt serve` puts the serving
 environment's site-packages on the stub's path (export/serve.py); in a Triton container, `pip install
@@ -65,22 +65,20 @@ class Limits:
 
 @dataclass(frozen=True)
 class EngineSpec:
-    """What request parsing needs to know of the engine: its defaults, its size check and its layout's clip rule
-    (a reference is decoded at the working size to what `conditioning.prepare_reference` would make of it)."""
+    """What request parsing needs to know of the engine: its defaults, its size check and its layout's reference
+    policy (a reference is decoded at the working size to what `conditioning.prepare_reference` would make of it)."""
 
     height: int
     width: int
     num_frames: int
     steps: int
-    max_clip_frames: int
-    pad_color: tuple[int, int, int]
+    layout: Any  # anyid_rt.conditioning.ConditioningLayout: the reference policy (clip length, frame rate, crop)
     geometry: Any  # anyid_rt.config.TokenGeometry: .check(height, width, num_frames)
 
     @classmethod
     def of(cls, engine) -> "EngineSpec":
-        d, layout = engine.defaults, engine.layout
-        return cls(d.height, d.width, d.num_frames, d.steps, layout.max_clip_frames, tuple(layout.pad_color),
-                   engine.geometry)
+        d = engine.defaults
+        return cls(d.height, d.width, d.num_frames, d.steps, engine.layout, engine.geometry)
 
 
 SCALARS = {"primary": np.int32, "seed": np.int64, "steps": np.int32, "guidance": np.float32, "height": np.int32,
@@ -95,11 +93,11 @@ def decode_reference(data: bytes, index: int, limits: Limits, spec: EngineSpec, 
     """An encoded image or video -> the frames the engine uses: uint8 [T, height, width, 3], T = 4n+1 (the clip
     rule's frames, each fitted and padded as it decodes; memory is the result's, whatever the clip's length)."""
     from anyid_rt import media
+    from anyid_rt.conditioning import load_reference
 
     try:
-        return media.load_clip(bytes(data), spec.max_clip_frames, (height, width), spec.pad_color,
-                               max_source_frames=limits.max_reference_frames,
-                               max_seconds=limits.max_reference_seconds)
+        return load_reference(bytes(data), height, width, spec.layout, max_source_frames=limits.max_reference_frames,
+                              max_seconds=limits.max_reference_seconds)
     except media.ClipTooLong as e:
         raise RequestError(f"reference {index}: {e} (this server's max_reference_frames="
                            f"{limits.max_reference_frames}, max_reference_seconds={limits.max_reference_seconds})") from e

@@ -55,10 +55,14 @@ class FP8Rows(NamedTuple):
         return self.values.float() * self.scale
 
 
-def quantize_rows_fp8_ref(x: torch.Tensor) -> FP8Rows:
-    """E4M3 values and fp32 scales [..., 1], one scale per row (last dim) of x [..., K] of any float dtype."""
+def quantize_rows_fp8_ref(x: torch.Tensor, amax: torch.Tensor | None = None) -> FP8Rows:
+    """E4M3 values and fp32 scales [..., 1], one scale per row (last dim) of x [..., K] of any float dtype.
+
+    amax [..., 1]: calibrated row ranges to use instead of each row's max |x| (quant.py's weight calibration);
+    values beyond a given range saturate at +-448."""
     xf = x.float()
-    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=AMAX_FLOOR) / E4M3_MAX  # [..., 1]
+    amax = xf.abs().amax(dim=-1, keepdim=True) if amax is None else amax.float().reshape(*x.shape[:-1], 1)
+    scale = amax.clamp(min=AMAX_FLOOR) / E4M3_MAX  # [..., 1]
     return FP8Rows((xf / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale)
 
 

@@ -96,6 +96,16 @@ def tiny_export(tmp_path_factory) -> Path:
     return out
 
 
+def check_against_fake_quant(err_emul: float, err_fp32: float, scale: float) -> None:
+    """A Q/DQ graph in onnxruntime against its PyTorch emulation (`export.qdq.fake_quant`): they do the same
+    arithmetic and agree to fp32 rounding (~1e-6) unless an activation sits within ~1e-7 of a quantisation
+    boundary, where the fp32 rounding upstream moves it to the neighbouring level (measured: one such flip
+    moves the output by ~1e-3). Either way the difference must stay far below the quantisation error itself
+    (`err_fp32`, the graph against the unquantised model; `scale`, the output's max |value|)."""
+    assert err_emul < 2e-3 * scale
+    assert err_emul < 0.25 * err_fp32
+
+
 def diffusers_pipeline_folder(folder, seed: int = 0):
     """A whole tiny Wan2.2 pipeline in the diffusers layout (WanPipeline, expand_timesteps=True)."""
     from diffusers import UniPCMultistepScheduler, WanPipeline

@@ -197,14 +197,14 @@ def test_tiny_honours_dtype_lora_backend_and_devices(tmp_path, capsys):
     # and the plan that line describes is the engine that ran
     base = Engine.tiny(seed=0)
     e = Engine.tiny(seed=0, dtype="bf16", lora=lora, text_encoder_device="cpu")
-    assert e.layout == layout and e.dit.blocks[0].self_attn.q.weight.dtype == torch.bfloat16
+    assert e.layout == layout and e.dit.blocks[0].self_attn.qkv.weight.dtype == torch.bfloat16
     assert e.text_encoder.dtype == torch.bfloat16 and e.dit.head.head.weight.dtype == torch.float32
     lw = read_lora(lora)
     n = "blocks.0.self_attn.q"
     # merged as load_dit + LoRA would: the bf16 base weight plus the fp32 delta, rounded to bf16
-    w16 = base.dit.blocks[0].self_attn.q.weight.to(torch.bfloat16)
+    w16 = base.dit.checkpoint_state_dict()[f"{n}.weight"].to(torch.bfloat16)  # q's rows of the fused qkv
     want = (w16.float() + lw.scale(n) * lw.up[n] @ lw.down[n]).to(torch.bfloat16)
-    assert torch.equal(e.dit.blocks[0].self_attn.q.weight, want)
+    assert torch.equal(e.dit.checkpoint_state_dict()[f"{n}.weight"], want)
 
 
 # -- item 9: one line at the start, load time, progress bars --------------------------------------------------------
@@ -218,7 +218,8 @@ def test_start_line_load_time_and_progress_bars(tmp_path, capsys, tiny_folder):
     lines = text.out.splitlines()
     assert lines[0] == (f"anyid-rt generate: model {tiny_folder} (original layout) | device cpu | dtype fp32 (VAE fp32)"
                         " | backend torch (auto), attention unquantised | quantisation none | layout (default): "
-                        "placement=after pad_color=(0, 0, 0) max_clip_frames=121 max_references=8 null_reference=black")
+                        "placement=after pad_color=(0, 0, 0) max_clip_frames=33 max_references=8 null_reference=black "
+                        "clip_fps=24.0 long_clip=window person_crop=False aux_order=length")
     assert lines[1].startswith("loaded in ") and lines[1].endswith(" s")
     for bar in ("loading DiT", "loading Wan2.2 VAE", "loading umT5 text encoder", "reading references",
                 "encoding references", "denoising", "VAE decode"):

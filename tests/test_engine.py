@@ -193,16 +193,16 @@ def test_prompt_embeds_replace_the_prompt(tiny):
 def test_lora_merge_and_layout_metadata(pipeline, engine, tmp_path):
     g = torch.Generator().manual_seed(0)
     names = ["blocks.0.self_attn.q", "blocks.1.ffn.2"]
-    mods = dict(engine.dit.named_modules())
-    down = {n: torch.randn(4, mods[n].in_features, generator=g) * 0.1 for n in names}
-    up = {n: torch.randn(mods[n].out_features, 4, generator=g) * 0.1 for n in names}
+    weights = engine.dit.checkpoint_state_dict()  # the engine runs q, k, v fused; LoRA names the checkpoint's
+    down = {n: torch.randn(4, weights[f"{n}.weight"].shape[1], generator=g) * 0.1 for n in names}
+    up = {n: torch.randn(weights[f"{n}.weight"].shape[0], 4, generator=g) * 0.1 for n in names}
     layout = ConditioningLayout(placement="before", pad_color=(255, 255, 255))
     lora = LoraWeights(down, up, {n: 8.0 for n in names}, {LAYOUT_METADATA_KEY: layout.to_json()})
     save_lora(lora, tmp_path / "l.safetensors")
     merged = Engine.from_pretrained(pipeline[0], lora=tmp_path / "l.safetensors", dtype="fp32", backend="torch")
     assert merged.layout == layout
-    w0 = engine.dit.blocks[0].self_attn.q.weight
-    w1 = merged.dit.blocks[0].self_attn.q.weight
+    w0 = weights["blocks.0.self_attn.q.weight"]
+    w1 = merged.dit.checkpoint_state_dict()["blocks.0.self_attn.q.weight"]
     torch.testing.assert_close(w1, w0 + 2.0 * up[names[0]] @ down[names[0]], rtol=1e-5, atol=1e-6)
     bad = LoraWeights({"blocks.9.self_attn.q": down[names[0]]}, {"blocks.9.self_attn.q": up[names[0]]}, {})
     with pytest.raises(CheckpointError, match="does not fit"):

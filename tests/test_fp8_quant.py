@@ -183,7 +183,7 @@ def test_fp8_linear_takes_prequantised_rows(dtype, use_scaled_mm):
     if not use_scaled_mm:
         assert torch.equal(outs[0], emulated)
     with pytest.raises(ValueError, match="backend must be one of"):
-        FP8Linear.from_linear(lin, use_scaled_mm, "auto")
+        FP8Linear.from_linear(lin, use_scaled_mm, "cuda")
 
 
 def _dit_inputs(cfg, B=2, F=3, H=4, W=6):
@@ -197,14 +197,19 @@ def _dit_inputs(cfg, B=2, F=3, H=4, W=6):
     return [latent, extra], [0, F], segs, ctx
 
 
+@pytest.mark.parametrize("fused_projections", [False, True], ids=["q,k,v", "qkv"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_dit_fused_fp8_inputs_equal_the_unfused_path(backend):
+def test_dit_fused_fp8_inputs_equal_the_unfused_path(backend, fused_projections):
     """The whole DiT (fp32, so the modulated rows the unfused path quantises are the same fp32 rows): the
     modulated LayerNorms writing FP8 rows give the velocity bit for bit that the FP8 layers quantising their
-    own bf16/fp32 input give. Both modulated LayerNorms of every block are switched."""
+    own bf16/fp32 input give. Both modulated LayerNorms of every block are switched, with q, k, v as three
+    layers and as the engine's one qkv layer (`WanDiT.fuse_projections`)."""
     cfg = DiTConfig.preset("tiny")
     dit = random_dit(cfg, seed=0, device=DEV, backend=backend)
-    quantize_dit_fp8_(dit)
+    if fused_projections:
+        dit.fuse_projections()
+    names = quantize_dit_fp8_(dit)
+    assert ("blocks.0.self_attn.qkv" in names) == fused_projections
     assert all(b.attn_input_dtype == E4M3 and b.ffn_input_dtype == E4M3 for b in dit.blocks)
     args = _dit_inputs(cfg)
     with torch.no_grad():

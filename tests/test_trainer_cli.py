@@ -145,9 +145,13 @@ SFT_CASES = [
     (["data.root={t}/groups"], r"^\[data\] root = .*groups\": .*clip_001.mp4 not found"),
     (["data.root={t}/empty"], r"^\[data\] root = .*empty\": .*no ID-group folders"),
     (["data.buckets=[[9, 64, 48]]"], r"^\[data\] buckets\[0\] = \[9, 64, 48\]: .*width=48 must be a positive multiple"),
-    (["data.buckets=[[17, 64, 64]]"], r"^\[data\] root = .*no usable target clip"),
+    (["data.buckets=[[33, 64, 64]]"], r"^\[data\] root = .*no usable target clip"),  # 9 frames at 8 fps: 27 at 24
     (["data.max_references=9"], r"^\[data\] max_references = 9: exceeds \[layout\] max_references = 8"),
-    (["data.ref_clip_frames=7"], r"^\[data\] ref_clip_frames = 7: num_frames=7 must be 4n\+1"),
+    (["data.ref_clip_frames=7"], r"^\[data\] ref_clip_frames = 7: moved to \[layout\] max_clip_frames"),
+    (["layout.max_clip_frames=7"], r"^\[layout\]: ConditioningLayout.max_clip_frames must be 4n\+1, got 7"),
+    (["grad_accum=null", "effective_batch=6", "batch_size=4"],
+     r"^effective_batch = 6: is not a multiple of batch_size x processes = 4 x 1"),
+    (["effective_batch=8"], r"^effective_batch = 8: differs from batch_size x grad_accum x processes = 1 x 1 x 1"),
     (["data.cache=false", "data.cache_dir=c"], r'^\[data\] cache_dir = "c": has no effect with data.cache = false'),
     (["data.cache_dir={t}/afile/c"], r"^\[data\] cache_dir = .*: cannot be created: .*afile is a file"),
     (["output_dir={t}/afile/run"], r"^output_dir = .*: cannot be created: .*afile is a file"),
@@ -199,8 +203,8 @@ def test_model_folder_is_read_from_its_header(tmp_path, monkeypatch):
     folder = Engine.tiny(seed=0).save_pretrained(tmp_path / "model")
     cfg = load_config(SFT_TINY, SFTConfig, ["model.preset=null", f"model.path={folder}", f"output_dir={tmp_path}/o"])
     from_header = preflight.model_linears(cfg)
-    loaded = {n: tuple(m.weight.shape) for n, m in Engine.tiny(seed=0).dit.named_modules()
-              if isinstance(m, torch.nn.Linear)}
+    loaded = {n: tuple(m.weight.shape) for n, m in Engine.tiny(seed=0).dit.unfuse_projections().named_modules()
+              if isinstance(m, torch.nn.Linear)}  # unfused: the engine runs q, k, v (and text k, v) as one layer
     assert from_header == loaded and len(loaded) > 20
     assert preflight.check_sft(cfg).summary(cfg, "sft").startswith(f"anyid-rt train sft: model {folder}, device cpu")
 

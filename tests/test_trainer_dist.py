@@ -28,7 +28,8 @@ def config(root, out, batch_size: int) -> SFTConfig:
     return SFTConfig(output_dir=str(out), model=ModelSource(preset="tiny", device="cpu"), data=data,
                      lora=LoraConfig(rank=4, alpha=4.0, save_dtype="fp32"), optim=OptimConfig(lr=1e-3),
                      max_steps=3, checkpoint_every=0, log_every=1, mixed_precision="fp32",
-                     gradient_checkpointing=False, batch_size=batch_size, progress=False, null_prob=0.5)
+                     gradient_checkpointing=False, batch_size=batch_size, grad_accum=1, progress=False,
+                     null_prob=0.5)
 
 
 def _worker(rank: int, world: int, port: int, cfg: SFTConfig, out_dir: str) -> None:

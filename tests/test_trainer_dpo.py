@@ -31,7 +31,7 @@ def config(pairs, out, **kw) -> DPOConfig:
     base = dict(output_dir=str(out), model=ModelSource(preset="tiny"), pairs=str(pairs), buckets=((9, 64, 64),),
                 lora=LoraConfig(rank=8, alpha=8.0, save_dtype="fp32"), optim=OptimConfig(lr=1e-3), beta=500.0,
                 max_steps=16, checkpoint_every=0, log_every=1, mixed_precision="fp32", gradient_checkpointing=False,
-                batch_size=2, progress=False)
+                batch_size=2, grad_accum=1, progress=False)
     base.update(kw)
     return DPOConfig(**base)
 

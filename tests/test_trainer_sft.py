@@ -36,13 +36,12 @@ def root(tmp_path_factory):
 
 
 def config(root, out, **kw) -> SFTConfig:
-    data = dict(root=str(root), buckets=((9, 64, 64),), min_references=1, max_references=2, ref_clip_frames=5,
-                similarity="jaccard")
+    data = dict(root=str(root), buckets=((9, 64, 64),), min_references=1, max_references=2, similarity="jaccard")
     data.update(kw.pop("data", {}))
     base = dict(output_dir=str(out), model=ModelSource(preset="tiny"), data=DataConfig(**data),
                 lora=LoraConfig(rank=4, alpha=4.0, save_dtype="fp32"), optim=OptimConfig(lr=1e-3),
                 max_steps=4, checkpoint_every=2, log_every=1, mixed_precision="fp32", gradient_checkpointing=False,
-                batch_size=1, progress=False, null_prob=0.3)
+                batch_size=1, grad_accum=1, progress=False, null_prob=0.3, layout=ConditioningLayout(max_clip_frames=5))
     base.update(kw)
     return SFTConfig(**base)
 
@@ -126,7 +125,7 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_run(root, tmp_path
     assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").glob("step_*")) == ["step_00000002", "step_00000004"]
     meta = read_lora(a.lora_path).metadata
     assert meta["anyid.stage"] == "sft"
-    assert ConditioningLayout.from_json(meta[LAYOUT_METADATA_KEY]) == ConditioningLayout()
+    assert ConditioningLayout.from_json(meta[LAYOUT_METADATA_KEY]) == ConditioningLayout(max_clip_frames=5)
     assert meta["anyid.similarity"] == "jaccard"
 
 

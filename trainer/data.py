@@ -5,9 +5,15 @@ from the OTHER clips of its group, each in one form (face, portrait or clip; `re
 the bucket's H x W; the target segment is resized and centre-cropped to H x W. The instance's prompt is the
 differential prompt of the primary reference's clip and the target clip (`prompts.py`).
 
+Frame rates: a target segment is taken at `fps` (Table 2: 24 fps, the rate the model generates at; the frames
+nearest to that timeline, `frame_ops.resample_indices`) and a clip reference at the layout's `clip_fps`, a run
+of 5..`max_clip_frames` frames, as the engine keeps a user's clip (`ConditioningLayout.clip_indices`). A clip's
+rate comes from meta.json ("fps") or its file's header.
+
 Buckets: a batch must have one target shape (frames, H, W) and one reference shape signature (latent frames
-per reference). Non-primary references are ordered images first, then clips by length, so few signatures
-occur. The sampler groups instances by (bucket, signature) and draws global batches from one group.
+per reference). The auxiliary references follow the layout's order (`ConditioningLayout.reference_order`, the
+rule the engine applies too; by default images first, then clips by length, so few signatures occur). The
+sampler groups instances by (bucket, signature) and draws global batches from one group.
 
 The rest of the data pipeline has a home of its own: `groups.py` (the ID-group format on disk),
 `references.py` (reference forms, the face detector, crop boxes), `prompts.py` (differential prompts),
@@ -29,8 +35,8 @@ import torch
 from .. import frame_ops, media
 from ..conditioning import ConditioningLayout
 from .cache import file_digest
-from .groups import ClipMeta, DataError, load_groups
-from .prompts import differential_prompt, make_similarity
+from .groups import ClipMeta, DataError, load_groups, probe_fps
+from .prompts import default_threshold, differential_prompt, make_similarity
 from .references import FORMS, HaarFaceDetector, RefSpec, needs_detector, reference_region, render_reference
 
 if TYPE_CHECKING:
@@ -78,9 +84,10 @@ class IDGroupDataset:
 
     def __init__(self, root: str | Path, buckets: Sequence[tuple[int, int, int]], *, layout: ConditioningLayout,
                  min_references: int = 1, max_references: int = 5, form_weights=(1.0, 1.0, 1.0),
-                 ref_clip_frames: int = 33, face_margin: float = 0.35, portrait_zoom=(0.8, 1.25),
-                 similarity: str | Callable = "auto", similarity_threshold: float = 0.8, seed: int = 0,
-                 resample_each_epoch: bool = False, detector: Callable | None = None):
+                 fps: float | None = 24.0, face_margin: float = 0.35, portrait_zoom=(0.8, 1.25),
+                 similarity: str | Callable = "auto", similarity_threshold: float | None = None,
+                 similarity_model: str | None = None, seed: int = 0, resample_each_epoch: bool = False,
+                 detector: Callable | None = None):
         self.groups = load_groups(root)
         self.buckets = [tuple(b) for b in buckets]
         self.layout = layout
@@ -89,15 +96,19 @@ class IDGroupDataset:
             raise ValueError(f"need 1 <= min_references ({min_references}) <= max_references ({max_references}, "
                              f"capped by the layout's max_references {layout.max_references})")
         self.form_weights = tuple(form_weights)
-        self.ref_clip_frames = min(ref_clip_frames, layout.max_clip_frames)
+        self.fps = fps
         self.face_margin, self.portrait_zoom = face_margin, tuple(portrait_zoom)
-        self.similarity = make_similarity(similarity) if isinstance(similarity, str) else similarity
-        self.threshold = similarity_threshold
+        self.similarity = (make_similarity(similarity, model=similarity_model) if isinstance(similarity, str)
+                           else similarity)
+        # None: the cut-off calibrated for this similarity (prompts.CALIBRATED_THRESHOLDS; the paper's 0.8 is an
+        # LLM's scale)
+        self.threshold = default_threshold(self.similarity) if similarity_threshold is None else similarity_threshold
         self.seed, self.resample = seed, resample_each_epoch
         self._detector = detector
         self._prompts: dict[tuple, str] = {}
         self._frames: OrderedDict[Path, tuple[int, np.ndarray]] = OrderedDict()  # path -> (first index, frames)
         self._whole: set[Path] = set()
+        self._rates: dict[Path, float | None] = {}
         self.targets: list[tuple[int, int, tuple[int, int, int]]] = []  # (group, clip, bucket)
         self.skipped: list[str] = []
         for g, group in enumerate(self.groups):
@@ -105,9 +116,11 @@ class IDGroupDataset:
                 self.skipped.append(f"{group.name}: one clip only (references come from the other clips)")
                 continue
             for c, clip in enumerate(group.clips):
-                b = assign_bucket(clip.num_frames, clip.height, clip.width, self.buckets)
+                n = len(self.target_timeline(clip))
+                b = assign_bucket(n, clip.height, clip.width, self.buckets)
                 if b is None:
-                    self.skipped.append(f"{clip.path}: {clip.num_frames} frames, shorter than every bucket")
+                    rate = f" at {self.fps:g} fps" if self.fps else ""
+                    self.skipped.append(f"{clip.path}: {n} frames{rate}, shorter than every bucket")
                 else:
                     self.targets.append((g, c, b))
         if not self.targets:
@@ -117,9 +130,9 @@ class IDGroupDataset:
     def from_config(cls, data: "DataConfig", layout: ConditioningLayout, seed: int) -> "IDGroupDataset":
         """The dataset a run's [data] section describes."""
         return cls(data.root, data.buckets, layout=layout, min_references=data.min_references,
-                   max_references=data.max_references, form_weights=data.form_weights,
-                   ref_clip_frames=data.ref_clip_frames, face_margin=data.face_margin, portrait_zoom=data.portrait_zoom,
-                   similarity=data.similarity, similarity_threshold=data.similarity_threshold, seed=seed,
+                   max_references=data.max_references, form_weights=data.form_weights, fps=data.fps,
+                   face_margin=data.face_margin, portrait_zoom=data.portrait_zoom, similarity=data.similarity,
+                   similarity_threshold=data.similarity_threshold, similarity_model=data.similarity_model, seed=seed,
                    resample_each_epoch=data.resample_each_epoch)
 
     def __len__(self) -> int:
@@ -149,13 +162,38 @@ class IDGroupDataset:
                 out.append(clip.path)
         return out
 
+    # -- frame rates --------------------------------------------------------------------------------------------
+    def source_fps(self, clip: ClipMeta) -> float | None:
+        """The clip's frame rate: meta.json's "fps", else its file's header (read once); None if unstated."""
+        if clip.fps is not None:
+            return clip.fps
+        if clip.path not in self._rates:
+            self._rates[clip.path] = probe_fps(clip.path)
+        return self._rates[clip.path]
+
+    def _timeline(self, clip: ClipMeta, fps: float | None) -> np.ndarray:
+        """The clip's source frames at `fps` (all of them when fps or the clip's rate is None)."""
+        src = self.source_fps(clip) if fps is not None else None
+        if src is None:
+            return np.arange(clip.num_frames, dtype=np.int64)
+        return frame_ops.resample_indices(clip.num_frames, src, fps)
+
+    def target_timeline(self, clip: ClipMeta) -> np.ndarray:
+        """A target clip's source frames at the data's `fps`: the frames a target segment is cut from."""
+        return self._timeline(clip, self.fps)
+
+    def reference_timeline(self, clip: ClipMeta) -> np.ndarray:
+        """A reference clip's source frames at the layout's `clip_fps`: the frames a clip segment is cut from."""
+        return self._timeline(clip, self.layout.clip_fps)
+
     # -- planning -------------------------------------------------------------------------------------------
     def instance(self, index: int, epoch: int = 0) -> InstanceSpec:
         g, c, bucket = self.targets[index]
         group = self.groups[g]
         rng = random.Random(_seed(self.seed, "instance", index, epoch if self.resample else 0))
         clip = group.clips[c]
-        start = rng.randrange(clip.num_frames - bucket[0] + 1)
+        timeline = self.target_timeline(clip)
+        start = rng.randrange(len(timeline) - bucket[0] + 1)
         n = rng.randint(self.min_refs, self.max_refs)
         others = [j for j in range(len(group.clips)) if j != c]
         sources = rng.sample(others, n) if n <= len(others) else [rng.choice(others) for _ in range(n)]
@@ -164,20 +202,24 @@ class IDGroupDataset:
             src = group.clips[j]
             form = rng.choices(FORMS, weights=self.form_weights)[0]
             if form == "clip":
-                longest = (min(src.num_frames, self.ref_clip_frames) - 1) // 4 * 4 + 1
+                frames = self.reference_timeline(src)
+                longest = (min(len(frames), self.layout.max_clip_frames) - 1) // 4 * 4 + 1
                 if longest < 5:
                     form = "portrait"  # a 1-4 frame clip gives no segment; it still gives images
                 else:
+                    # a run of consecutive frames at clip_fps, as the engine keeps a user's clip ("window")
                     length = 4 * rng.randint(1, (longest - 1) // 4) + 1
-                    s = rng.randrange(src.num_frames - length + 1)
-                    refs.append(RefSpec(j, form, tuple(range(s, s + length))))
+                    s = rng.randrange(len(frames) - length + 1)
+                    refs.append(RefSpec(j, form, tuple(int(i) for i in frames[s:s + length])))
                     continue
             zoom = rng.uniform(*self.portrait_zoom) if form == "portrait" else 1.0
             refs.append(RefSpec(j, form, (rng.randrange(src.num_frames),), round(zoom, 4)))
-        # primary first; the others images first, then clips by length (fewer batch shapes, same content)
-        primary, aux = refs[0], sorted(refs[1:], key=lambda r: (len(r.frames), r.clip, r.form, r.frames))
-        prompt = self.prompt_for(g, primary.clip, c, primary.form)
-        return InstanceSpec(index, g, c, tuple(range(start, start + bucket[0])), bucket, (primary, *aux), prompt)
+        # primary first, the auxiliaries in the layout's order (the engine's rule; by default images first, then
+        # clips by length, ties in the random draw order: fewer batch shapes, same content)
+        refs = [refs[k] for k in self.layout.reference_order([len(r.frames) for r in refs])]
+        prompt = self.prompt_for(g, refs[0].clip, c, refs[0].form)
+        target = tuple(int(i) for i in timeline[start:start + bucket[0]])
+        return InstanceSpec(index, g, c, target, bucket, tuple(refs), prompt)
 
     def prompt_for(self, group: int, primary_clip: int, target_clip: int, form: str) -> str:
         key = (group, primary_clip, target_clip, form)

@@ -17,7 +17,8 @@ Format (one folder per identity under the data root)
                         "accessory": "...", "expression": "...", "action": "...", "background": "..."},
         "face_boxes": [[x0, y0, x1, y1], null, ...],      # optional: per frame (list) or {"3": [...]} (dict)
         "person_boxes": [[x0, y0, x1, y1], ...],         # optional, same forms; used for portraits / clips
-        "num_frames": 121, "height": 720, "width": 1280}  # optional; read from the file when absent
+        "num_frames": 121, "height": 720, "width": 1280,  # optional; read from the file when absent
+        "fps": 30.0}                                      # optional; read from the file's header when needed
      ]}
 
 Boxes are in pixels of the clip's frames. The seven description elements are the paper's (section 4.3):
@@ -53,6 +54,7 @@ class ClipMeta:
     width: int
     face_boxes: dict[int, Box] = field(default_factory=dict)
     person_boxes: dict[int, Box] = field(default_factory=dict)
+    fps: float | None = None  # None: not in meta.json (and the file not opened); `probe_fps` reads it
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,27 @@ def probe_video(path: Path) -> tuple[int, int, int]:
     return int(n), int(h), int(w)
 
 
+def probe_fps(path: Path) -> float | None:
+    """A clip's frame rate as its container states it (the header only, nothing decoded); None if unstated."""
+    import av
+
+    try:
+        with av.open(str(path)) as c:
+            s = c.streams.video[0]
+            rate = s.average_rate or s.guessed_rate or s.base_rate
+    except (av.FFmpegError, OSError, IndexError) as e:
+        raise DataError(f"{path}: not a readable video ({e})") from e
+    return float(rate) if rate else None
+
+
+def _fps(value, where: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise DataError(f"{where}: fps must be a positive number, got {value!r}")
+    return float(value)
+
+
 def load_group(folder: str | Path) -> IDGroup:
     folder = Path(folder)
     meta_path = folder / "meta.json"
@@ -141,13 +164,15 @@ def load_group(folder: str | Path) -> IDGroup:
         if not path.is_file():
             raise DataError(f"{where}: file {path} not found")
         sizes = [c.get(k) for k in ("num_frames", "height", "width")]
+        fps = _fps(c.get("fps"), where)
         if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes):
             n, h, w = sizes  # given in meta.json: no need to open the file (large datasets)
         else:
             n, h, w = probe_video(path)
+            fps = fps or probe_fps(path)
         clips.append(ClipMeta(path, normalize_description(c["description"], where), n, h, w,
                               _parse_boxes(c.get("face_boxes"), n, f"{where} face_boxes"),
-                              _parse_boxes(c.get("person_boxes"), n, f"{where} person_boxes")))
+                              _parse_boxes(c.get("person_boxes"), n, f"{where} person_boxes"), fps))
     return IDGroup(str(meta.get("id", folder.name)), tuple(clips))
 
 
@@ -162,5 +187,5 @@ def load_groups(root: str | Path) -> list[IDGroup]:
     return groups
 
 
-__all__ = ["Box", "DataError", "ClipMeta", "IDGroup", "normalize_description", "probe_video", "load_group",
+__all__ = ["Box", "DataError", "ClipMeta", "IDGroup", "normalize_description", "probe_video", "probe_fps", "load_group",
            "load_groups"]
