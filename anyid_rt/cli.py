@@ -180,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
                    help="DiT and text-encoder weights (default: bf16 with --model, fp32 with --tiny)")
     g.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
-                   help="kernels: auto (Triton on CUDA, torch on a CPU), torch or triton")
+                   help="kernels: auto (on CUDA the fastest correct kernel per op, measured once and "
+                        "remembered; torch on a CPU), torch or triton")
     g.add_argument("--device", default=None,
                    help="cuda, cuda:1, cpu (default: cuda when available; cpu with --tiny)")
     g.add_argument("--text-encoder-device", default=None,

@@ -37,8 +37,7 @@ from .models.random_weights import random_dit, random_vae
 from .models.text_encoder import TextEncoder
 from .models.vae import VAETiling, WanVAE
 from .models.vae_loader import load_vae, save_vae_original
-from .models.linears import fused_names
-from .quant import FP8_TARGETS, check_fp8_device, quantize_dit_fp8_
+from .quant import check_fp8_device, quantize_dit_fp8_
 from .files import atomic_path
 from .request import (TINY_DEFAULTS, Defaults, GenerationRequest, ModelFiles, RequestError,
                       check_input_file, defaults_for, require_packages, show)
@@ -140,6 +139,8 @@ class EnginePlan:
         r = request.check(self.geometry, self.defaults, names, max_references=self.layout.max_references)
         if probe_media:
             probe_request_media(r, names)
+        if r.references:  # e.g. a layout with person_crop and no OpenCV: refused before the model loads
+            self.layout.check_requirements()
         return r
 
 
@@ -299,7 +300,7 @@ class Engine:
             merge_lora_(dit, weights, strength=plan.lora_strength)
         dit.fuse_projections()  # q, k, v as one GEMM, the text k, v as another (after the merge: same weights)
         if plan.quant == "fp8":  # after the LoRA merge: quantised weights take no delta
-            quantize_dit_fp8_(dit, fused_names(FP8_TARGETS))  # the fused q, k, v share one input quantisation
+            quantize_dit_fp8_(dit)  # the fused layers: q, k, v share one input quantisation
         compile_dit_(dit, plan.compile)  # last: the compiled blocks read the final modules
         if plan.files is None:
             vae = random_vae(cfg.vae, seed=plan.seed, device=plan.device)

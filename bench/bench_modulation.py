@@ -89,7 +89,7 @@ def main() -> None:
                        "max_abs_diff_vs_ref": diff if provider == "triton" else None, **env}
                 timing.print_row(rec, ("op", "provider", "L", "D", "ms", "gbps", "max_abs_diff_vs_ref"))
                 records.append(rec)
-            del half, half_dst
+            half = half_dst = None  # free before the next case (not `del`: the timed lambda names them)
         timing.append_jsonl(args.out / "bench_modulation.jsonl", [r for r in records if r["L"] == L and r["B"] == B])
     # plot: GB/s per op and provider at the largest case, against the copy bandwidth of the same traffic
     largest = [r for r in records if r["L"] == max(r["L"] for r in records)]

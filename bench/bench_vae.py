@@ -51,7 +51,7 @@ def parse_tile(text: str | None, lh: int, lw: int, overlap: int) -> VAETiling:
         try:
             th, tw = (int(v) for v in text.lower().split("x"))
         except ValueError:
-            raise SystemExit(f"--tile must look like 24x40 (latent pixels), got {text!r}")
+            raise SystemExit(f"--tile must look like 24x40 (latent pixels), got {text!r}") from None
     else:
         overlap = min(overlap, max(1, min(lh, lw) // 4))
         th, tw = math.ceil((lh + overlap) / 2), math.ceil((lw + overlap) / 2)
@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"mean {seam['mean_abs']:.5f}")
 
     record = {
-        "bench": "vae", **env, "preset": args.preset, "dtype": args.dtype, "video_shape": [1, 3, t, h, w], "latent_shape": list(lat_shape),
+        "bench": "vae", **env, "preset": args.preset, "dtype": args.dtype, "video_shape": [1, 3, t, h, w],
+        "latent_shape": list(lat_shape),
         "tiling": {"tile_h": tiling.tile_h, "tile_w": tiling.tile_w, "overlap": tiling.overlap},
         "repeats": args.repeats, "warmup": warmup, "weights_gib": round(params_gib, 4), "memory": mem.how,
         "encode_s": enc_s, "encode_peak_gib": enc_mem[0], "encode_peak_above_start_gib": enc_mem[1],

@@ -15,7 +15,7 @@ operand types) and how many programs fit on one SM.
 
 Needs a process without TRITON_INTERPRET (the interpreter replaces the kernels at import). The numbers are
 this machine's Triton's (`triton.__version__` is in each record); a GPU machine with another Triton may
-allocate differently, and none of this replaces timing the kernels there (bench/gpu_suite.sh).
+allocate differently, and none of this replaces timing the kernels there (bench/gpu_validate.py).
 
 A tool, not runtime: the kernels know nothing of it. Inside `compile_only` it replaces, for its duration, the
 two launch-path functions that ask which GPU runs a kernel (`kernels._utils.device_capability`, which picks

@@ -42,11 +42,11 @@ def bench_ceiling(run: Run) -> None:
         b = torch.randn(n, n, generator=g, device=dev).to(mm_dtype)
         c = torch.empty(n, n, device=dev, dtype=mm_dtype)
         m_mm = measure(lambda: torch.mm(a, b, out=c), warmup=warmup, reps=reps, device=dev, inspect=None)
-        del a, b, c
+        a = b = c = None  # free before the copy (not `del`: the timed lambda names them)
         src = torch.randn(copy_bytes // 4, generator=g, device=dev)
         dst = torch.empty_like(src)
         m_cp = measure(lambda: dst.copy_(src), warmup=warmup, reps=reps, device=dev, inspect=None)
-        del src, dst
+        src = dst = None
         return m_mm, m_cp
 
     res, err = run.attempt("ceiling", body)
@@ -159,7 +159,7 @@ def _bench_reference_encode(run: Run, vae, case: Case, g: torch.Generator) -> No
                        "pixels; the null references (black, one per shape) are cached per shape by the "
                        "engine and not counted"), **m.summary())
         log(f"reference encode: {m.median_s:.3f} s ({len(pixels)} references)")
-    del pixels
+    pixels = None
     free_memory(run.device)
 
 

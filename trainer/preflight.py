@@ -298,7 +298,7 @@ def check_sft(cfg: SFTConfig, dataset: IDGroupDataset | None = None) -> Checks:
     need = dataset.clips_needing_detector()
     if need:
         try:
-            dataset.detector
+            _ = dataset.detector  # builds the detector: imports OpenCV
         except ImportError as e:
             raise ConfigError("data.root", f"{len(need)} clip(s) (e.g. {need[0]}) have frames without face or "
                               f"person boxes in meta.json, so cutting their references needs the face detector: "
