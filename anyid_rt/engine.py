@@ -35,7 +35,8 @@ from .models.dit import WanDiT
 from .models.dit_loader import load_dit, read_dit_config, save_dit
 from .models.random_weights import random_dit, random_vae
 from .models.text_encoder import TextEncoder
-from .models.vae import VAETiling, WanVAE
+from .models.vae import WanVAE
+from .models.vae_tiling import VAETiling
 from .models.vae_loader import load_vae, save_vae_original
 from .quant import check_fp8_device, quantize_dit_fp8_
 from .files import atomic_path

@@ -28,7 +28,7 @@ from anyid_rt.bench.timing import RESULTS, PhasePeak, append_jsonl, environment,
 from anyid_rt.config import DTYPES, PRESETS, VAEConfig, parse_dtype
 from anyid_rt.engine import TINY_DEFAULTS, Defaults
 from anyid_rt.models.random_weights import random_vae
-from anyid_rt.models.vae import VAETiling
+from anyid_rt.models.vae_tiling import VAETiling
 
 DEFAULT_SHAPES = {"wan2.2-ti2v-5b": Defaults(), "tiny": TINY_DEFAULTS}  # the engine's default video per preset
 

@@ -18,7 +18,7 @@ import torch
 from anyid_rt.bench.timing import RESULTS, AnonPeak, append_jsonl, environment
 from anyid_rt.config import VAEConfig
 from anyid_rt.models.random_weights import random_vae
-from anyid_rt.models.vae import VAETiling
+from anyid_rt.models.vae_tiling import VAETiling
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -25,7 +25,7 @@ from anyid_rt.kernels._utils import config_family
 from anyid_rt.kernels.select import REFERENCES, AutoOp, dense
 from anyid_rt.models.dit import count_flops, patchify, sinusoidal_embedding
 from anyid_rt.models.random_weights import random_dit, random_vae
-from anyid_rt.models.vae import VAETiling
+from anyid_rt.models.vae_tiling import VAETiling
 from anyid_rt.quant import cosine, psnr
 
 

@@ -12,7 +12,7 @@ import torch
 
 from anyid_rt.config import TextEncoderConfig, dtype_name, replace
 from anyid_rt.models.random_weights import random_umt5, random_vae
-from anyid_rt.models.vae import VAETiling
+from anyid_rt.models.vae_tiling import VAETiling
 
 from .run import Case, Run, free_memory, log
 from .settings import PROMPT

@@ -72,6 +72,10 @@ def linear_nodes(model) -> list[LinearNode]:
 # ---------------------------------------------------------------------------------------------------------
 
 def quantized_modules(dit: WanDiT) -> dict[str, nn.Linear]:
+    """The checkpoint's block linears, one per graph MatMul. The graph is the unfused model (`DiTStep` unfuses
+    the engine's fused q, k, v in place), so its calibration and emulation unfuse first too: hooks on a fused
+    qkv layer would see nothing once `DiTStep` swaps the separate layers back in."""
+    dit.unfuse_projections()
     return {name: m for name, m in dit.named_modules() if isinstance(m, nn.Linear) and QUANTIZED.match(name)}
 
 

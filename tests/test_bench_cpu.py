@@ -33,7 +33,7 @@ from anyid_rt.engine import Engine
 from anyid_rt.models.dit import count_flops
 from anyid_rt.models.random_weights import random_dit, random_vae
 from anyid_rt.models.text_encoder import TextEncoder
-from anyid_rt.models.vae import VAETiling
+from anyid_rt.models.vae_tiling import VAETiling
 from anyid_rt.quant import quantize_dit_fp8_
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -55,7 +55,8 @@ def test_dpo_loss_is_log2_at_init_and_training_raises_implicit_accuracy(pairs, t
     cfg = config(pairs, tmp_path / "run")
     engine, layout, data, batcher, _, total = build_dpo(cfg, DistInfo())
     assert total == 6 and len(data) == 4  # the Pareto filter dropped the two dominated pairs
-    assert [s.ref_frames for s in data.specs] == [(1,), (1, 3), (1,), (1, 3)]  # image; image + 9-frame clip
+    # image; image + a 9-frame clip at 8 fps, 25 frames at the layout's 24 fps (7 latent frames)
+    assert [s.ref_frames for s in data.specs] == [(1,), (1, 7), (1,), (1, 7)]
     before = evaluate_dpo(engine.dit, layout, batcher, cfg.beta)
     # fresh LoRA (up = 0): policy == reference bit for bit, so every margin is 0 and the loss is log 2
     assert before["margin"] == 0.0 and before["accuracy"] == 0.0

@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 
 from anyid_rt.config import VAEConfig
 from anyid_rt.models.checkpoint import CheckpointError
-from anyid_rt.models.vae import VAETiling, WanVAE, patchify, unpatchify
+from anyid_rt.models.vae import WanVAE, patchify, unpatchify
+from anyid_rt.models.vae_tiling import VAETiling
 from anyid_rt.models.vae_loader import diffusers_to_original_key, load_vae, save_vae_original
 
 TINY = VAEConfig.preset("tiny")

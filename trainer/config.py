@@ -110,7 +110,8 @@ class ModelSource:
     The dtype of the frozen base weights follows the run's `mixed_precision`.
     seed: the preset's random weights (default 0); a model folder has its own weights, so no seed.
     device: "auto" (cuda when available, the local rank's GPU under torchrun), "cpu", "cuda", "cuda:N".
-    backend: DiT kernels, "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton".
+    backend: DiT kernels, "auto" (on CUDA the fastest correct candidate per op, measured once; torch on
+        a CPU), "torch" or "triton".
     text_encoder_device: e.g. "cpu" to keep umT5-XXL off the GPU (None: the training device).
     """
 

@@ -33,10 +33,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .prompts import ELEMENTS
-
-_ALIASES = {"shot": "shot type", "shot_type": "shot type", "shottype": "shot type", "clothing": "clothes",
-            "accessories": "accessory", "hair": "hairstyle", "hair style": "hairstyle"}
+from .prompts import ELEMENT_ALIASES as _ALIASES, ELEMENTS
 
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels
 

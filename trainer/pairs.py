@@ -23,7 +23,7 @@ from ..conditioning import ConditioningLayout, prepare_reference
 from ..files import write_text_atomic
 from .cache import Encoders, file_digest
 from .data import assign_bucket
-from .groups import DataError, probe_video
+from .groups import DataError, probe_fps, probe_video
 
 if TYPE_CHECKING:
     from .candidates import CandidatesFolder
@@ -198,24 +198,26 @@ def merge_pairs(folder: "CandidatesFolder", human: dict[tuple[str, str], int], o
 class PairSpec:
     index: int
     bucket: tuple[int, int, int]
-    ref_frames: tuple[int, ...]  # latent frames per reference, primary first
+    ref_frames: tuple[int, ...]  # latent frames per reference, in `refs` order
+    refs: tuple[str, ...] = ()  # the references in the order they enter the model (the layout's rule)
 
     @property
     def key(self) -> tuple:
         return (self.bucket, self.ref_frames)
 
 
-def _ref_pixel_frames(path: str, max_clip_frames: int) -> int:
-    """Frames a reference has after the engine's trimming (media.to_4n_plus_1), without decoding images."""
+def _ref_pixel_frames(path: str, layout: ConditioningLayout) -> int:
+    """Frames a reference keeps under the layout's reference policy (`ConditioningLayout.clip_indices`: the frame
+    rate, the longest clip), from the file's header; images are 1 frame."""
     if Path(path).suffix.lower() in media.IMAGE_EXTENSIONS:
         return 1
     n, _, _ = probe_video(Path(path))
-    return (n - 1) // 4 * 4 + 1 if n <= max_clip_frames else (max_clip_frames - 1) // 4 * 4 + 1
+    return len(layout.clip_indices(n, probe_fps(Path(path))))
 
 
 class PairDataset:
     """Preference pairs with their bucket (winner / loser clips cropped to one (frames, H, W)) and reference
-    order (primary first, then the others as listed, as the engine orders them)."""
+    order (primary first, then the layout's order, `ConditioningLayout.reference_order`, as the engine's)."""
 
     def __init__(self, pairs: list[PreferencePair], buckets, layout: ConditioningLayout):
         self.pairs, self.layout = pairs, layout
@@ -227,8 +229,11 @@ class PairDataset:
             if b is None:
                 self.skipped.append(f"pair {i}: clips of {min(nw, nl)} frames are shorter than every bucket")
                 continue
-            frames = tuple(1 + (_ref_pixel_frames(r, layout.max_clip_frames) - 1) // 4 for r in self.ordered_refs(p))
-            self.specs.append(PairSpec(i, tuple(b), frames))
+            given = self.ordered_refs(p)
+            counts = [_ref_pixel_frames(r, layout) for r in given]
+            order = layout.reference_order(counts)
+            frames = tuple(1 + (counts[k] - 1) // 4 for k in order)
+            self.specs.append(PairSpec(i, tuple(b), frames, tuple(given[k] for k in order)))
         if not self.specs:
             raise DataError(f"no usable preference pair ({'; '.join(self.skipped[:3]) or 'empty file'})")
 
@@ -254,9 +259,9 @@ class PairDataset:
             {"kind": "dpo_clip", "file": file_digest(path), "bucket": list(spec.bucket)},
             lambda: self.clip_pixels(path, spec.bucket))
         refs = []
-        for j, r in enumerate(self.ordered_refs(p)):
+        for j, r in enumerate(spec.refs):
             recipe = {"kind": "dpo_reference", "file": file_digest(r), "size": [h, w],
-                      "pad": list(self.layout.pad_color), "max_clip_frames": self.layout.max_clip_frames}
+                      **self.layout.reference_policy()}
             refs.append(enc.latent(recipe, lambda r=r, j=j: prepare_reference(r, h, w, self.layout, j).pixels))
         return clip(p.winner), clip(p.loser), refs, enc.text(p.prompt)
 

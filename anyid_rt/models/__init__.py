@@ -4,7 +4,8 @@ from .dit import Segments, TextKV, WanDiT
 from .dit_loader import load_dit, save_dit
 from .text_encoder import TextEncoder
 from .text_encoder_loader import load_umt5
-from .vae import VAETiling, WanVAE
+from .vae import WanVAE
+from .vae_tiling import VAETiling
 from .vae_loader import load_vae, save_vae_original
 
 __all__ = ["CheckpointError", "CheckpointReader", "Segments", "TextKV", "WanDiT", "load_dit", "save_dit",
