@@ -2,8 +2,8 @@
 
 The ready tiny configs run end to end on a CPU; every config problem (a path, a package, a device, an option
 that would do nothing) stops the run before a model loads, with exit code 2 and a message naming the config
-key; Ctrl-C exits with 130 and one line and leaves nothing half-written; the README's configs point only at
-files the README says how to create.
+key; Ctrl-C exits with 130 and one line and leaves nothing half-written; the documented configs point only at
+files the docs say how to create.
 """
 from __future__ import annotations
 
@@ -349,26 +349,26 @@ def test_interrupted_writes_leave_the_old_files(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The README's configs
+# The configs of docs/training.md
 # ---------------------------------------------------------------------------------------------------------
 
 def readme_configs() -> dict[str, dict]:
-    blocks = re.findall(r"```toml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    blocks = re.findall(r"```toml\n(.*?)```", (ROOT / "docs" / "training.md").read_text(), re.S)
     return {b.splitlines()[0].strip().lstrip("# "): tomllib.loads(b) for b in blocks}
 
 
 def test_documented_configs_parse():
-    """The TOML examples in the README (Training) load into the typed configs (no stale keys in the docs)."""
+    """The TOML examples in docs/training.md load into the typed configs (no stale keys in the docs)."""
     docs = readme_configs()
     sft = from_dict(SFTConfig, docs["sft.toml"])
     assert sft.lora.rank == 128 and sft.validation.every == 500 and sft.model.text_encoder_device == "cpu"
     dpo = from_dict(DPOConfig, docs["dpo.toml"])
-    assert dpo.beta == 500.0 and dpo.sft_lora.endswith("lora.safetensors") and dpo.optim.lr == 1e-5
+    assert dpo.beta == 300.0 and dpo.sft_lora.endswith("lora.safetensors") and dpo.optim.lr == 1e-4
 
 
 def test_documented_configs_point_only_at_files_the_docs_create(tmp_path, monkeypatch):
-    """In an empty folder the README's sft.toml names its first missing file; after the steps the README
-    gives (the data folder in its layout, the validation references, the pairs file, the SFT LoRA) every path
+    """In an empty folder the documented sft.toml names its first missing file; after the steps the docs
+    give (the data folder in its layout, the validation references, the pairs file, the SFT LoRA) every path
     resolves. Only what this CPU machine cannot have is swapped: the 5B folder for the tiny preset, bf16
     for fp32, the 121-frame bucket for the synthetic clips' 9 frames."""
     from anyid_rt.engine import Engine
@@ -402,6 +402,6 @@ def test_documented_configs_point_only_at_files_the_docs_create(tmp_path, monkey
     clips = sorted((tmp_path / "data" / "id_groups").rglob("*.mp4"))  # stand-ins for generated candidates
     write_pairs("data/pairs.jsonl", [PreferencePair("Expression: a wide grin.", ("../refs/face.png",),
                                                     str(clips[0].relative_to(tmp_path / "data")),
-                                                    str(clips[1].relative_to(tmp_path / "data")), 1, 0)])
+                                                    str(clips[1].relative_to(tmp_path / "data")), 1, 1)])
     checks = preflight.check_dpo(from_dict(DPOConfig, dpo_doc))
     assert len(checks.pairs) == 1 and checks.sft_lora is not None
