@@ -528,12 +528,15 @@ def test_load_media_from_bytes(tmp_path):
 
 
 PEAK_RSS = """
-import resource, sys
+import sys
 from anyid_rt import media
 from anyid_rt.conditioning import ConditioningLayout, prepare_reference
 
 def peak_mib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    # VmHWM, the high-water mark of this process's own memory map. Not getrusage's ru_maxrss: Linux carries the
+    # parent's high-water mark over fork + exec into it, so a child of a 1.3 GB pytest process reads 1.3 GB.
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024  # kB
 
 ref = prepare_reference(sys.argv[1], 64, 64, ConditioningLayout(max_clip_frames=121, long_clip="subsample"), 0)
 print(ref.num_frames, peak_mib())
@@ -542,7 +545,7 @@ if len(sys.argv) > 2:  # then the whole clip decoded at once, as before streamin
 """
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss is KiB on Linux (bytes on macOS)")
+@pytest.mark.skipif(sys.platform != "linux", reason="reads VmHWM from /proc/self/status (Linux)")
 def test_reference_memory_does_not_grow_with_clip_length(tmp_path):
     """Peak resident memory of preparing a 640x360 clip as the only reference of a 64x64 generation, each in a
     fresh process: 121 frames (the longest clip kept whole, so the result has the same size) and 481 frames
