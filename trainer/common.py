@@ -33,7 +33,6 @@ from ..config import TokenGeometry
 from ..engine import Engine
 from ..files import atomic_path, write_text_atomic
 from ..models.dit import Segments, WanDiT
-from ..models.dit_loader import keep_fp32
 from . import dist as dist_utils
 from .config import ConfigError, ModelSource, OptimConfig, RunConfig, ValidationConfig
 from .data import BatchPlan
@@ -63,15 +62,8 @@ def build_engine(src: ModelSource, dtype: torch.dtype, device: torch.device,
     Base weights are stored in `dtype` except the layers Wan keeps in fp32 (norms, modulation, time embedding,
     head)."""
     if src.preset is not None:
-        engine = Engine.tiny(seed=src.seed or 0, device=device, backend=src.backend, layout=layout)
-        if dtype != torch.float32:
-            with torch.no_grad():
-                for name, p in engine.dit.named_parameters():
-                    if not keep_fp32(name):
-                        p.data = p.data.to(dtype)
-        if src.text_encoder_device:
-            engine.text_encoder.to(src.text_encoder_device)
-        return engine
+        return Engine.tiny(seed=src.seed or 0, device=device, backend=src.backend, layout=layout, dtype=dtype,
+                           text_encoder_device=src.text_encoder_device)
     return Engine.from_pretrained(src.path, dtype=dtype, backend=src.backend, device=device,
                                   text_encoder_device=src.text_encoder_device, layout=layout)
 

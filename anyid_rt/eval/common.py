@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 
-from ..files import atomic_path, remove_partials, write_json_atomic, write_text_atomic  # noqa: F401 (used by eval modules)
 
 
 class EvalError(ValueError):
