@@ -98,16 +98,15 @@ def _pil_to_rgb_array(img) -> np.ndarray:
 
 
 def _load_image(path: Path) -> np.ndarray:
-    from PIL import Image
-
     try:
-        with Image.open(path) as img:
-            img.load()
-            return _pil_to_rgb_array(img)[None]
-    except Image.DecompressionBombError as e:
-        raise MediaError(f"{path}: image too large to load safely ({e})") from e
-    except (OSError, SyntaxError, ValueError) as e:
-        raise MediaError(f"{path}: not a readable image ({type(e).__name__}: {e}); supported: {_supported()}") from e
+        data = path.read_bytes()
+    except OSError as e:
+        raise MediaError(f"{path}: cannot read the file ({e})") from e
+    image = _image_from_bytes(data, str(path))
+    if image is None:
+        raise MediaError(f"{path}: not a readable image (the data is not {' / '.join(_PIL_IMAGE_FORMATS)}); "
+                         f"supported: {_supported()}")
+    return image
 
 
 def _in_memory(x) -> bytes | None:

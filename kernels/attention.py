@@ -24,6 +24,34 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # their input dtypes
 LOG2E = 1.4426950408889634  # scores are scaled by log2(e) and exponentiated with exp2
 
 
+def check_qkv_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """q [B, Lq, H, D], k and v [B, Lk, H, D] with Lk >= 1 (the Triton kernels' shared contract)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be [B, L, H, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    B, Lq, H, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[2:] != q.shape[2:]:
+        raise ValueError(f"k and v must be [B, Lk, H, D] matching q {tuple(q.shape)}; got {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if k.shape[1] == 0:
+        raise ValueError("attention over zero keys is undefined; Lk must be at least 1")
+
+
+def check_triton_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: str, instead: str) -> None:
+    """What the Triton attention kernels (this file, attention_8bit.py) accept: shapes, a compiled head dim, one
+    dtype of DTYPES, a Triton device, 32-bit row offsets. `instead` says what to use otherwise."""
+    check_qkv_shapes(q, k, v)
+    D = q.shape[-1]
+    if D not in HEAD_DIMS:
+        raise ValueError(f"head dim {D} is not supported by {kernel} (one of {HEAD_DIMS}); {instead}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in DTYPES:
+        raise ValueError(f"q, k, v must share one dtype among {DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
+    for t in (q, k, v):
+        check_triton_device(t)
+        if max(t.shape[1] * t.stride(1), t.shape[-1] * t.stride(-1)) >= 2**31:
+            raise ValueError(f"a [B, L, H, D] slice of shape {tuple(t.shape)} with strides {t.stride()} needs "
+                             f"64-bit row offsets, which {kernel} does not use; split the batch")
+
+
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Reference attention: SDPA in the input dtype. Returns [B, Lq, H, D]."""
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
@@ -44,6 +72,27 @@ def load_tile(base, rows, n_rows, stride_l, stride_d, HEAD_DIM: tl.constexpr, MA
     else:
         x = tl.load(ptrs)
     return x
+
+
+@triton.jit
+def batch_head(H):
+    """Program axis 1 runs over batch * head: (that index, b, h), in int64 for pointer offsets."""
+    pid_bh = tl.program_id(1)
+    return pid_bh.to(tl.int64), (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+
+
+@triton.jit
+def _head_slices(Q, K, V, O, b, h, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_ob, stride_oh):
+    """The (b, h) [L, D] slices of q, k, v and one more [B, L, H, D] tensor (the output, or dO)."""
+    return (Q + b * stride_qb + h * stride_qh, K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh,
+            O + b * stride_ob + h * stride_oh)
+
+
+@triton.jit
+def online_softmax_init(BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Running row max (-inf), running row sum and output accumulator before the first key block."""
+    return (tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32),
+            tl.zeros([BLOCK_M, HEAD_DIM], tl.float32))
 
 
 @triton.jit
@@ -81,19 +130,13 @@ def _attn_fwd_kernel(Q, K, V, Out, Lse,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Program (query block, batch*head): O = softmax(q k^T / sqrt(D)) v and the row LSE."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    Q += b * stride_qb + h * stride_qh
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
-    Out += b * stride_ob + h * stride_oh
+    bh, b, h = batch_head(H)
+    Q, K, V, Out = _head_slices(Q, K, V, Out, b, h, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
+                               stride_ob, stride_oh)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     q = load_tile(Q, rows, L_Q, stride_ql, stride_qd, HEAD_DIM, True)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    m_i, l_i, acc = online_softmax_init(BLOCK_M, HEAD_DIM)
     n_full = (L_K // BLOCK_N) * BLOCK_N  # full key blocks run unmasked, the tail block once with a mask
     for start_n in range(0, n_full, BLOCK_N):
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, start_n, L_K, stride_kl, stride_kd, stride_vl, stride_vd,
@@ -102,7 +145,7 @@ def _attn_fwd_kernel(Q, K, V, Out, Lse,
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, n_full, L_K, stride_kl, stride_kd, stride_vl, stride_vd,
                                    QK_SCALE, BLOCK_N, HEAD_DIM, True, DOT_PREC)
     _store_tile(Out, rows, L_Q, stride_ol, stride_od, acc / l_i[:, None], HEAD_DIM)
-    tl.store(Lse + pid_bh.to(tl.int64) * L_Q + rows, m_i + tl.log2(l_i), mask=rows < L_Q)
+    tl.store(Lse + bh * L_Q + rows, m_i + tl.log2(l_i), mask=rows < L_Q)
 
 
 @triton.jit
@@ -111,14 +154,12 @@ def _attn_bwd_delta_kernel(Out, DO, Delta, stride_ob, stride_ol, stride_oh, stri
                            HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta = rowsum(O * dO) per query row, [B, H, Lq] fp32 (the softmax-backward correction term)."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    bh, b, h = batch_head(H)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o = load_tile(Out + b * stride_ob + h * stride_oh, rows, L_Q, stride_ol, stride_od, HEAD_DIM, True)
     do = load_tile(DO + b * stride_db + h * stride_dh, rows, L_Q, stride_dl, stride_dd, HEAD_DIM, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(Delta + pid_bh.to(tl.int64) * L_Q + rows, delta, mask=rows < L_Q)
+    tl.store(Delta + bh * L_Q + rows, delta, mask=rows < L_Q)
 
 
 @triton.jit
@@ -155,17 +196,13 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV,
                           DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Program (key block, batch*head): dK = SM_SCALE * dS^T q, dV = P^T dO, over all query blocks."""
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    Q += b * stride_qb + h * stride_qh
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
-    DO += b * stride_dob + h * stride_doh
+    bh, b, h = batch_head(H)
+    Q, K, V, DO = _head_slices(Q, K, V, DO, b, h, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
+                               stride_dob, stride_doh)
     DK += b * stride_dkb + h * stride_dkh
     DV += b * stride_dvb + h * stride_dvh
-    Lse += pid_bh.to(tl.int64) * L_Q
-    Delta += pid_bh.to(tl.int64) * L_Q
+    Lse += bh * L_Q
+    Delta += bh * L_Q
 
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k = load_tile(K, rows, L_K, stride_kl, stride_kd, HEAD_DIM, True)
@@ -210,20 +247,16 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ,
                         DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Program (query block, batch*head): dQ = SM_SCALE * dS k, over all key blocks."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    Q += b * stride_qb + h * stride_qh
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
-    DO += b * stride_dob + h * stride_doh
+    bh, b, h = batch_head(H)
+    Q, K, V, DO = _head_slices(Q, K, V, DO, b, h, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
+                               stride_dob, stride_doh)
     DQ += b * stride_dqb + h * stride_dqh
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     q = load_tile(Q, rows, L_Q, stride_ql, stride_qd, HEAD_DIM, True)
     do = load_tile(DO, rows, L_Q, stride_dol, stride_dod, HEAD_DIM, True)
-    lse = tl.load(Lse + pid_bh.to(tl.int64) * L_Q + rows, mask=rows < L_Q, other=0.0)
-    delta = tl.load(Delta + pid_bh.to(tl.int64) * L_Q + rows, mask=rows < L_Q, other=0.0)
+    lse = tl.load(Lse + bh * L_Q + rows, mask=rows < L_Q, other=0.0)
+    delta = tl.load(Delta + bh * L_Q + rows, mask=rows < L_Q, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     n_full = (L_K // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
@@ -371,22 +404,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     or 128, fp16 / bf16 / fp32 (fp32 dots run in IEEE fp32, not TF32). Output is contiguous [B, Lq, H, D].
     Registered as torch.ops.anyid_rt.attention_fwd / attention_bwd.
     """
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"q, k, v must be [B, L, H, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    B, Lq, H, D = q.shape
-    if k.shape != v.shape or k.shape[0] != B or k.shape[2:] != q.shape[2:]:
-        raise ValueError(f"k and v must be [B, Lk, H, D] matching q {tuple(q.shape)}; got {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
-    if D not in HEAD_DIMS:
-        raise ValueError(f"head dim {D} is not supported by the Triton attention (one of {HEAD_DIMS}); "
-                         "use backend='torch'")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in DTYPES:
-        raise ValueError(f"q, k, v must share one dtype among {DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.shape[1] == 0:
-        raise ValueError("attention over zero keys is undefined; Lk must be at least 1")
-    for t in (q, k, v):
-        check_triton_device(t)
-        if max(t.shape[1] * t.stride(1), t.shape[-1] * t.stride(-1)) >= 2**31:
-            raise ValueError(f"a [B, L, H, D] slice of shape {tuple(t.shape)} with strides {t.stride()} needs "
-                             "64-bit row offsets, which the Triton attention does not use; split the batch")
+    check_triton_qkv(q, k, v, "the Triton attention", "use backend='torch'")
     return _attention_fwd(q, k, v)[0]

@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 
 from ._utils import INTERPRET, check_triton_device, config_family, device_capability
-from .attention import DTYPES, HEAD_DIMS, LOG2E, load_tile
+from .attention import LOG2E, batch_head, check_qkv_shapes, check_triton_qkv, load_tile, online_softmax_init
 
 PV_DTYPES = {"fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16, "fp16": torch.float16}
 KV_TILE = 128  # keys per online-softmax step (fixed: part of the numerics, see step 4)
@@ -146,14 +146,8 @@ def _check_pv(pv: str) -> None:
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"q, k, v must be [B, L, H, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    B, Lq, H, D = q.shape
-    if k.shape != v.shape or k.shape[0] != B or k.shape[2:] != q.shape[2:]:
-        raise ValueError(f"k and v must be [B, Lk, H, D] matching q {tuple(q.shape)}; got {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
-    if k.shape[1] == 0:
-        raise ValueError("attention over zero keys is undefined; Lk must be at least 1")
+    check_qkv_shapes(q, k, v)
+    D = q.shape[-1]
     if D % 2 or D > 1024:  # int8 dot products over D <= 1040 stay below 2^24: exact in the fp32 scores
         raise ValueError(f"head dim {D} must be even and at most 1024 for the 8-bit attention")
 
@@ -205,11 +199,9 @@ def _kv_stats_kernel(K, V, KSum, VMax,
                      HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, SMOOTH_K: tl.constexpr, V_FP8: tl.constexpr):
     """Program (row block, batch*head): partial column sums of k and column amax of |v|, [BH, blocks, D]."""
     pid_l = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    bh, b, h = batch_head(H)
     rows = pid_l * BLOCK + tl.arange(0, BLOCK)
-    out = (pid_bh.to(tl.int64) * N_BLOCKS + pid_l) * HEAD_DIM + tl.arange(0, HEAD_DIM)
+    out = (bh * N_BLOCKS + pid_l) * HEAD_DIM + tl.arange(0, HEAD_DIM)
     if SMOOTH_K:
         k = load_tile(K + b * stride_kb + h * stride_kh, rows, L_K, stride_kl, stride_kd, HEAD_DIM, True)
         tl.store(KSum + out, tl.sum(k.to(tl.float32), 0))
@@ -224,19 +216,17 @@ def _quant_int8_kernel(X, Mean, Xq, Scale, stride_xb, stride_xl, stride_xh, stri
                        EXTRA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, SMOOTH: tl.constexpr):
     """Program (row block, batch*head): rows of x -> minus Mean -> int8 [BH, L, D] + scale [BH, L]."""
     pid_l = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    bh, b, h = batch_head(H)
     rows = pid_l * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, HEAD_DIM)
     x = load_tile(X + b * stride_xb + h * stride_xh, rows, L, stride_xl, stride_xd, HEAD_DIM, True).to(tl.float32)
     if SMOOTH:
-        x = x - tl.load(Mean + pid_bh.to(tl.int64) * HEAD_DIM + cols)[None, :]
+        x = x - tl.load(Mean + bh * HEAD_DIM + cols)[None, :]
     amax = tl.max(tl.abs(x), 1)
     amax = tl.where(amax > 0, amax, 1.0)
     y = x * (127.0 / amax)[:, None]
     y = y + tl.where(y >= 0, 0.5, -0.5)  # then the cast truncates: round half away from zero
-    row_base = pid_bh.to(tl.int64) * L
+    row_base = bh * L
     tl.store(Xq + (row_base + rows[:, None]) * HEAD_DIM + cols[None, :], y.to(tl.int8), mask=rows[:, None] < L)
     tl.store(Scale + row_base + rows, amax / 127.0 * EXTRA, mask=rows < L)
 
@@ -246,18 +236,16 @@ def _quant_v_fp8_kernel(V, Inv, Vq, stride_vb, stride_vl, stride_vh, stride_vd, 
                         HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, ROUND_IN_FP32: tl.constexpr):
     """Program (row block, batch*head): e4m3(v * inv[channel]) stored token-contiguous, [BH, D, Lk]."""
     pid_l = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    bh, b, h = batch_head(H)
     rows = pid_l * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, HEAD_DIM)
     v = load_tile(V + b * stride_vb + h * stride_vh, rows, L_K, stride_vl, stride_vd, HEAD_DIM, True)
     v = v.to(tl.float32)
-    y = v * tl.load(Inv + pid_bh.to(tl.int64) * HEAD_DIM + cols)[None, :]
+    y = v * tl.load(Inv + bh * HEAD_DIM + cols)[None, :]
     y = tl.minimum(tl.maximum(y, -448.0), 448.0)
     if ROUND_IN_FP32:
         y = _round_e4m3(y)
-    ptrs = Vq + (pid_bh.to(tl.int64) * HEAD_DIM + cols[None, :]) * L_K + rows[:, None]
+    ptrs = Vq + (bh * HEAD_DIM + cols[None, :]) * L_K + rows[:, None]
     tl.store(ptrs, y.to(tl.float8e4nv), mask=rows[:, None] < L_K)
 
 
@@ -304,10 +292,7 @@ def _attn8_fwd_kernel(Q8, QS, K8, KS, V, VS, Out,
                       ROUND_IN_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Program (query block, batch*head): O = softmax(S) V on quantised operands (steps 3-6)."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    bh = pid_bh.to(tl.int64)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    bh, b, h = batch_head(H)
     Q8 += bh * L_Q * HEAD_DIM
     QS += bh * L_Q
     K8 += bh * L_K * HEAD_DIM
@@ -319,9 +304,7 @@ def _attn8_fwd_kernel(Q8, QS, K8, KS, V, VS, Out,
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(Q8 + rows[:, None] * HEAD_DIM + dims[None, :], mask=rows[:, None] < L_Q, other=0)
     q_scale = tl.load(QS + rows, mask=rows < L_Q, other=0.0)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    m_i, l_i, acc = online_softmax_init(BLOCK_M, HEAD_DIM)
     n_full = (L_K // BLOCK_N) * BLOCK_N  # full key tiles run unmasked, the tail tile once with a mask
     for start_n in range(0, n_full, BLOCK_N):
         acc, l_i, m_i = _attn8_inner(acc, l_i, m_i, q, q_scale, K8, KS, V, start_n, L_K, stride_vl, stride_vd,
@@ -464,15 +447,5 @@ def attention_8bit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pv: str
     """
     _check_pv(pv)
     _check_inputs(q, k, v)
-    B, Lq, H, D = q.shape
-    if D not in HEAD_DIMS:
-        raise ValueError(f"head dim {D} is not supported by the Triton 8-bit attention (one of {HEAD_DIMS}); "
-                         "use attention_8bit_ref")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in DTYPES:
-        raise ValueError(f"q, k, v must share one dtype among {DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
-    for t in (q, k, v):
-        check_triton_device(t)
-        if max(t.shape[1] * t.stride(1), t.shape[-1] * t.stride(-1)) >= 2**31:
-            raise ValueError(f"a [B, L, H, D] slice of shape {tuple(t.shape)} with strides {t.stride()} needs "
-                             "64-bit row offsets, which the 8-bit attention does not use; split the batch")
+    check_triton_qkv(q, k, v, "the Triton 8-bit attention", "use attention_8bit_ref")
     return _attention_8bit_op(q, k, v, pv, smooth_k)

@@ -31,30 +31,32 @@ def _resnet_part(tail: str) -> str:
     return tail
 
 
+# whole-prefix renames; the numbered blocks below need arithmetic on their indices
+_PREFIXES = {"quant_conv.": "conv1.", "post_quant_conv.": "conv2."} | {
+    f"{side}.{theirs}": f"{side}.{ours}" for side in ("encoder", "decoder")
+    for theirs, ours in (("conv_in.", "conv1."), ("norm_out.", "head.0."), ("conv_out.", "head.2."),
+                         ("mid_block.attentions.0.", "middle.1."))}
+_MIDDLE_RESNET = re.compile(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)")
+# encoder.down_blocks.i.{resnets.j|downsampler}.* and decoder.up_blocks.i.{resnets.j|upsampler}.*
+_STAGE = re.compile(r"(encoder|decoder)\.(down|up)_blocks\.(\d+)\.(?:resnets\.(\d+)|\2sampler)\.(.+)")
+
+
 def diffusers_to_original_key(key: str, num_res_blocks: int) -> str:
     """Rename a diffusers `AutoencoderKLWan` (is_residual=True) key to the original Wan2.2 name (reference
     section 10.3). Unknown keys come back unchanged, so the loader reports them as unexpected."""
-    if m := re.fullmatch(r"(quant_conv|post_quant_conv)\.(.+)", key):
-        return ("conv1." if m[1] == "quant_conv" else "conv2.") + m[2]
-    if m := re.fullmatch(r"(encoder|decoder)\.conv_in\.(.+)", key):
-        return f"{m[1]}.conv1.{m[2]}"
-    if m := re.fullmatch(r"(encoder|decoder)\.norm_out\.(.+)", key):
-        return f"{m[1]}.head.0.{m[2]}"
-    if m := re.fullmatch(r"(encoder|decoder)\.conv_out\.(.+)", key):
-        return f"{m[1]}.head.2.{m[2]}"
-    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", key):
+    for theirs, ours in _PREFIXES.items():
+        if key.startswith(theirs):
+            return ours + key[len(theirs):]
+    if m := _MIDDLE_RESNET.fullmatch(key):  # the middle is resnet, attention, resnet
         return f"{m[1]}.middle.{2 * int(m[2])}.{_resnet_part(m[3])}"
-    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)", key):
-        return f"{m[1]}.middle.1.{m[2]}"
-    if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
-        return f"encoder.downsamples.{m[1]}.downsamples.{m[2]}.{_resnet_part(m[3])}"
-    if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsampler\.(.+)", key):
-        return f"encoder.downsamples.{m[1]}.downsamples.{num_res_blocks}.{m[2]}"
-    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
-        return f"decoder.upsamples.{m[1]}.upsamples.{m[2]}.{_resnet_part(m[3])}"
-    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsampler\.(.+)", key):
-        return f"decoder.upsamples.{m[1]}.upsamples.{num_res_blocks + 1}.{m[2]}"
-    return key
+    m = _STAGE.fullmatch(key)
+    if m is None or (m[1], m[2]) not in (("encoder", "down"), ("decoder", "up")):
+        return key
+    stage = f"{m[1]}.{m[2]}samples.{m[3]}.{m[2]}samples"
+    if m[4] is not None:
+        return f"{stage}.{m[4]}.{_resnet_part(m[5])}"
+    # the resampler follows the residual blocks: num_res_blocks of them down, one more up
+    return f"{stage}.{num_res_blocks + (m[2] == 'up')}.{m[5]}"
 
 
 _HINTS = {"a Wan DiT (transformer) checkpoint": "; load it with load_dit",
