@@ -19,7 +19,7 @@ setup(
         "anyid_rt.trainer": "trainer",
         "anyid_rt.bench": "bench",
     },
-    package_data={"anyid_rt": ["assets/*"], "anyid_rt.trainer": ["label_page.html"]},
+    package_data={"anyid_rt": ["assets/*"], "anyid_rt.trainer": ["label_page.html", "synthetic_descriptions.json"]},
     install_requires=["torch>=2.4", "triton>=3.2", "numpy", "safetensors", "tqdm", "pillow", "av"],
     extras_require={
         # transformers is needed for the umT5 text encoder; kept optional so the DiT/VAE core stays small.

@@ -172,14 +172,14 @@ class VAEConfig:
 class TextEncoderConfig:
     """umT5-XXL encoder (transformers `UMT5EncoderModel`); the tiny preset is a random tiny umT5."""
 
-    vocab_size: int = 256384
-    dim: int = 4096
-    dim_kv: int = 64
+    vocab_size: int = 256384  # umT5's SentencePiece vocabulary
+    dim: int = 4096  # d_model, also the DiT's text_dim
+    dim_kv: int = 64  # per-head width; num_heads * dim_kv = dim
     num_heads: int = 64
-    dim_ffn: int = 10240
+    dim_ffn: int = 10240  # gated-GELU hidden width
     num_layers: int = 24
-    num_buckets: int = 32
-    max_distance: int = 128
+    num_buckets: int = 32  # relative-position buckets; umT5 has a bias table in every layer, T5 only in the first
+    max_distance: int = 128  # relative distance beyond which all positions share the last bucket
     text_len: int = 512  # tokenizer max_length; the output is trimmed to the real length
 
     def __post_init__(self) -> None:

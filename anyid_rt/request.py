@@ -247,14 +247,14 @@ def _read_json(path: Path) -> dict:
 class Defaults:
     """Generation defaults of a preset (the 5B's are the official TI2V-5B / AnyID settings)."""
 
-    height: int = 704
+    height: int = 704  # pixels, a multiple of 32 (VAE 16x times the 2x2 patch)
     width: int = 1280
-    num_frames: int = 121
+    num_frames: int = 121  # 4n + 1: the VAE's first frame alone, then chunks of 4
     steps: int = 50
-    guidance: float = 5.0
-    shift: float = 5.0
+    guidance: float = 5.0  # classifier-free guidance scale; 1 runs the conditional row only
+    shift: float = 5.0  # flow-matching timestep shift
     sampler: str = "unipc"
-    fps: int = 24
+    fps: int = 24  # of the written video; Wan2.2-TI2V-5B is trained at 24
 
 
 TINY_DEFAULTS = Defaults(height=64, width=64, num_frames=9, steps=6)

@@ -83,10 +83,8 @@ def run_case(args, device, env, provs, shape, kind):
         if name == "eager-ref" and max(Lq, Lk) > args.eager_max_l:
             continue
         inputs = (q, k, v) if blhd else head_major
-        try:
-            out = fn(*inputs)
-        except RuntimeError as e:  # backend unavailable for this dtype / shape / GPU
-            print(f"  {name}: unavailable ({str(e).splitlines()[0][:120]})", flush=True)
+        out = timing.first_call(name, fn, inputs)
+        if out is None:
             continue
         out_blhd = out if blhd else out.transpose(1, 2)
         if name == "triton":

@@ -100,10 +100,8 @@ def run_case(args, device, env, provs, shape, case):
             quantised = quantize_8bit(q, k, v, pv=pv)
             fn = lambda q_, k_, v_, x=quantised: attention_8bit_core(x, dtype)  # noqa: E731
         inputs = (q, k, v) if blhd else head_major
-        try:
-            out = fn(*inputs)
-        except RuntimeError as e:  # backend unavailable for this dtype / shape / GPU
-            print(f"  {name}: unavailable ({str(e).splitlines()[0][:120]})", flush=True)
+        out = timing.first_call(name, fn, inputs)
+        if out is None:
             continue
         acc = accuracy(out if blhd else out.transpose(1, 2), ref, rows)
         del out

@@ -187,6 +187,15 @@ def bench_ms(fn: Callable[[], object], args: argparse.Namespace) -> dict[str, fl
 # Memory
 # ---------------------------------------------------------------------------------------------------------
 
+def first_call(name: str, fn: Callable[..., Any], inputs: Sequence[Any]) -> Any:
+    """fn(*inputs), or None (with a printed reason) when the backend cannot run this dtype / shape / GPU."""
+    try:
+        return fn(*inputs)
+    except RuntimeError as e:
+        print(f"  {name}: unavailable ({str(e).splitlines()[0][:120]})", flush=True)
+        return None
+
+
 def peak_memory(fn: Callable[[], object], device: torch.device | str) -> float | None:
     """Peak allocated GiB of one call of fn beyond what was allocated before it (CUDA only, else None)."""
     device = torch.device(device)

@@ -56,10 +56,12 @@ class LabelError(ValueError):
 
 @dataclass(frozen=True)
 class Judgement:
-    matchup: str
-    axis: str
+    """One human label, as logged in labels.jsonl."""
+
+    matchup: str  # Matchup.id
+    axis: str  # "identity" or "prompt"
     choice: str  # "a", "b" or "tie"
-    stamp: str
+    stamp: str  # the matchup's stamp when labelled: a label of videos since regenerated no longer counts
 
 
 def _parse(raw: str, where: str) -> dict:

@@ -97,24 +97,22 @@ def require_package(key: str, value, module: str, why: str, install: str) -> Non
                           value) from None
 
 
-def check_file(key: str, path: str, what: str = "file") -> Path:
+def _check_existing(key: str, path: str, what: str, folder: bool) -> Path:
     p = Path(path)
     if not p.exists():
         raise ConfigError(key, f"{what} not found" + (f" (relative paths start at {Path.cwd()})"
                                                       if not p.is_absolute() else ""), path)
-    if not p.is_file():
-        raise ConfigError(key, f"is a folder, not a {what}", path)
+    if not (p.is_dir() if folder else p.is_file()):
+        raise ConfigError(key, f"is {'not a folder' if folder else 'a folder'}, not a {what}", path)
     return p
+
+
+def check_file(key: str, path: str, what: str = "file") -> Path:
+    return _check_existing(key, path, what, folder=False)
 
 
 def check_folder(key: str, path: str, what: str = "folder") -> Path:
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(key, f"{what} not found" + (f" (relative paths start at {Path.cwd()})"
-                                                      if not p.is_absolute() else ""), path)
-    if not p.is_dir():
-        raise ConfigError(key, f"is a file, not a {what}", path)
-    return p
+    return _check_existing(key, path, what, folder=True)
 
 
 def check_writable(key: str, path: str) -> None:

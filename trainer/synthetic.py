@@ -19,24 +19,8 @@ from PIL import Image
 
 from .. import media
 
-DESCRIPTIONS = [
-    {"shot type": "Static close-up shot.", "hairstyle": "Short brown hair combed to the side.",
-     "clothes": "A white space suit with an American flag patch.", "accessory": "No accessories.",
-     "expression": "A calm, confident smile.", "action": "She looks straight into the camera.",
-     "background": "A dark studio with a space shuttle model behind her."},
-    {"shot type": "Slow push-in, medium close-up.", "hairstyle": "Short brown hair combed to the side.",
-     "clothes": "A white space suit with an American flag patch.", "accessory": "No accessories.",
-     "expression": "A wide, cheerful grin.", "action": "She turns her head slightly to the left.",
-     "background": "A dark studio with a space shuttle model behind her."},
-    {"shot type": "Handheld medium shot.", "hairstyle": "Short brown hair combed to the side.",
-     "clothes": "An orange flight jacket over a grey shirt.", "accessory": "Aviator sunglasses on her head.",
-     "expression": "A serious, focused look.", "action": "She nods while speaking.",
-     "background": "A bright hangar with aircraft in the distance."},
-    {"shot type": "Static wide shot.", "hairstyle": "Long hair tied in a ponytail.",
-     "clothes": "A white space suit with an American flag patch.", "accessory": "A silver necklace.",
-     "expression": "A calm, confident smile.", "action": "She waves at the camera.",
-     "background": "Outdoors on a launch pad under a blue sky."},
-]
+# four full seven-element descriptions (ELEMENTS order), shared by the clips of every group in turn
+DESCRIPTIONS: list[dict[str, str]] = json.loads(Path(__file__).with_name("synthetic_descriptions.json").read_text())
 
 
 def astronaut() -> np.ndarray:

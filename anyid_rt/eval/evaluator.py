@@ -104,21 +104,20 @@ def check_inputs(video: Any, references: Sequence[Any], primary: int) -> None:
     """Paths exist and have a supported extension; the primary index is valid (before any model is loaded)."""
     from ..media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 
-    if isinstance(video, (str, Path)):
-        p = Path(video)
-        if not p.is_file():
-            raise EvalError(f"video {p}: file not found")
-        if p.suffix.lower() not in VIDEO_EXTENSIONS + IMAGE_EXTENSIONS:
-            raise EvalError(f"video {p}: unsupported file type {p.suffix!r}; supported: {' '.join(VIDEO_EXTENSIONS)}")
+    def check_file(x: Any, what: str) -> None:  # in-memory media are checked when they are read
+        if isinstance(x, (str, Path)):
+            p = Path(x)
+            if not p.is_file():
+                raise EvalError(f"{what}: file not found")
+            if p.suffix.lower() not in VIDEO_EXTENSIONS + IMAGE_EXTENSIONS:
+                raise EvalError(f"{what}: unsupported file type {p.suffix!r}; supported: "
+                                f"{' '.join(VIDEO_EXTENSIONS + IMAGE_EXTENSIONS)}")
+
+    check_file(video, f"video {video}")
     if not references:
         raise EvalError("at least one reference (--ref) is needed")
     for i, r in enumerate(references):
-        if isinstance(r, (str, Path)):
-            p = Path(r)
-            if not p.is_file():
-                raise EvalError(f"reference {i} ({p}): file not found")
-            if p.suffix.lower() not in VIDEO_EXTENSIONS + IMAGE_EXTENSIONS:
-                raise EvalError(f"reference {i} ({p}): unsupported file type {p.suffix!r}")
+        check_file(r, f"reference {i} ({r})")
     if isinstance(primary, bool) or not isinstance(primary, int) or not 0 <= primary < len(references):
         raise EvalError(f"primary must index the {len(references)} reference(s), got {primary!r}")
 
