@@ -40,9 +40,7 @@ try:
 except ImportError:  # imported outside Triton: the request parsing below is plain Python
     pb_utils = None
 
-
-class RequestError(ValueError):
-    """A request the model refuses; the message goes back to the client."""
+from anyid_rt.request import RequestError  # a request the model refuses; the message goes back to the client
 
 
 @dataclass(frozen=True)

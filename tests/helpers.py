@@ -11,6 +11,7 @@ import torch
 
 from anyid_rt.bench.baseline import relerr  # noqa: F401 - one measure for the parity tests and the benchmark
 from anyid_rt.config import DiTConfig
+from anyid_rt.kernels.select import calibrated_bound
 
 
 # Kernel tests (tests/test_<op>.py): fresh random seeds and tolerances that calibrate themselves.
@@ -23,19 +24,16 @@ def fresh_seed() -> int:
 
 def assert_calibrated(out: torch.Tensor, out_ref: torch.Tensor, out_pt: torch.Tensor, what: str,
                       factor: float = 2.0, rel_floor: float = 1e-5) -> None:
-    """Flash-attention's rule: max|out - ref| <= factor * max|pt - ref| + atol.
+    """Flash-attention's rule: max|out - ref| <= factor * max|pt - ref| + atol, the bound of
+    `kernels.select.calibrated_bound` (the rule kernel selection applies), with a report of the worst element.
 
     out_ref is the reference in fp32, out_pt the same reference at the kernel's precision. atol is the
     rounding noise of a trivial fp32 operation on the reference ((ref + 0.3 - 0.3) - ref) or, if larger,
     rel_floor * max(1, max|ref|): the fp32 accumulation-order floor, which governs only where out_pt is
     itself exact (fp32 runs, fp32 outputs), since the low-precision error is orders of magnitude above it.
     """
-    ref = out_ref.double()
-    err = (out.double() - ref).abs()
-    pt_err = (out_pt.double() - ref).abs().max().item() if out_pt.numel() else 0.0
-    noise = ((out_ref.float() + 0.3 - 0.3).double() - ref).abs().max().item() if ref.numel() else 0.0
-    atol = max(noise, rel_floor * max(1.0, ref.abs().max().item() if ref.numel() else 0.0))
-    bound = factor * pt_err + atol
+    bound, pt_err, atol = calibrated_bound(out_ref, out_pt, factor, rel_floor)
+    err = (out.double() - out_ref.double()).abs()
     worst = err.max().item() if err.numel() else 0.0
     if not worst <= bound:  # also fails on NaN
         idx = tuple(int(i) for i in torch.unravel_index(torch.nan_to_num(err, nan=float("inf")).argmax(), err.shape))
