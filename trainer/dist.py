@@ -12,12 +12,13 @@ gloo processes. Only rank 0 writes checkpoints, logs and validation videos.
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from ..parallel import env_ranks, shutdown  # one home for torchrun's environment and leaving the group
 
 
 @dataclass(frozen=True)
@@ -45,12 +46,6 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return dev
 
 
-def env_ranks() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) outside torchrun."""
-    rank = int(os.environ.get("RANK", "0"))
-    return rank, int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", str(rank)))
-
-
 def init_distributed(device: str = "auto") -> DistInfo:
     """Join the process group described by torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
     MASTER_ADDR, MASTER_PORT); a single process when WORLD_SIZE is unset or 1."""
@@ -61,12 +56,6 @@ def init_distributed(device: str = "auto") -> DistInfo:
             torch.cuda.set_device(dev)
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
     return DistInfo(rank, world, local, dev)
-
-
-def shutdown() -> None:
-    """Leave the process group, if one was joined."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def wrap(module: nn.Module, info: DistInfo) -> nn.Module:
