@@ -4,7 +4,6 @@ tiled VAE decode split over ranks gives the same frames; a bad request fails on 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from anyid_rt.config import ModelConfig, ParallelConfig, replace
 from anyid_rt.engine import Engine
 from anyid_rt.media import ASSET_DIR
 from anyid_rt.request import RequestError
+from helpers import free_port
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,12 +29,6 @@ CASES = {  # name -> generate() arguments; 3 steps of UniPC, guidance 5 (batch o
 }
 TILE = (2, 2, 1)  # the tiny latent is 4 x 4: 9 overlapping tiles, so every rank decodes several
 TOL = 1e-5  # fp32: the sharded GEMMs and the head-split attention sum in another order than one process
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run_cases(engine: Engine, cases: dict) -> dict:

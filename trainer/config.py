@@ -341,6 +341,9 @@ class RunConfig:
         weights and optimizer state; "fp32" everywhere else (CPU).
     resume: "auto" (the latest checkpoint in output_dir, if any), "none" (start afresh; refused when
         output_dir already holds checkpoints, which a fresh run would overwrite), or a checkpoint folder.
+    sharding: "ddp" (every process holds the whole model; DDP averages the LoRA gradients) or "fsdp" (FSDP2
+        shards the base weights, the LoRA and AdamW over the processes; checkpoints are distributed and resume
+        at any process count): trainer/dist.py, docs/distributed.md.
     """
 
     output_dir: str = "runs/train"
@@ -358,6 +361,7 @@ class RunConfig:
     resume: str = "auto"
     tensorboard: bool = False
     progress: bool = True
+    sharding: str = "ddp"
 
     def _check_run(self) -> None:
         if self.model is None:  # no silent default: a forgotten [model] must not train the tiny random model
@@ -379,6 +383,11 @@ class RunConfig:
                               "or set checkpoint_every", self.keep_checkpoints)
         if self.mixed_precision not in MIXED_PRECISION:
             raise ConfigError("mixed_precision", f"must be one of {list(MIXED_PRECISION)}", self.mixed_precision)
+        from .dist import SHARDING
+
+        if self.sharding not in SHARDING:
+            raise ConfigError("sharding", f"must be one of {list(SHARDING)} (replicated with DDP, or sharded with "
+                              "FSDP2 and distributed checkpoints)", self.sharding)
         if not self.resume:
             raise ConfigError("resume", "must be \"auto\", \"none\" or a checkpoint folder", self.resume)
 

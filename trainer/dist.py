@@ -1,4 +1,4 @@
-"""Data parallelism: torchrun + DistributedDataParallel (NCCL on GPUs, gloo on CPUs).
+"""Data parallelism: torchrun + DistributedDataParallel or FSDP2 (NCCL on GPUs, gloo on CPUs).
 
     torchrun --nproc_per_node 8 -m anyid_rt.trainer.cli sft sft.toml
 
@@ -8,6 +8,15 @@ DDP averages the LoRA gradients. Because every per-sample random draw (timestep,
 is seeded by the sample's global position, N processes with batch b compute the same update as one
 process with batch N*b (up to float summation order); tests/test_trainer_dist.py checks this with two
 gloo processes. Only rank 0 writes checkpoints, logs and validation videos.
+
+`sharding = "fsdp"` (RunConfig) shards instead of replicating: FSDP2 (`fully_shard`) per DiT block and on the
+DiT itself, over the frozen base weights and the LoRA alike, so each of N processes holds 1/N of the weights,
+of the LoRA and of its AdamW state, and all-gathers one block's weights at a time (again in the backward,
+with gradient checkpointing). The weights compute in their stored dtypes (bf16 base weights with
+mixed_precision = "bf16", fp32 norms, modulation and LoRA masters: the DiT's own numerics) and the LoRA
+gradients are reduce-scattered in fp32. Checkpoints are then distributed (`torch.distributed.checkpoint`:
+every rank writes its shards of the LoRA and the optimizer state, `save_shards`), and load at any process
+count, one included (`load_shards`), so a run resumes exactly on another number of GPUs.
 """
 from __future__ import annotations
 
@@ -58,10 +67,17 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank, world, local, dev)
 
 
-def wrap(module: nn.Module, info: DistInfo) -> nn.Module:
+SHARDING = ("ddp", "fsdp")  # RunConfig.sharding: replicate the model and average gradients, or shard it (FSDP2)
+
+
+def wrap(module: nn.Module, info: DistInfo, sharding: str = "ddp") -> nn.Module:
     """DDP around a module whose trainable parameters are the LoRA's (frozen base weights are not synced:
-    they are equal by construction). A single process gets the module back unchanged."""
+    they are equal by construction), or with sharding = "fsdp" the module with its DiT (`module.dit`) sharded
+    in place (`shard_`). A single process gets the module back unchanged."""
     if not info.distributed:
+        return module
+    if sharding == "fsdp":
+        shard_(module.dit)
         return module
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -69,11 +85,87 @@ def wrap(module: nn.Module, info: DistInfo) -> nn.Module:
     return DDP(module, device_ids=ids)  # the DiT registers no buffers
 
 
+def shard_(dit: nn.Module) -> None:
+    """FSDP2 over a DiT (LoRA injected): each block is one unit and its cross-attention another (all-gathered for
+    their forward and again for their backward, freed after), the DiT the root unit (embeddings, time
+    projection, head). The DiT's calls go
+    through `forward_groups`, registered as a forward method so that the root's weights are gathered too."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    # no param_dtype: every weight computes in its stored dtype (Wan's fp32 norms and modulation stay fp32);
+    # the LoRA gradients (fp32 masters) are reduce-scattered in fp32
+    policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+    for block in dit.blocks:
+        # the text K/V are projected once per forward, before the blocks run (`WanDiT.embed_text`): the
+        # cross-attention is a unit of its own, gathered for that call too
+        fully_shard(block.cross_attn, mp_policy=policy)
+        register_fsdp_forward_method(block.cross_attn, "text_kv")
+        fully_shard(block, mp_policy=policy)
+    fully_shard(dit, mp_policy=policy)
+    register_fsdp_forward_method(dit, "forward_groups")
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def full_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Whole CPU copies of (possibly sharded) tensors. Sharded ones are all-gathered: every rank must call it."""
+    return {k: (v.full_tensor() if is_sharded(v) else v).detach().cpu().clone() for k, v in tensors.items()}
+
+
+def grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
+    """The global L2 norm of the gradients (over every rank's shards when sharded), clipping them to `max_norm`
+    when it is > 0."""
+    if max_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    return float(norm.full_tensor() if is_sharded(norm) else norm)
+
+
+def save_shards(folder, dit: nn.Module, lora: dict[str, torch.Tensor], optimizer) -> None:
+    """Write the LoRA tensors (sharded or not) and the optimizer state as a distributed checkpoint: every rank
+    writes its own shards into `folder` (collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    dcp.save({"lora": lora, "optimizer": get_optimizer_state_dict(dit, optimizer)}, checkpoint_id=str(folder))
+
+
+def load_shards(folder, dit: nn.Module, lora: dict[str, torch.Tensor], optimizer) -> None:
+    """Load a `save_shards` checkpoint written at any process count into this run's LoRA tensors (in place: they
+    are views of the parameters) and optimizer; DCP reshards to the current layout."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    state = {"lora": lora, "optimizer": get_optimizer_state_dict(dit, optimizer)}  # a fresh AdamW gets zero state
+    dcp.load(state, checkpoint_id=str(folder))
+    set_optimizer_state_dict(dit, optimizer, state["optimizer"])
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(module: nn.Module):
+    module.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)
+
+
 def no_sync(module: nn.Module, sync: bool):
-    """Skip DDP's gradient all-reduce on the micro-batches before the last of a gradient-accumulation step."""
-    if sync or not hasattr(module, "no_sync"):
+    """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP2, on `module.dit`) on the micro-batches before
+    the last of a gradient-accumulation step."""
+    if sync:
         return contextlib.nullcontext()
-    return module.no_sync()
+    if hasattr(module, "no_sync"):
+        return module.no_sync()
+    dit = getattr(module, "dit", None)
+    if hasattr(dit, "set_requires_gradient_sync"):
+        return _fsdp_no_sync(dit)
+    return contextlib.nullcontext()
 
 
 def mean_over_ranks(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
@@ -91,4 +183,5 @@ def barrier(info: DistInfo) -> None:
 
 
 __all__ = ["DistInfo", "env_ranks", "init_distributed", "shutdown", "wrap", "no_sync", "mean_over_ranks", "barrier",
-           "resolve_device"]
+           "resolve_device", "SHARDING", "shard_", "is_sharded", "full_tensors", "grad_norm", "save_shards",
+           "load_shards"]

@@ -146,11 +146,11 @@ def train_dpo(cfg: DPOConfig, *, stop_after: int | None = None) -> LoopResult:
     dit = engine.dit
     dit.gradient_checkpointing = cfg.gradient_checkpointing
     dit.train()
-    model = dist_utils.wrap(GroupsForward(dit), info)
+    model = dist_utils.wrap(GroupsForward(dit), info, cfg.sharding)
     optimizer, scheduler = make_optimizer(lora_parameters(dit), cfg.optim)
     state = checks.resume
     if state is not None:
-        restore(state, dit, optimizer, scheduler)
+        restore(state, dit, optimizer, scheduler, checks.resume_path)
     plan = BatchPlan(lambda k, e: data.specs[k].key, len(data), cfg.batch_size * info.world_size, cfg.seed)
     base = cfg.model.name + (f" + {Path(cfg.sft_lora).name}" if cfg.sft_lora else "")
     metadata = lora_metadata(dit, layout=layout, base_model=base, targets=cfg.lora.targets, stage="dpo",
@@ -176,8 +176,8 @@ def train_dpo(cfg: DPOConfig, *, stop_after: int | None = None) -> LoopResult:
 
     save_dtype = parse_dtype(cfg.lora.save_dtype, "lora.save_dtype")
 
-    def write_lora(path: Path) -> None:
-        save_trained_lora(dit, path, metadata, dtype=save_dtype)
+    def write_lora(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+        save_trained_lora(dit, path, metadata, dtype=save_dtype, tensors=tensors)
 
     def validation(step: int) -> None:
         validate(engine, dit, layout, cfg.validation, cfg.buckets[0], out / "validation" / f"step_{step:08d}.mp4")

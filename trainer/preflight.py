@@ -247,6 +247,10 @@ def check_resume(cfg: RunConfig) -> tuple[dict | None, Path | None]:
                 (list(want) if isinstance(want, tuple) else want):
             raise ConfigError(f"lora.{name}", f"differs from the checkpoint {path} it resumes ({json.dumps(got)}); "
                               "a resumed run keeps its LoRA shape: use the old value or another output_dir", want)
+    written = "fsdp" if state.get("sharded") else "ddp"
+    if written != cfg.sharding:
+        raise ConfigError("sharding", f"checkpoint {path} was written with sharding = \"{written}\" (its LoRA and "
+                          f"optimizer state are stored that way); resume it with sharding = \"{written}\"", cfg.sharding)
     if state["step"] > cfg.max_steps:
         raise ConfigError("max_steps", f"is below the step of the checkpoint it resumes ({state['step']}, {path})",
                           cfg.max_steps)
@@ -267,6 +271,10 @@ def _common(cfg: RunConfig) -> tuple[Checks, dict[str, tuple[int, int]]]:
         require_package("tensorboard", True, "torch.utils.tensorboard", "logging to TensorBoard",
                         "pip install tensorboard (or set tensorboard = false; log.csv needs nothing)")
     check_validation(cfg)
+    if cfg.validation.every and cfg.sharding == "fsdp" and dist_utils.env_ranks()[1] > 1:
+        raise ConfigError("validation.every", "validation videos are not made by sharded runs on several processes "
+                          "(rank 0 alone holds 1/N of the model); set validation.every = 0 and generate from the "
+                          "checkpoint's lora.safetensors instead", cfg.validation.every)
     state, path = check_resume(cfg)
     return Checks(device, dtype, backend, state, path), linears
 

@@ -107,11 +107,11 @@ def train_sft(cfg: SFTConfig, *, stop_after: int | None = None, dataset: IDGroup
     encoders = Encoders(engine.vae, engine.text_encoder, TensorCache(cache_dir if cfg.data.cache else None),
                         info.device)
     batcher = SFTBatcher(cfg, dataset, encoders, info.device)
-    model = dist_utils.wrap(GroupsForward(dit), info)
+    model = dist_utils.wrap(GroupsForward(dit), info, cfg.sharding)
     optimizer, scheduler = make_optimizer(lora_parameters(dit), cfg.optim)
     state = checks.resume
     if state is not None:
-        restore(state, dit, optimizer, scheduler)
+        restore(state, dit, optimizer, scheduler, checks.resume_path)
     plan = BatchPlan(lambda i, e: dataset.instance(i, e).key, len(dataset), cfg.batch_size * info.world_size,
                      cfg.seed)
     layout, geometry = cfg.layout, engine.geometry
@@ -134,8 +134,8 @@ def train_sft(cfg: SFTConfig, *, stop_after: int | None = None, dataset: IDGroup
 
     save_dtype = parse_dtype(cfg.lora.save_dtype, "lora.save_dtype")
 
-    def write_lora(path: Path) -> None:
-        save_trained_lora(dit, path, metadata, dtype=save_dtype)
+    def write_lora(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+        save_trained_lora(dit, path, metadata, dtype=save_dtype, tensors=tensors)
 
     def validation(step: int) -> None:
         validate(engine, dit, layout, cfg.validation, cfg.data.buckets[0], out / "validation" / f"step_{step:08d}.mp4")

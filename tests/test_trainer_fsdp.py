@@ -1,0 +1,117 @@
+"""Sharded training (trainer/dist.py, sharding = "fsdp"): two gloo processes with FSDP2 over the frozen base and
+the LoRA (gradient checkpointing on) train SFT and Flow-DPO as one process does on the same global batch, and a
+distributed checkpoint written by the two processes resumes on one process and continues identically."""
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from anyid_rt.trainer.config import ConfigError
+from anyid_rt.trainer.synthetic import make_id_groups, make_preference_pairs
+from helpers import free_port
+from test_trainer_dist import config as sft_config
+from test_trainer_dpo import config as dpo_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _worker(rank: int, world: int, port: int, sft, dpo, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from anyid_rt.trainer import dist as dist_utils
+    from anyid_rt.trainer.dpo import train_dpo
+    from anyid_rt.trainer.sft import train_sft
+
+    try:
+        a, b = train_sft(sft), train_dpo(dpo)
+        torch.save({"sft": (a.lora_state, a.history), "dpo": (b.lora_state, b.history)},
+                   Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist_utils.shutdown()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The two-process FSDP runs (batch 1 per process), and their configs."""
+    tmp = tmp_path_factory.mktemp("fsdp")
+    root = make_id_groups(tmp / "data", groups=2, clips=3, face_boxes="all")
+    pairs = make_preference_pairs(tmp / "pairs", pairs=4, dominated=2)
+    sft = replace(sft_config(root, tmp / "sft2", batch_size=1), sharding="fsdp", gradient_checkpointing=True,
+                  checkpoint_every=2)
+    dpo = dpo_config(pairs, tmp / "dpo2", batch_size=1, max_steps=2, sharding="fsdp", gradient_checkpointing=True)
+    mp.start_processes(_worker, args=(2, free_port(), sft, dpo, str(tmp)), nprocs=2, join=True, start_method="spawn")
+    ranks = [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    return dict(tmp=tmp, root=root, pairs=pairs, sft=sft, dpo=dpo, ranks=ranks)
+
+
+def _init_lora(cfg) -> dict:
+    from anyid_rt.engine import Engine
+    from anyid_rt.trainer.lora import inject_lora, lora_state_dict
+
+    dit = Engine.tiny(seed=0).dit
+    inject_lora(dit, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, seed=cfg.seed)
+    return lora_state_dict(dit)
+
+
+def _update_error(a: dict, b: dict, init: dict) -> tuple[float, float]:
+    """(|update_a - update_b| / |update_b|, max |update_a - update_b| / max |update_b|) of two trained LoRAs from
+    the same start. Adam divides by sqrt(v): float-order differences in the averaged gradients show as ~1e-6
+    noise, and as up to lr on the few elements whose gradient is ~0; another batch differs everywhere by ~lr."""
+    assert a.keys() == b.keys() == init.keys() and len(a) == 40
+    da = torch.cat([(a[k] - init[k]).flatten() for k in sorted(init)])
+    db = torch.cat([(b[k] - init[k]).flatten() for k in sorted(init)])
+    assert db.norm() > 1e-3  # the LoRA was trained: equality is not trivial
+    return ((da - db).norm() / db.norm()).item(), ((da - db).abs().max() / db.abs().max()).item()
+
+
+def test_fsdp_sft_and_dpo_equal_one_process_on_the_global_batch(runs):
+    from anyid_rt.trainer.dpo import train_dpo
+    from anyid_rt.trainer.sft import train_sft
+
+    r0, r1 = runs["ranks"]
+    for stage in ("sft", "dpo"):  # every rank ends with the same (gathered) LoRA and logged losses
+        assert all(torch.equal(r0[stage][0][k], r1[stage][0][k]) for k in r0[stage][0])
+        assert [h["loss"] for h in r0[stage][1]] == [h["loss"] for h in r1[stage][1]]
+    tmp = runs["tmp"]
+    one_sft = train_sft(replace(runs["sft"], output_dir=str(tmp / "sft1"), batch_size=2, sharding="ddp",
+                                gradient_checkpointing=False, checkpoint_every=0))
+    one_dpo = train_dpo(replace(runs["dpo"], output_dir=str(tmp / "dpo1"), batch_size=2, sharding="ddp",
+                                gradient_checkpointing=False))
+    for stage, one in (("sft", one_sft), ("dpo", one_dpo)):
+        lora, history = r0[stage]
+        rel, peak = _update_error(lora, one.lora_state, _init_lora(runs[stage]))
+        print(f"{stage}: FSDP x2 vs one process: LoRA updates differ by {rel:.2e} (norm), {peak:.2e} (max); "
+              f"losses {[round(h['loss'], 6) for h in history]} vs {[round(h['loss'], 6) for h in one.history]}")
+        assert rel < 1e-3 and peak < 1e-2
+        # DPO's beta (500) multiplies the policy's error differences: the ~1e-6 update noise above moves its
+        # second loss by ~5e-5 (relative); a wrong gradient average moves it by the step's whole change (6e-2)
+        rel_loss = 1e-5 if stage == "sft" else 1e-3
+        for a, b in zip(history, one.history, strict=True):
+            assert a["loss"] == pytest.approx(b["loss"], rel=rel_loss)
+            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+def test_distributed_checkpoint_resumes_on_another_process_count(runs):
+    from anyid_rt.trainer.common import SHARDS_DIR
+    from anyid_rt.trainer.sft import train_sft
+
+    ckpt = Path(runs["sft"].output_dir) / "checkpoints" / "step_00000002"
+    assert (ckpt / SHARDS_DIR / ".metadata").is_file() and (ckpt / "lora.safetensors").is_file()
+    # written by two processes at batch 1, resumed by one at batch 2 (the same global batch): step 3 as before
+    resumed = train_sft(replace(runs["sft"], output_dir=str(runs["tmp"] / "resumed"), batch_size=2,
+                                resume=str(ckpt), checkpoint_every=0))
+    lora, history = runs["ranks"][0]["sft"]
+    assert resumed.step == 3 and [h["step"] for h in resumed.history] == [3]
+    assert resumed.history[0]["loss"] == pytest.approx(history[2]["loss"], rel=1e-6)
+    rel, peak = _update_error(resumed.lora_state, lora, _init_lora(runs["sft"]))
+    print(f"resume 2 -> 1 process: LoRA updates after step 3 differ by {rel:.2e} (norm), {peak:.2e} (max)")
+    assert rel < 1e-3 and peak < 1e-2
+    # a sharded checkpoint is refused by a replicated run, naming the setting
+    with pytest.raises(ConfigError, match="sharding"):
+        train_sft(replace(runs["sft"], output_dir=str(runs["tmp"] / "other"), resume=str(ckpt), sharding="ddp"))
