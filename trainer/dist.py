@@ -132,7 +132,8 @@ def save_shards(folder, dit: nn.Module, lora: dict[str, torch.Tensor], optimizer
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    dcp.save({"lora": lora, "optimizer": get_optimizer_state_dict(dit, optimizer)}, checkpoint_id=str(folder))
+    dcp.save({"lora": lora, "optimizer": get_optimizer_state_dict(dit, optimizer)}, checkpoint_id=str(folder),
+             no_dist=not dist.is_initialized())  # one process: no process group needed
 
 
 def load_shards(folder, dit: nn.Module, lora: dict[str, torch.Tensor], optimizer) -> None:
@@ -142,7 +143,7 @@ def load_shards(folder, dit: nn.Module, lora: dict[str, torch.Tensor], optimizer
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
     state = {"lora": lora, "optimizer": get_optimizer_state_dict(dit, optimizer)}  # a fresh AdamW gets zero state
-    dcp.load(state, checkpoint_id=str(folder))
+    dcp.load(state, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
     set_optimizer_state_dict(dit, optimizer, state["optimizer"])
 
 
