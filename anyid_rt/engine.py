@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import time
-from functools import partial
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -436,8 +435,8 @@ class Engine:
         """`generate` with its arguments as one `GenerationRequest`; `names` spells the settings in errors (the
         CLI passes its flag names). `progress` shows progress bars for each stage."""
         # parallel: every rank checks the request and probes its files; a failure on one fails all, with its message
-        r = self.check(request, names) if self.parallel is None else par.agree(lambda: self._check_parallel(request,
-                                                                                                              names))
+        r = self.check(request, names) if self.parallel is None else self.parallel.check(
+            lambda: self.check(request, names), lambda r: probe_request_media(r, names), names)
         geometry = self.geometry
         for name in ("prompt", "negative_prompt"):  # given embeddings must fit the DiT
             self._check_embeds(getattr(r, f"{name}_embeds"), name)
@@ -477,8 +476,8 @@ class Engine:
         with clock("denoise"):
             for i, t in enumerate(tqdm(schedule.timesteps, desc="denoising", disable=not progress)):
                 segments = layout.segments(float(t), batch, self.device)
-                v = forward([x.expand(batch, -1, -1, -1, -1), *ref_latents], layout.frame_starts,
-                                            segments, text_kv)  # [batch, 48, F, h, w] fp32
+                v = forward([x.expand(batch, -1, -1, -1, -1), *ref_latents], layout.frame_starts, segments,
+                            text_kv)  # [batch, 48, F, h, w] fp32
                 if use_cfg:
                     v = v[1:] + guidance * (v[:1] - v[1:])
                 x = schedule.step(v, i, x)
@@ -486,7 +485,7 @@ class Engine:
                     x[:, :, :1] = image_latent
         with clock("vae_decode"):
             # [1, 3, T, H, W] in [-1, 1]
-            decode = self.vae.decode if self.parallel is None else partial(par.decode, self.vae)
+            decode = self.vae.decode if self.parallel is None else self.parallel.decoder(self.vae)
             pixels = decode(x.to(self.vae.dtype), tile=self.vae_tile, progress=progress)
             frames = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [3, T, H, W]
             frames = frames.permute(1, 2, 3, 0).contiguous().cpu()  # [T, H, W, 3]
@@ -495,12 +494,6 @@ class Engine:
         if r.output is not None and (self.parallel is None or self.parallel.ctx.is_main):  # rank 0 writes it
             video.save(r.output)
         return video
-
-    def _check_parallel(self, request: GenerationRequest, names: Mapping[str, str] | None) -> GenerationRequest:
-        r = self.check(request, names)
-        self.parallel.ctx.config.check_guidance(r.guidance, (names or {}).get("cfg_parallel", "ParallelConfig.cfg"))
-        probe_request_media(r, names)
-        return r
 
     def _check_embeds(self, embeds: torch.Tensor | None, name: str) -> None:
         dim = self.dit.cfg.text_dim

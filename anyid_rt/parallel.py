@@ -26,7 +26,9 @@ Rank = cfg_rank * S + sequence_rank, so that the S ranks of a sequence group are
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Callable, Sequence
 
 import torch
@@ -35,7 +37,7 @@ import torch.distributed as dist
 from .config import ParallelConfig
 from .models.dit import Segments, TextKV, WanDiT, group_grids, patchify, sinusoidal_embedding, unpatchify
 from .models.vae import WanVAE
-from .request import RequestError, show
+from .request import GenerationRequest, RequestError, show
 
 
 def env_ranks() -> tuple[int, int, int]:
@@ -56,6 +58,14 @@ def join_process_group(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+
+
+def free_port() -> int:
+    """A free TCP port on this machine: MASTER_PORT for a one-machine job started from Python
+    (torch.multiprocessing) rather than by torchrun, as the tests and bench/bench_parallel.py do."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def shutdown() -> None:
@@ -204,6 +214,22 @@ class ParallelDiT:
         ctx.config.check_heads(dit.cfg.num_heads)
         self.dit, self.ctx = dit, ctx
 
+    def check(self, check: Callable[[], GenerationRequest], probe: Callable[[GenerationRequest], None],
+              names=None) -> GenerationRequest:
+        """The engine's request check (`check`), the guidance against `cfg`, and the probe of its files
+        (`probe`), agreed over every rank (`agree`)."""
+        def run() -> GenerationRequest:
+            r = check()
+            self.ctx.config.check_guidance(r.guidance, (names or {}).get("cfg_parallel", "ParallelConfig.cfg"))
+            probe(r)
+            return r
+
+        return agree(run)
+
+    def decoder(self, vae: WanVAE) -> Callable[..., torch.Tensor]:
+        """`vae.decode` over the whole job (`decode`)."""
+        return partial(decode, vae)
+
     def forward_groups(self, latents: Sequence[torch.Tensor], frame_starts: Sequence[int], segments: Segments,
                        text_kv: TextKV) -> torch.Tensor:
         dit, ctx, cfg = self.dit, self.ctx, self.dit.cfg
@@ -271,4 +297,4 @@ def decode(vae: WanVAE, latent: torch.Tensor, tile, progress: bool = False) -> t
 
 
 __all__ = ["ParallelConfig", "ParallelContext", "ParallelDiT", "SequenceAttention", "agree", "check_plan", "decode",
-           "env_ranks", "frame_shards", "join_process_group", "shutdown"]
+           "env_ranks", "frame_shards", "free_port", "join_process_group", "shutdown"]

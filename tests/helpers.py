@@ -4,7 +4,6 @@ for `media.crop_center_to`; the runtime takes the size from the caller)."""
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -169,9 +168,3 @@ def wan_i2v_image(image, max_area: int = 1280 * 704, dw: int = 32, dh: int = 32)
     ow, oh = best_output_size(frames.shape[2], frames.shape[1], dw, dh, max_area)
     return to_model_range(crop_center_to(frames, ow, oh))
 
-
-def free_port() -> int:
-    """A free TCP port on this machine, for a test's torch.distributed rendezvous (MASTER_PORT)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

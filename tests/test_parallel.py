@@ -18,7 +18,7 @@ from anyid_rt.config import ModelConfig, ParallelConfig, replace
 from anyid_rt.engine import Engine
 from anyid_rt.media import ASSET_DIR
 from anyid_rt.request import RequestError
-from helpers import free_port
+from anyid_rt.parallel import free_port
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

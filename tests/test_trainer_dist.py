@@ -13,7 +13,7 @@ from anyid_rt.engine import Engine
 from anyid_rt.trainer.config import DataConfig, LoraConfig, ModelSource, OptimConfig, SFTConfig
 from anyid_rt.trainer.lora import inject_lora, lora_state_dict
 from anyid_rt.trainer.synthetic import make_id_groups
-from helpers import free_port
+from anyid_rt.parallel import free_port
 
 TESTS = str(Path(__file__).resolve().parent)
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from anyid_rt.parallel import free_port
 from anyid_rt.trainer.config import ConfigError
 from anyid_rt.trainer.synthetic import make_id_groups, make_preference_pairs
-from helpers import free_port
 from test_trainer_dist import config as sft_config
 from test_trainer_dpo import config as dpo_config
 
