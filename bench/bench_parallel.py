@@ -6,8 +6,8 @@ The model is a mid-size DiT (dim 256, 4 heads, 4 layers, text 512 rows) on 8 lat
 pixels (240 tokens per frame, 1,920 target tokens) plus one reference frame, so that a step takes a fraction
 of a second on one core: each process runs one intra-op thread. On a machine with fewer free cores than
 processes the times measure contention, not scaling: the record carries the host's CPU count and load.
-Memory is each rank's peak RSS during the timed steps above its RSS before them (weights and inputs are
-replicated on every rank: Ulysses and guidance parallelism divide the activations, not the weights).
+Memory is each rank's peak RSS over its steps (the first included) above its RSS before the first (weights and
+inputs are replicated on every rank: Ulysses and guidance parallelism divide the activations, not the weights).
 
     python bench/bench_parallel.py                  # appends to bench/results/parallel.jsonl, plots parallel.png
     python bench/bench_parallel.py --worlds 1,2     # fewer configurations
@@ -69,19 +69,21 @@ def _worker(rank: int, world: int, port: int, parallel: ParallelConfig | None, r
         forward, barrier = par.ParallelDiT(dit, ctx).forward_groups, dist.barrier
     try:
         with torch.inference_mode():
-            v = forward(*inputs)  # first call: RoPE tables, segment maps
-            ref = dit.forward_groups(*inputs) if rank == 0 and parallel is not None else v
-            err = (v - ref).abs().max().item()
+            # the peak covers the first call (RoPE tables, segment maps) and the timed ones, from a heap that
+            # no step has grown yet: the step's own activations and buffers
             peak = PhasePeak("cpu")
             peak.reset()
+            v = forward(*inputs)
             times = []
             for _ in range(reps):
                 barrier()  # every rank starts the step together: the slowest rank sets the time
                 t0 = time.perf_counter()
                 forward(*inputs)
                 times.append((time.perf_counter() - t0) * 1e3)
-            row = dict(rank=rank, start_gib=peak.start_gib, step_peak_gib=peak.peak_gib() - peak.start_gib,
-                       timing=summarize(times).record(), max_abs_err_vs_one_process=err, how=peak.how)
+            step_peak = peak.peak_gib() - peak.start_gib
+            ref = dit.forward_groups(*inputs) if parallel is not None else v  # after the measurement
+            row = dict(rank=rank, start_gib=peak.start_gib, step_peak_gib=step_peak, timing=summarize(times).record(),
+                       max_abs_err_vs_one_process=(v - ref).abs().max().item(), how=peak.how)
         Path(out, f"rank{rank}.json").write_text(json.dumps(row))
     finally:
         par.shutdown()
