@@ -95,6 +95,7 @@ def check_plan(config: ParallelConfig, num_heads: int, compile: bool | str, devi
     if compile:
         raise RequestError(f"{show(names, 'compile', compile)} is not supported with {flags} yet (the compiled and "
                            "graphed step has no collectives); drop one of them", "compile")
+
     def own_gpu(d: torch.device) -> torch.device:  # one GPU per process: torchrun's LOCAL_RANK
         return torch.device("cuda", env_ranks()[2]) if d.type == "cuda" and d.index is None else d
 
@@ -262,7 +263,7 @@ class ParallelDiT:
         f0, h0, w0 = grids[0]
         target = f0 * h0 * w0  # only the target's velocity is gathered
         if ctx.sequence_group is not None:
-            mine = [max(0, min(y, target) - x) for x, y in zip([i * hw for i, _ in shards], [j * hw for _, j in shards])]
+            mine = [max(0, min(stop * hw, target) - start * hw) for start, stop in shards]  # target tokens per rank
             out = _gather_rows(out[:, :mine[ctx.sequence_rank]], mine, ctx.sequence_group)
         out = out[:, :target]
         if ctx.cfg_group is not None:  # [2, L0, C]: row 0 conditional, row 1 unconditional, on both ranks
