@@ -21,6 +21,7 @@ count, one included (`load_shards`), so a run resumes exactly on another number 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -143,7 +144,9 @@ def load_shards(folder, dit: nn.Module, lora: dict[str, torch.Tensor], optimizer
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
     state = {"lora": lora, "optimizer": get_optimizer_state_dict(dit, optimizer)}  # a fresh AdamW gets zero state
-    dcp.load(state, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
+    with warnings.catch_warnings():  # one process, no process group: DCP says it assumes so, as asked
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
     set_optimizer_state_dict(dit, optimizer, state["optimizer"])
 
 
