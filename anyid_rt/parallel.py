@@ -135,8 +135,13 @@ def agree(check: Callable[[], object], group: dist.ProcessGroup | None = None):
 
 
 def _all_to_all(x: torch.Tensor, send: Sequence[int], recv: Sequence[int], group) -> torch.Tensor:
-    """all_to_all_single along dim 0 with per-rank row counts (uneven shards)."""
+    """all_to_all_single along dim 0 with per-rank row counts (uneven shards); differentiable when grad is on
+    (training: its backward is the reverse all-to-all)."""
     out = x.new_empty((sum(recv), *x.shape[1:]))
+    if torch.is_grad_enabled() and x.requires_grad:
+        from torch.distributed.nn.functional import all_to_all_single
+
+        return all_to_all_single(out, x.contiguous(), list(recv), list(send), group=group)
     dist.all_to_all_single(out, x.contiguous(), list(recv), list(send), group=group)
     return out
 
@@ -167,13 +172,24 @@ class SequenceAttention:
         return y.view(S, Lr, B, Hs, D).permute(2, 1, 0, 3, 4).reshape(B, Lr, H, D)  # heads back in order
 
 
-def _gather_rows(x: torch.Tensor, counts: Sequence[int], group) -> torch.Tensor:
-    """Concatenate along dim 1 each rank's x [B, counts[r], C] (uneven: padded to the largest for the gather)."""
-    longest = max(counts)
-    padded = torch.nn.functional.pad(x, (0, 0, 0, longest - x.shape[1]))
-    parts = [torch.empty_like(padded) for _ in counts]
-    dist.all_gather(parts, padded.contiguous(), group=group)
-    return torch.cat([p[:, :n] for p, n in zip(parts, counts)], dim=1)
+class _GatherRows(torch.autograd.Function):
+    """Concatenate along dim 1 each rank's x [B, counts[r], C] (uneven: padded to the largest for the gather).
+    Backward keeps this rank's rows of the gradient: every rank computes the same loss from the gathered rows,
+    so the gradient each rank's parameters receive is its own tokens' share, and the shares add up to the
+    whole over the group (the trainer's gradient averaging sums them, trainer/dist.py)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, counts: list[int], rank: int, group) -> torch.Tensor:
+        ctx.rows = (sum(counts[:rank]), counts[rank])
+        padded = torch.nn.functional.pad(x, (0, 0, 0, max(counts) - x.shape[1]))
+        parts = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(parts, padded.contiguous(), group=group)
+        return torch.cat([p[:, :n] for p, n in zip(parts, counts)], dim=1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        start, n = ctx.rows
+        return grad[:, start:start + n], None, None, None
 
 
 @dataclass(frozen=True)
@@ -189,18 +205,23 @@ class ParallelContext:
     cfg_rank: int
 
     @staticmethod
-    def join(config: ParallelConfig, device: torch.device) -> "ParallelContext":
+    def join(config: ParallelConfig, device: torch.device, replicas: int = 1) -> "ParallelContext":
         """Join torchrun's process group and make the sequence and guidance groups (every rank creates every
-        group, in the same order, as torch.distributed requires)."""
+        group, in the same order, as torch.distributed requires). `replicas`: data-parallel copies of the
+        layout (training: each group of S consecutive ranks shares its samples), rank = replica x size + ...."""
         join_process_group(device)
-        config.check_world(dist.get_world_size())
-        S, rank = config.sequence, dist.get_rank()
+        if dist.get_world_size() % replicas:
+            raise ValueError(f"{dist.get_world_size()} processes do not hold {replicas} copies of {config}")
+        config.check_world(dist.get_world_size() // replicas)
+        S, rank, size = config.sequence, dist.get_rank(), config.world_size
         rows = 2 if config.cfg else 1
-        seq_groups = [dist.new_group(list(range(c * S, (c + 1) * S))) for c in range(rows)] if S > 1 else None
-        cfg_groups = [dist.new_group([s, S + s]) for s in range(S)] if config.cfg else None
-        c, s = divmod(rank, S)
-        return ParallelContext(config, rank, device, seq_groups[c] if seq_groups else None, s,
-                               cfg_groups[s] if cfg_groups else None, c)
+        seq_groups = [dist.new_group([r * size + c * S + j for j in range(S)]) for r in range(replicas)
+                      for c in range(rows)] if S > 1 else None
+        cfg_groups = [dist.new_group([r * size + s, r * size + S + s]) for r in range(replicas)
+                      for s in range(S)] if config.cfg else None
+        replica, (c, s) = rank // size, divmod(rank % size, S)
+        return ParallelContext(config, rank, device, seq_groups[replica * rows + c] if seq_groups else None, s,
+                               cfg_groups[replica * S + s] if cfg_groups else None, c)
 
     @property
     def is_main(self) -> bool:
@@ -232,9 +253,10 @@ class ParallelDiT:
         return partial(decode, vae)
 
     def forward_groups(self, latents: Sequence[torch.Tensor], frame_starts: Sequence[int], segments: Segments,
-                       text_kv: TextKV) -> torch.Tensor:
+                       context: TextKV | Sequence[torch.Tensor]) -> torch.Tensor:
         dit, ctx, cfg = self.dit, self.ctx, self.dit.cfg
         grids = group_grids(cfg, latents, frame_starts, segments)
+        text_kv = context if isinstance(context, TextKV) else dit.prepare_text(context)  # per step in training
         device, t = latents[0].device, segments.t
         if ctx.config.cfg:  # this rank's row of the batch of 2 (0: conditional, 1: unconditional)
             if latents[0].shape[0] != 2:
@@ -264,7 +286,7 @@ class ParallelDiT:
         target = f0 * h0 * w0  # only the target's velocity is gathered
         if ctx.sequence_group is not None:
             mine = [max(0, min(stop * hw, target) - start * hw) for start, stop in shards]  # target tokens per rank
-            out = _gather_rows(out[:, :mine[ctx.sequence_rank]], mine, ctx.sequence_group)
+            out = _GatherRows.apply(out[:, :mine[ctx.sequence_rank]], mine, ctx.sequence_rank, ctx.sequence_group)
         out = out[:, :target]
         if ctx.cfg_group is not None:  # [2, L0, C]: row 0 conditional, row 1 unconditional, on both ranks
             rows = [torch.empty_like(out) for _ in range(2)]

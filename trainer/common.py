@@ -77,15 +77,18 @@ def check_geometry(engine: Engine, src: ModelSource) -> None:
 
 
 class GroupsForward(nn.Module):
-    """`dit.forward_groups` as a module's forward, so that DistributedDataParallel can wrap it."""
+    """`dit.forward_groups` as a module's forward, so that DistributedDataParallel can wrap it; `sequence`: the
+    same call sharded over a sequence-parallel group (`dist.sequence_parallel`)."""
 
-    def __init__(self, dit: WanDiT):
+    def __init__(self, dit: WanDiT, sequence=None):
         super().__init__()
-        self.dit = dit
+        self.dit, self.sequence = dit, sequence
 
     def forward(self, latents: list[torch.Tensor], frame_starts: list[int], segments: Segments,
                 context: list[torch.Tensor]) -> torch.Tensor:
-        return self.dit.forward_groups(latents, frame_starts, segments, context)
+        # looked up per call: FSDP2 wraps dit.forward_groups after this module is built
+        run = self.dit.forward_groups if self.sequence is None else self.sequence.forward_groups
+        return run(latents, frame_starts, segments, context)
 
 
 def target_layout(layout: ConditioningLayout, geometry: TokenGeometry, target: torch.Tensor,
@@ -332,7 +335,7 @@ def run_loop(*, cfg: RunConfig, info: dist_utils.DistInfo, dit: WanDiT, model: n
     result = LoopResult(step, output_dir=Path(cfg.output_dir))
     it = plan.iterate(epoch, index)
     per_rank = cfg.batch_size
-    accum = cfg.accumulation(info.world_size)  # grad_accum, or what reaches effective_batch (default 64)
+    accum = cfg.accumulation(info.data_world)  # grad_accum, or what reaches effective_batch (default 64)
     window: list[dict] = []
     bar = tqdm(total=cfg.max_steps, initial=step, desc=progress_desc, disable=not (cfg.progress and info.is_main))
     t0 = time.perf_counter()
@@ -341,11 +344,11 @@ def run_loop(*, cfg: RunConfig, info: dist_utils.DistInfo, dit: WanDiT, model: n
             sums: dict[str, float] = {}
             for micro in range(accum):
                 epoch, index, batch = next(it)
-                lo = info.rank * per_rank
+                lo = info.data_rank * per_rank  # a sequence group's ranks share one slice
                 mine, positions = batch[lo:lo + per_rank], list(range(lo, lo + per_rank))
                 with dist_utils.no_sync(model, sync=micro == accum - 1):
                     loss, metrics = micro_step(mine, positions, step, micro, epoch)
-                    (loss / accum).backward()
+                    (loss * info.sequence / accum).backward()  # x S: see dist.sequence_parallel
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v) / accum
             grad_norm = dist_utils.grad_norm(params, max_grad_norm)

@@ -37,10 +37,21 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    sequence: int = 1  # sequence-parallel group size: S consecutive ranks share their samples' tokens
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def data_rank(self) -> int:
+        """Which slice of each global micro-batch this process trains on (its sequence group's)."""
+        return self.rank // self.sequence
+
+    @property
+    def data_world(self) -> int:
+        """How many slices a global micro-batch is cut into: processes / S."""
+        return self.world_size // self.sequence
 
     @property
     def distributed(self) -> bool:
@@ -56,16 +67,17 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return dev
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
+def init_distributed(device: str = "auto", sequence: int = 1) -> DistInfo:
     """Join the process group described by torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
-    MASTER_ADDR, MASTER_PORT); a single process when WORLD_SIZE is unset or 1."""
+    MASTER_ADDR, MASTER_PORT); a single process when WORLD_SIZE is unset or 1. `sequence`: S of the
+    run's sequence parallelism (RunConfig.sequence_parallel)."""
     rank, world, local = env_ranks()
     dev = resolve_device(device, local)
     if world > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
-    return DistInfo(rank, world, local, dev)
+    return DistInfo(rank, world, local, dev, sequence)
 
 
 SHARDING = ("ddp", "fsdp")  # RunConfig.sharding: replicate the model and average gradients, or shard it (FSDP2)
@@ -84,6 +96,20 @@ def wrap(module: nn.Module, info: DistInfo, sharding: str = "ddp") -> nn.Module:
 
     ids = [info.device.index] if info.device.type == "cuda" else None
     return DDP(module, device_ids=ids)  # the DiT registers no buffers
+
+
+def sequence_parallel(dit: nn.Module, info: DistInfo):
+    """The DiT's forward sharded over each group of S consecutive ranks (Ulysses, anyid_rt/parallel.py), with
+    the collectives differentiable; None when S = 1. Every rank of a group computes the same loss from the
+    gathered velocity, and its parameters receive their own tokens' share of the gradient: `run_loop` scales
+    the loss by S so that the mean over all processes (DDP) is the sum over a group, averaged over groups."""
+    if info.sequence == 1:
+        return None
+    from ..config import ParallelConfig
+    from ..parallel import ParallelContext, ParallelDiT
+
+    ctx = ParallelContext.join(ParallelConfig(sequence=info.sequence), info.device, replicas=info.data_world)
+    return ParallelDiT(dit, ctx)
 
 
 def shard_(dit: nn.Module) -> None:
@@ -188,4 +214,4 @@ def barrier(info: DistInfo) -> None:
 
 __all__ = ["DistInfo", "env_ranks", "init_distributed", "shutdown", "wrap", "no_sync", "mean_over_ranks", "barrier",
            "resolve_device", "SHARDING", "shard_", "is_sharded", "full_tensors", "grad_norm", "save_shards",
-           "load_shards"]
+           "load_shards", "sequence_parallel"]

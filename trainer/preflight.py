@@ -72,10 +72,12 @@ class Checks:
             data = f"{len(self.pairs)} of {self.pairs_total} pairs"
         te = f", text encoder on {m.text_encoder_device}" if m.text_encoder_device else ""
         resume = f", resuming at step {self.resume['step']}" if self.resume else ""
-        world = dist_utils.env_ranks()[1]
+        world = dist_utils.env_ranks()[1] // cfg.sequence_parallel  # data-parallel slices
         unit = "pairs" if self.pairs is not None else "samples"
         batch = (f"batch {cfg.batch_size} x {cfg.accumulation(world)} accumulated x {world} process(es) = "
-                 f"{cfg.effective(world)} {unit} per step (paper: 64)")
+                 f"{cfg.effective(world)} {unit} per step (paper: 64)"
+                 + (f", each sample's tokens over {cfg.sequence_parallel} processes" if cfg.sequence_parallel > 1
+                    else ""))
         clips = (f"clips <= {lay.max_clip_frames} frames at {f'{lay.clip_fps:g} fps' if lay.clip_fps else 'their rate'}"
                  f" ({lay.long_clip}), auxiliaries {lay.aux_order}{', person crop' if lay.person_crop else ''}")
         return (f"anyid-rt train {stage}: model {model}, device {self.device}{te}, dtype {dtype_name(self.dtype)}, "
@@ -169,6 +171,16 @@ def check_device(cfg: RunConfig) -> tuple[torch.device, torch.dtype, str]:
     except ValueError as e:
         raise ConfigError("model.backend", str(e), m.backend) from None
     return device, dtype, backend
+
+
+def model_heads(cfg: RunConfig) -> int:
+    """The DiT's attention heads: the preset's, or the model folder's config (nothing is loaded)."""
+    if cfg.model.preset is not None:
+        return DiTConfig.preset(cfg.model.preset).num_heads
+    from ..models.dit_loader import read_dit_config
+    from ..request import ModelFiles
+
+    return read_dit_config(ModelFiles.find(cfg.model.path).dit).num_heads
 
 
 def model_linears(cfg: RunConfig) -> dict[str, tuple[int, int]]:
@@ -271,6 +283,15 @@ def _common(cfg: RunConfig) -> tuple[Checks, dict[str, tuple[int, int]]]:
         require_package("tensorboard", True, "torch.utils.tensorboard", "logging to TensorBoard",
                         "pip install tensorboard (or set tensorboard = false; log.csv needs nothing)")
     check_validation(cfg)
+    if cfg.sequence_parallel > 1:  # Ulysses gives each process whole heads, each group whole samples
+        world = dist_utils.env_ranks()[1]
+        if world % cfg.sequence_parallel:
+            raise ConfigError("sequence_parallel", f"must divide the {world} processes (each group of "
+                              f"{cfg.sequence_parallel} shares its samples' tokens)", cfg.sequence_parallel)
+        heads = model_heads(cfg)
+        if heads % cfg.sequence_parallel:
+            raise ConfigError("sequence_parallel", f"must divide the DiT's {heads} attention heads",
+                              cfg.sequence_parallel)
     if cfg.validation.every and cfg.sharding == "fsdp" and dist_utils.env_ranks()[1] > 1:
         raise ConfigError("validation.every", "validation videos are not made by sharded runs on several processes "
                           "(rank 0 alone holds 1/N of the model); set validation.every = 0 and generate from the "

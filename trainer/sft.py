@@ -89,7 +89,7 @@ def train_sft(cfg: SFTConfig, *, stop_after: int | None = None, dataset: IDGroup
     settings must match cfg.data).
     """
     checks = check_sft(cfg, dataset)
-    info = dist_utils.init_distributed(cfg.model.device)
+    info = dist_utils.init_distributed(cfg.model.device, cfg.sequence_parallel)
     out = Path(cfg.output_dir)
     if info.is_main:
         print(checks.summary(cfg, "sft"), flush=True)
@@ -107,12 +107,12 @@ def train_sft(cfg: SFTConfig, *, stop_after: int | None = None, dataset: IDGroup
     encoders = Encoders(engine.vae, engine.text_encoder, TensorCache(cache_dir if cfg.data.cache else None),
                         info.device)
     batcher = SFTBatcher(cfg, dataset, encoders, info.device)
-    model = dist_utils.wrap(GroupsForward(dit), info, cfg.sharding)
+    model = dist_utils.wrap(GroupsForward(dit, dist_utils.sequence_parallel(dit, info)), info, cfg.sharding)
     optimizer, scheduler = make_optimizer(lora_parameters(dit), cfg.optim)
     state = checks.resume
     if state is not None:
         restore(state, dit, optimizer, scheduler, checks.resume_path)
-    plan = BatchPlan(lambda i, e: dataset.instance(i, e).key, len(dataset), cfg.batch_size * info.world_size,
+    plan = BatchPlan(lambda i, e: dataset.instance(i, e).key, len(dataset), cfg.batch_size * info.data_world,
                      cfg.seed)
     layout, geometry = cfg.layout, engine.geometry
     metadata = lora_metadata(dit, layout=layout, base_model=cfg.model.name, targets=cfg.lora.targets, stage="sft",
