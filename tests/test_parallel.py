@@ -51,6 +51,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             seq = Engine.tiny(seed=0, parallel=ParallelConfig(sequence=2), vae_tile=TILE)
             for name, v in _run_cases(seq, CASES).items():
                 results[f"seq2/{name}"] = (v.latents, v.frames)
+            z = torch.randn(1, 48, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+            with torch.no_grad():  # the decode's tiles split over the ranks, and one process's tiled decode
+                results["decode"] = (parallel.decode(seq.vae, z, TILE), seq.vae.decode(z, tile=TILE))
             cfg = Engine.tiny(seed=0, parallel=ParallelConfig(cfg=True))
             cases = {k: v for k, v in CASES.items() if k != "t2v_no_guidance"}
             for name, v in _run_cases(cfg, cases).items():
@@ -132,6 +135,11 @@ def test_two_ranks_sequence_and_guidance_parallel_equal_one_process(tmp_path, si
     ranks = _spawn(2, tmp_path)
     _compare(ranks, single, "seq2", CASES, tiled=True)
     _compare(ranks, single, "cfg", [k for k in CASES if k != "t2v_no_guidance"], tiled=False)
+    for r in ranks:  # the split decode: the same sums; 1 ulp where three or four tiles overlap (summation order)
+        split, one = r["decode"]
+        err = (split - one).abs().max().item()
+        print(f"tiled decode split over 2 ranks: max |frames - one process| = {err:.1e}")
+        assert err <= 2.5e-7 and one.abs().max() > 0.1
     # rank 1's unreadable reference fails both ranks, before any step, with its message
     assert "rank 1 failed" in ranks[0]["missing_ref"] and "nonexistent.png" in ranks[0]["missing_ref"]
     assert "nonexistent.png" in ranks[1]["missing_ref"]
@@ -156,8 +164,9 @@ def test_four_ranks_sequence_times_guidance_and_four_way_ulysses(tmp_path, singl
         assert err < TOL
 
 
-def test_parallel_decode_split_over_tiles_is_the_one_process_decode(single):
-    # the tiled single-process frames differ from the untiled ones (seams), so the split is checked against tiles
+def test_tiled_frames_differ_from_untiled_so_the_decode_comparison_means_something(single):
+    # the tiled single-process frames differ from the untiled ones (seams): a split decode that ignored the
+    # tiling would not pass the tiled comparisons
     a, b = single["tiled"]["t2v"], single["untiled"]["t2v"]
     assert torch.equal(a.latents, b.latents) and not torch.equal(a.frames, b.frames)
 
