@@ -319,5 +319,5 @@ def decode(vae: WanVAE, latent: torch.Tensor, tile, progress: bool = False) -> t
     return vae.blend_tiles(out, weight_sum, tile)
 
 
-__all__ = ["ParallelConfig", "ParallelContext", "ParallelDiT", "SequenceAttention", "agree", "check_plan", "decode",
+__all__ = ["ParallelContext", "ParallelDiT", "SequenceAttention", "agree", "check_plan", "decode",
            "env_ranks", "frame_shards", "free_port", "join_process_group", "shutdown"]
