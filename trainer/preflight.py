@@ -74,10 +74,10 @@ class Checks:
         resume = f", resuming at step {self.resume['step']}" if self.resume else ""
         world = dist_utils.env_ranks()[1] // cfg.sequence_parallel  # data-parallel slices
         unit = "pairs" if self.pairs is not None else "samples"
-        batch = (f"batch {cfg.batch_size} x {cfg.accumulation(world)} accumulated x {world} process(es) = "
+        procs = "process(es)" if cfg.sequence_parallel == 1 else f"group(s) of {cfg.sequence_parallel} processes"
+        batch = (f"batch {cfg.batch_size} x {cfg.accumulation(world)} accumulated x {world} {procs} = "
                  f"{cfg.effective(world)} {unit} per step (paper: 64)"
-                 + (f", each sample's tokens over {cfg.sequence_parallel} processes" if cfg.sequence_parallel > 1
-                    else ""))
+                 + (", each sample's tokens split over its group" if cfg.sequence_parallel > 1 else ""))
         clips = (f"clips <= {lay.max_clip_frames} frames at {f'{lay.clip_fps:g} fps' if lay.clip_fps else 'their rate'}"
                  f" ({lay.long_clip}), auxiliaries {lay.aux_order}{', person crop' if lay.person_crop else ''}")
         return (f"anyid-rt train {stage}: model {model}, device {self.device}{te}, dtype {dtype_name(self.dtype)}, "
