@@ -10,12 +10,13 @@ from importlib import import_module
 
 __version__ = "0.1.0"
 __all__ = ["Engine", "Video", "Defaults", "ConditioningLayout", "DiTConfig", "VAEConfig", "TextEncoderConfig",
-           "ModelConfig", "__version__"]
+           "ModelConfig", "ParallelConfig", "__version__"]
 
 # The public names are imported on first use (PEP 562): `import anyid_rt` alone, and so the `anyid-rt` CLI
 # (its --help, its checks of a request), must not pay for importing torch and the models.
 _HOMES = {"Engine": ".engine", "Video": ".engine", "Defaults": ".engine", "ConditioningLayout": ".conditioning",
-          "DiTConfig": ".config", "VAEConfig": ".config", "TextEncoderConfig": ".config", "ModelConfig": ".config"}
+          "DiTConfig": ".config", "VAEConfig": ".config", "TextEncoderConfig": ".config", "ModelConfig": ".config",
+          "ParallelConfig": ".config"}
 
 
 def __getattr__(name: str):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,7 +35,8 @@ CLI_NAMES = {"prompt": "--prompt", "references": "--ref", "primary": "--primary"
              "sampler": "--sampler", "seed": "--seed", "output": "--out", "path": "--model", "lora": "--lora",
              "dtype": "--dtype", "backend": "--backend", "device": "--device",
              "text_encoder_device": "--text-encoder-device", "timings_json": "--timings-json",
-             "compile": "--compile"}
+             "compile": "--compile", "sequence_parallel": "--sequence-parallel", "cfg_parallel": "--cfg-parallel",
+             "vae_tile": "--vae-tile"}
 # --compile's values -> Engine(compile=...)
 COMPILE_MODES = {"off": False, "on": True, "cudagraphs": "cudagraphs"}
 
@@ -77,15 +79,40 @@ def _print_result(video, out: Path) -> None:
     print(f"timings: {t}")
 
 
-def _load(command: str, plan, progress: bool):
-    """Print the plan's one line, build the engine and say how long it took."""
+def _load(command: str, plan, progress: bool, quiet: bool = False):
+    """Print the plan's one line, build the engine and say how long it took (`quiet`: say nothing)."""
     from .engine import Engine
 
-    print(f"anyid-rt {command}: {plan.summary()}", flush=True)
+    if not quiet:
+        print(f"anyid-rt {command}: {plan.summary()}", flush=True)
     t0 = time.perf_counter()
     engine = Engine.from_plan(plan, progress=progress)
-    print(f"loaded in {time.perf_counter() - t0:.1f} s", flush=True)
+    if not quiet:
+        print(f"loaded in {time.perf_counter() - t0:.1f} s", flush=True)
     return engine
+
+
+def _parallel(args):
+    """The ParallelConfig of --sequence-parallel / --cfg-parallel (None without them), checked against the
+    guidance and torchrun's process count before torch is imported."""
+    from .config import ParallelConfig
+    from .request import RequestError
+
+    if args.sequence_parallel is None and not args.cfg_parallel:
+        return None
+    flags = f"--sequence-parallel {args.sequence_parallel or 1}" + (" --cfg-parallel" if args.cfg_parallel else "")
+    try:
+        config = ParallelConfig(sequence=args.sequence_parallel or 1, cfg=args.cfg_parallel)
+    except ValueError:
+        raise RequestError(f"{flags} parallelises nothing: give --sequence-parallel S >= 2 and/or --cfg-parallel",
+                           "sequence_parallel") from None
+    try:
+        if args.guidance is not None:
+            config.check_guidance(args.guidance, "--cfg-parallel")
+        config.check_world(int(os.environ.get("WORLD_SIZE", "1")), flags)
+    except ValueError as e:
+        raise RequestError(str(e), "cfg_parallel") from None
+    return config
 
 
 def cmd_generate(args) -> int:
@@ -97,6 +124,8 @@ def cmd_generate(args) -> int:
     if args.negative_prompt is not None and args.guidance == 1:
         raise RequestError(f"{show(CLI_NAMES, 'negative_prompt')} has no effect with --guidance 1 (no "
                            "unconditional pass): drop it, or raise --guidance", "negative_prompt")
+    parallel = _parallel(args)
+    quiet = parallel is not None and os.environ.get("RANK", "0") != "0"  # rank 0 speaks for a parallel job
     if args.tiny:
         geometry, defaults = ModelConfig.preset("tiny").geometry, TINY_DEFAULTS
     else:
@@ -112,24 +141,34 @@ def cmd_generate(args) -> int:
     # the first frame of every reference
     from .engine import plan_pretrained, plan_tiny
 
+    vae_tile = tuple(args.vae_tile) if args.vae_tile else None
     if args.tiny:
         plan = plan_tiny(seed=args.seed, device=args.device or "cpu", backend=args.backend, dtype=args.dtype or "fp32",
                          lora=args.lora, text_encoder_device=args.text_encoder_device,
-                         compile=COMPILE_MODES[args.compile], names=CLI_NAMES)
+                         compile=COMPILE_MODES[args.compile], vae_tile=vae_tile, parallel=parallel, names=CLI_NAMES)
     else:
         plan = plan_pretrained(args.model, lora=args.lora, dtype=args.dtype or "bf16", backend=args.backend,
                                device=args.device, text_encoder_device=args.text_encoder_device,
-                               compile=COMPILE_MODES[args.compile], names=CLI_NAMES)
+                               compile=COMPILE_MODES[args.compile], vae_tile=vae_tile, parallel=parallel,
+                               names=CLI_NAMES)
     request = plan.check(request, CLI_NAMES)
-    if request.references:  # a differential prompt should not restate what the references show (stderr only)
+    if request.references and not quiet:  # a differential prompt should not restate what the references show
         from .trainer.prompt_cli import warn_restatements
 
         warn_restatements(request.prompt, "generate")
-    if not request.prompt.strip():
+    if not request.prompt.strip() and not quiet:
         print("note: --prompt is empty: nothing is asked to change relative to the "
               + ("primary reference" if request.references else "--image"))
-    engine = _load("generate", plan, not args.no_progress)
-    video = engine.run(request, progress=not args.no_progress, names=CLI_NAMES)
+    try:
+        engine = _load("generate", plan, not (args.no_progress or quiet), quiet)
+        video = engine.run(request, progress=not (args.no_progress or quiet), names=CLI_NAMES)
+    finally:
+        if parallel is not None:
+            from .parallel import shutdown
+
+            shutdown()
+    if quiet:
+        return 0
     _print_result(video, Path(args.out))
     if args.timings_json:
         import json
@@ -191,6 +230,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "--compile (on), --compile cudagraphs (also one CUDA graph per step, CUDA only); "
                         "default off")
     g.add_argument("--timings-json", default=None, help="also write the stage timings to this JSON file")
+    g.add_argument("--vae-tile", nargs=2, type=int, metavar=("TILE_H", "TILE_W"), default=None,
+                   help="decode in spatial tiles of TILE_H x TILE_W latent pixels (under parallel generation the "
+                        "tiles are shared by the ranks)")
+    g.add_argument("--sequence-parallel", type=int, default=None, metavar="S",
+                   help="under torchrun: shard each sample's tokens over S processes (Ulysses; the DiT's heads "
+                        "must divide by S); see docs/distributed.md")
+    g.add_argument("--cfg-parallel", action="store_true",
+                   help="under torchrun: conditional and unconditional passes on separate processes "
+                        "(S x 2 processes in all)")
     _add_generation_args(g)
     g.set_defaults(func=cmd_generate)
 

@@ -302,6 +302,58 @@ _PRESET_CONFIGS = {
 }
 
 
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How one generation is spread over the processes of a torchrun job (anyid_rt/parallel.py, docs/distributed.md).
+
+    sequence: S, the Ulysses group size: each of S ranks holds the tokens of a run of whole latent frames and
+        an all-to-all swaps them for a slice of the heads around every self-attention (num_heads % S == 0).
+    cfg: guidance parallelism: the conditional and the unconditional pass on two ranks (or two groups of S),
+        combined after every step. Needs guidance != 1.
+    The job has S x (2 if cfg else 1) processes; rank = cfg_rank * S + sequence_rank.
+    """
+
+    sequence: int = 1
+    cfg: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sequence, bool) or not isinstance(self.sequence, int) or self.sequence < 1:
+            raise ValueError(f"ParallelConfig.sequence must be an int >= 1, got {self.sequence!r}")
+        if self.sequence == 1 and not self.cfg:
+            raise ValueError("ParallelConfig(sequence=1, cfg=False) parallelises nothing: ask for sequence >= 2 "
+                             "and/or cfg=True, or pass parallel=None for one process")
+
+    @property
+    def world_size(self) -> int:
+        return self.sequence * (2 if self.cfg else 1)
+
+    def describe(self) -> str:
+        parts = ([f"sequence (Ulysses) x{self.sequence}"] if self.sequence > 1 else []) + (["guidance x2"] if self.cfg
+                                                                                            else [])
+        return f"{' and '.join(parts)} = {self.world_size} processes"
+
+    def check_world(self, world_size: int, flags: str = "") -> None:
+        """The job's process count must be S x (2 if cfg else 1); `flags` spells the request in the message."""
+        if world_size != self.world_size:
+            asked = flags or f"parallel={self}"
+            raise ValueError(f"{asked} needs {self.world_size} processes ({self.describe()}), but this job has "
+                             f"{world_size}: launch with torchrun --nproc-per-node {self.world_size} (or change the "
+                             "parallel settings to fit the job)")
+
+    def check_heads(self, num_heads: int, flag: str = "sequence") -> None:
+        """Ulysses gives each rank num_heads / S whole heads."""
+        if num_heads % self.sequence:
+            fits = [s for s in range(2, num_heads + 1) if num_heads % s == 0]
+            raise ValueError(f"{flag}={self.sequence}: the DiT has {num_heads} attention heads, which do not split "
+                             f"evenly over {self.sequence} ranks; use a divisor of {num_heads}: "
+                             f"{', '.join(map(str, fits))}")
+
+    def check_guidance(self, guidance: float, flag: str = "cfg") -> None:
+        if self.cfg and guidance == 1.0:
+            raise ValueError(f"{flag}: guidance parallelism runs the unconditional pass on its own ranks, but "
+                             "guidance 1 has no unconditional pass; drop it or raise the guidance scale")
+
+
 __all__ = ["PRESETS", "DTYPES", "DTYPE_NAMES", "parse_dtype", "dtype_name", "DiTConfig",  # noqa: F822 (DTYPES: lazy)
-           "VAEConfig", "TextEncoderConfig", "TokenGeometry", "ModelConfig", "replace", "WAN22_LATENTS_MEAN",
+           "VAEConfig", "TextEncoderConfig", "TokenGeometry", "ModelConfig", "ParallelConfig", "replace", "WAN22_LATENTS_MEAN",
            "WAN22_LATENTS_STD"]

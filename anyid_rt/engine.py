@@ -23,11 +23,11 @@ from typing import Any, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from . import frame_ops, media
+from . import frame_ops, media, parallel as par
 from .cache import LRUCache
 from .compiled import check_compile, compile_dit_
 from .conditioning import LAYOUT_METADATA_KEY, ConditioningLayout, PreparedReference, StepLayout, prepare_reference
-from .config import ModelConfig, TokenGeometry, dtype_name, parse_dtype
+from .config import ModelConfig, ParallelConfig, TokenGeometry, dtype_name, parse_dtype
 from .kernels import ATTENTION_QUANT, BACKENDS, resolve_backend
 from .lora import LoraWeights, check_lora_fits, merge_lora_, read_lora
 from .models.checkpoint import CheckpointError
@@ -120,6 +120,7 @@ class EnginePlan:
     geometry: TokenGeometry  # the video-size rules of the model to be loaded
     defaults: Defaults  # its generation defaults
     compile: bool | str = False  # True: regional torch.compile of the blocks; "cudagraphs": and the step graphed
+    parallel: ParallelConfig | None = None  # sequence / guidance parallelism over a torchrun job (parallel.py)
 
     def summary(self) -> str:
         model = self.files.describe() if self.files else f"tiny preset (random weights, seed {self.seed})"
@@ -130,7 +131,8 @@ class EnginePlan:
         return (f"model {model}{lora} | device {self.device}{te} | dtype {dtype_name(self.dtype)} (VAE "
                 f"{dtype_name(self.vae_dtype)}) | backend {backend}, attention {self.attention_quant or 'unquantised'}"
                 f" | quantisation {self.quant or 'none'} | layout ({self.layout_source}): {layout}"
-                + (f" | compile {'on' if self.compile is True else self.compile}" if self.compile else ""))
+                + (f" | compile {'on' if self.compile is True else self.compile}" if self.compile else "")
+                + (f" | parallel: {self.parallel.describe()}" if self.parallel else ""))
 
     def check(self, request: GenerationRequest, names: Mapping[str, str] | None = None,
               probe_media: bool = True) -> GenerationRequest:
@@ -239,7 +241,7 @@ def plan_pretrained(path: str | Path, lora: str | Path | Sequence[str | Path] | 
                     vae_dtype: str | torch.dtype = "fp32", lora_strength: float = 1.0,
                     layout: ConditioningLayout | None = None, vae_tile: VAETiling | tuple | None = None,
                     attention_quant: str | None = None, compile: bool | str = False,
-                    names: Mapping[str, str] | None = None) -> EnginePlan:
+                    parallel: ParallelConfig | None = None, names: Mapping[str, str] | None = None) -> EnginePlan:
     """Check everything `Engine.from_pretrained` will need, reading no weight: the folder's four parts, every
     LoRA file (read, and checked against the DiT's config), the devices, dtypes, backend, quantisation,
     compilation and the text encoder's packages. Raises a RequestError (or CheckpointError) naming the setting
@@ -248,38 +250,46 @@ def plan_pretrained(path: str | Path, lora: str | Path | Sequence[str | Path] | 
     files = ModelFiles.find(path, names)
     dtype, device, te_device, resolved = _check_run(backend, quant, attention_quant, dtype, device,
                                                     text_encoder_device, compile, names)
-    loras, layout, source = _read_loras(_lora_files(lora), read_dit_config(files.dit) if lora else None, layout,
-                                        names)
+    dit_cfg = read_dit_config(files.dit) if lora or parallel else None
+    loras, layout, source = _read_loras(_lora_files(lora), dit_cfg, layout, names)
+    if parallel is not None:
+        device, te_device = par.check_plan(parallel, dit_cfg.num_heads, compile, device, te_device, names)
     return EnginePlan(files, 0, device, te_device, dtype, vae_dtype, resolved, backend, quant, attention_quant,
                       loras, lora_strength, layout, source, VAETiling.of(vae_tile) if vae_tile is not None else None,
-                      files.geometry, defaults_for(files.dim), compile)
+                      files.geometry, defaults_for(files.dim), compile, parallel)
 
 
 def plan_tiny(seed: int = 0, device: str | torch.device = "cpu", backend: str = "torch",
               layout: ConditioningLayout | None = None, quant: str | None = None, attention_quant: str | None = None,
               dtype: str | torch.dtype = "fp32", lora: str | Path | Sequence[str | Path] | None = None,
               lora_strength: float = 1.0, text_encoder_device: str | torch.device | None = None,
-              compile: bool | str = False, names: Mapping[str, str] | None = None) -> EnginePlan:
+              compile: bool | str = False, vae_tile: VAETiling | tuple | None = None,
+              parallel: ParallelConfig | None = None, names: Mapping[str, str] | None = None) -> EnginePlan:
     """`plan_pretrained` for the tiny preset (random weights from `seed`): the same checks, no folder."""
     dtype, device, te_device, resolved = _check_run(backend, quant, attention_quant, dtype, device,
                                                     text_encoder_device, compile, names)
     cfg = ModelConfig.preset("tiny")
     loras, layout, source = _read_loras(_lora_files(lora), cfg.dit, layout, names)
+    if parallel is not None:
+        device, te_device = par.check_plan(parallel, cfg.dit.num_heads, compile, device, te_device, names)
     return EnginePlan(None, seed, device, te_device, dtype, torch.float32, resolved, backend, quant, attention_quant,
-                      loras, lora_strength, layout, source, None, cfg.geometry, TINY_DEFAULTS, compile)
+                      loras, lora_strength, layout, source, VAETiling.of(vae_tile) if vae_tile is not None else None,
+                      cfg.geometry, TINY_DEFAULTS, compile, parallel)
 
 
 class Engine:
     def __init__(self, dit: WanDiT, vae: WanVAE, text_encoder: TextEncoder, *,
                  layout: ConditioningLayout | None = None, defaults: Defaults = _WAN22_DEFAULTS,
                  device: torch.device | str = "cpu", vae_tile: VAETiling | tuple | None = None,
-                 cache_size: int = 32):
+                 cache_size: int = 32, parallel: par.ParallelContext | None = None):
         self.dit, self.vae, self.text_encoder = dit, vae, text_encoder
         self.layout = layout or ConditioningLayout()
         self.defaults = defaults
         self.device = torch.device(device)
         self.vae_tile = VAETiling.of(vae_tile) if vae_tile is not None else None  # spatial decode tiles
         self.reference_cache: LRUCache[str, torch.Tensor] = LRUCache(cache_size)  # latents by content / shape
+        # this rank's share of a parallel generation (anyid_rt/parallel.py); None: one process
+        self.parallel = par.ParallelDiT(dit, parallel) if parallel is not None else None
 
     @property
     def geometry(self) -> TokenGeometry:
@@ -290,6 +300,8 @@ class Engine:
     @classmethod
     def from_plan(cls, plan: EnginePlan, progress: bool = False) -> "Engine":
         """Build the engine a checked `EnginePlan` describes (`progress`: progress bars while loading)."""
+        # a parallel job's ranks meet before any weight is read (a missing rank fails here, not after the load)
+        ctx = par.ParallelContext.join(plan.parallel, plan.device) if plan.parallel is not None else None
         if plan.files is None:  # the tiny preset: random weights
             cfg = ModelConfig.preset("tiny")
             dit = random_dit(cfg.dit, dtype=plan.dtype, device=plan.device, seed=plan.seed, backend=plan.backend,
@@ -311,7 +323,7 @@ class Engine:
             te = TextEncoder.from_pretrained(plan.files.text_encoder, dtype=plan.dtype,
                                              device=plan.text_encoder_device, progress=progress)
         return cls(dit, vae, te, layout=plan.layout, defaults=defaults_for(dit.cfg.dim), device=plan.device,
-                   vae_tile=plan.vae_tile)
+                   vae_tile=plan.vae_tile, parallel=ctx)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, lora: str | Path | Sequence[str | Path] | None = None,
@@ -320,7 +332,8 @@ class Engine:
                         vae_dtype: str | torch.dtype = "fp32", lora_strength: float = 1.0,
                         layout: ConditioningLayout | None = None,
                         vae_tile: VAETiling | tuple | None = None, attention_quant: str | None = None,
-                        compile: bool | str = False, progress: bool = True) -> "Engine":
+                        compile: bool | str = False, parallel: ParallelConfig | None = None,
+                        progress: bool = True) -> "Engine":
         """Load Wan2.2-TI2V-5B (or a smaller model of the same family) from a folder in the diffusers layout
         (`transformer/`, `vae/`, `text_encoder/`, `tokenizer/`) or the original layout (DiT shards + index +
         config.json, `Wan2.2_VAE.pth`, `models_t5_umt5-xxl-enc-bf16.pth`, `google/umt5-xxl/`).
@@ -334,27 +347,31 @@ class Engine:
         `compile=True` compiles the DiT's block (one graph reused by every block, static shapes: a request
         compiles at its first step); `compile="cudagraphs"` also replays each step from a CUDA graph (CUDA
         only; anyid_rt/compiled.py). The DiT always runs q, k, v (and the text k, v) as one GEMM each.
+        `parallel=ParallelConfig(sequence=S, cfg=True)` spreads each generation over the processes of a torchrun
+        job (anyid_rt/parallel.py, docs/distributed.md); every rank calls `generate` with the same request.
         Everything is checked before any weight is read (`plan_pretrained`); `progress` shows loading bars.
         """
         return cls.from_plan(plan_pretrained(path, lora=lora, dtype=dtype, backend=backend, quant=quant, device=device,
                                              text_encoder_device=text_encoder_device, vae_dtype=vae_dtype,
                                              lora_strength=lora_strength, layout=layout, vae_tile=vae_tile,
-                                             attention_quant=attention_quant, compile=compile), progress=progress)
+                                             attention_quant=attention_quant, compile=compile, parallel=parallel),
+                             progress=progress)
 
     @classmethod
     def tiny(cls, seed: int = 0, device: str | torch.device = "cpu", backend: str = "torch",
              layout: ConditioningLayout | None = None, quant: str | None = None,
              attention_quant: str | None = None, dtype: str | torch.dtype = "fp32",
              lora: str | Path | Sequence[str | Path] | None = None, lora_strength: float = 1.0,
-             text_encoder_device: str | torch.device | None = None, compile: bool | str = False) -> "Engine":
+             text_encoder_device: str | torch.device | None = None, compile: bool | str = False,
+             vae_tile: VAETiling | tuple | None = None, parallel: ParallelConfig | None = None) -> "Engine":
         """The same classes at tiny widths with random weights: runs end to end on a CPU in seconds. Its output
         is noise: the weights are random. `dtype` is that of the DiT's large layers and the text encoder (fp32
         by default); `lora` merges LoRA files trained on this preset (`anyid-rt train` with preset "tiny");
-        `compile` as in `from_pretrained`."""
+        `compile`, `vae_tile` and `parallel` as in `from_pretrained`."""
         return cls.from_plan(plan_tiny(seed=seed, device=device, backend=backend, layout=layout, quant=quant,
                                        attention_quant=attention_quant, dtype=dtype, lora=lora,
                                        lora_strength=lora_strength, text_encoder_device=text_encoder_device,
-                                       compile=compile))
+                                       compile=compile, vae_tile=vae_tile, parallel=parallel))
 
     def save_pretrained(self, folder: str | Path, layout: str = "original") -> Path:
         """Write the engine's weights as a model folder in the original Wan layout (DiT in 2 shards with an
@@ -417,7 +434,9 @@ class Engine:
             names: Mapping[str, str] | None = None) -> Video:
         """`generate` with its arguments as one `GenerationRequest`; `names` spells the settings in errors (the
         CLI passes its flag names). `progress` shows progress bars for each stage."""
-        r = self.check(request, names)
+        # parallel: every rank checks the request and probes its files; a failure on one fails all, with its message
+        r = self.check(request, names) if self.parallel is None else self.parallel.check(
+            lambda: self.check(request, names), lambda r: probe_request_media(r, names), names)
         geometry = self.geometry
         for name in ("prompt", "negative_prompt"):  # given embeddings must fit the DiT
             self._check_embeds(getattr(r, f"{name}_embeds"), name)
@@ -453,11 +472,12 @@ class Engine:
         x = noise.to(self.device)[None]  # [1, 48, F, h, w] fp32
         if image_latent is not None:
             x[:, :, :1] = image_latent
+        forward = self.dit.forward_groups if self.parallel is None else self.parallel.forward_groups
         with clock("denoise"):
             for i, t in enumerate(tqdm(schedule.timesteps, desc="denoising", disable=not progress)):
                 segments = layout.segments(float(t), batch, self.device)
-                v = self.dit.forward_groups([x.expand(batch, -1, -1, -1, -1), *ref_latents], layout.frame_starts,
-                                            segments, text_kv)  # [batch, 48, F, h, w] fp32
+                v = forward([x.expand(batch, -1, -1, -1, -1), *ref_latents], layout.frame_starts, segments,
+                            text_kv)  # [batch, 48, F, h, w] fp32
                 if use_cfg:
                     v = v[1:] + guidance * (v[:1] - v[1:])
                 x = schedule.step(v, i, x)
@@ -465,12 +485,13 @@ class Engine:
                     x[:, :, :1] = image_latent
         with clock("vae_decode"):
             # [1, 3, T, H, W] in [-1, 1]
-            pixels = self.vae.decode(x.to(self.vae.dtype), tile=self.vae_tile, progress=progress)
+            decode = self.vae.decode if self.parallel is None else self.parallel.decoder(self.vae)
+            pixels = decode(x.to(self.vae.dtype), tile=self.vae_tile, progress=progress)
             frames = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [3, T, H, W]
             frames = frames.permute(1, 2, 3, 0).contiguous().cpu()  # [T, H, W, 3]
         timings["total"] = sum(timings.values())
         video = Video(frames, x[0].float().cpu(), self.defaults.fps, timings)
-        if r.output is not None:
+        if r.output is not None and (self.parallel is None or self.parallel.ctx.is_main):  # rank 0 writes it
             video.save(r.output)
         return video
 

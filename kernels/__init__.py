@@ -66,6 +66,10 @@ class DiTOps:
     rms_norm: Callable  # (x, weight, eps) -> x / rms(x) * weight
     rms_norm_rope: Callable  # (x, weight, eps, rope, num_heads) -> RoPE per head of rms_norm(x), [B, L, H*D]
     layer_norm: Callable  # (x, weight, bias, eps) -> affine LayerNorm computed in fp32
+    # self-attention over the whole token sequence, (q, k, v) -> [B, L, H, D]; None: `attention`. Sequence
+    # parallelism (anyid_rt/parallel.py) sets it to an all-to-all around `attention`, which leaves the
+    # cross-attention (each rank's queries against the whole text) as it is
+    sequence_attention: Callable | None = None
 
 
 # 8-bit attention modes (kernels/attention_8bit.py): Q and K in INT8 after smoothing K, P and V in FP8 E4M3

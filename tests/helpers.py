@@ -165,3 +165,4 @@ def wan_i2v_image(image, max_area: int = 1280 * 704, dw: int = 32, dh: int = 32)
     frames = load_media(image, max_frames=1)
     ow, oh = best_output_size(frames.shape[2], frames.shape[1], dw, dh, max_area)
     return to_model_range(crop_center_to(frames, ow, oh))
+

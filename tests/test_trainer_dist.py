@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from anyid_rt.engine import Engine
 from anyid_rt.trainer.config import DataConfig, LoraConfig, ModelSource, OptimConfig, SFTConfig
 from anyid_rt.trainer.lora import inject_lora, lora_state_dict
 from anyid_rt.trainer.synthetic import make_id_groups
+from anyid_rt.parallel import free_port
 
 TESTS = str(Path(__file__).resolve().parent)
 
@@ -45,12 +45,6 @@ def _worker(rank: int, world: int, port: int, cfg: SFTConfig, out_dir: str) -> N
         torch.save({"lora": result.lora_state, "history": result.history}, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist_utils.shutdown()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_equal_one_process_on_the_combined_batch(tmp_path):

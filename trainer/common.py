@@ -40,6 +40,7 @@ from .lora import load_lora_state_dict_, lora_parameters, lora_state_dict
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST_FILE = "latest"
+SHARDS_DIR = "shards"  # sharding = "fsdp": the distributed checkpoint (LoRA and AdamW shards) in a checkpoint
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -76,15 +77,18 @@ def check_geometry(engine: Engine, src: ModelSource) -> None:
 
 
 class GroupsForward(nn.Module):
-    """`dit.forward_groups` as a module's forward, so that DistributedDataParallel can wrap it."""
+    """`dit.forward_groups` as a module's forward, so that DistributedDataParallel can wrap it; `sequence`: the
+    same call sharded over a sequence-parallel group (`dist.sequence_parallel`)."""
 
-    def __init__(self, dit: WanDiT):
+    def __init__(self, dit: WanDiT, sequence=None):
         super().__init__()
-        self.dit = dit
+        self.dit, self.sequence = dit, sequence
 
     def forward(self, latents: list[torch.Tensor], frame_starts: list[int], segments: Segments,
                 context: list[torch.Tensor]) -> torch.Tensor:
-        return self.dit.forward_groups(latents, frame_starts, segments, context)
+        # looked up per call: FSDP2 wraps dit.forward_groups after this module is built
+        run = self.dit.forward_groups if self.sequence is None else self.sequence.forward_groups
+        return run(latents, frame_starts, segments, context)
 
 
 def target_layout(layout: ConditioningLayout, geometry: TokenGeometry, target: torch.Tensor,
@@ -171,6 +175,32 @@ class Checkpoints:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        return self._publish(tmp, final)
+
+    def save_sharded(self, step: int, state: dict, write_lora: Callable[[Path], None],
+                     write_shards: Callable[[Path], None], info: dist_utils.DistInfo) -> Path:
+        """`save` for a sharded run, called by every rank: each writes its shards (`write_shards`, into
+        SHARDS_DIR) into one temporary folder, then rank 0 adds `state` (no tensors of the LoRA or optimizer)
+        and the whole LoRA file and renames the folder into place."""
+        final = self.dir / f"step_{step:08d}"
+        tmp = self.dir / f".step_{step:08d}.tmp"  # one name for every rank (no pid)
+        if info.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        dist_utils.barrier(info)
+        write_shards(tmp / SHARDS_DIR)
+        dist_utils.barrier(info)
+        if info.is_main:
+            torch.save(state, tmp / "state.pt")
+            write_lora(tmp / "lora.safetensors")
+            self._publish(tmp, final)
+        dist_utils.barrier(info)
+        return final
+
+    def _publish(self, tmp: Path, final: Path) -> Path:
+        """Rename a written checkpoint folder into place, point `latest` at it and drop the oldest."""
         if final.exists():  # the same step again (a resumed run re-saving): replace it whole
             _remove_dir(final)
         os.replace(tmp, final)
@@ -288,12 +318,14 @@ MicroStep = Callable[[list[int], list[int], int, int, int], tuple[torch.Tensor, 
 
 def run_loop(*, cfg: RunConfig, info: dist_utils.DistInfo, dit: WanDiT, model: nn.Module, plan: BatchPlan,
              micro_step: MicroStep, optimizer, scheduler, metric_names: list[str],
-             write_lora: Callable[[Path], None], final_lora: Path, resume_state: dict | None,
+             write_lora: Callable[[Path, dict[str, torch.Tensor]], None], final_lora: Path, resume_state: dict | None,
              validation: Callable[[int], None] | None, validate_every: int, max_grad_norm: float, config_json: str,
              stop_after: int | None = None, progress_desc: str = "train") -> LoopResult:
     """The shared training loop. `micro_step(indices, positions, step, micro, epoch)` computes the mean loss
-    of this process's slice of a global micro-batch (positions: each sample's place in the global batch)."""
+    of this process's slice of a global micro-batch (positions: each sample's place in the global batch).
+    `write_lora(path, tensors)` writes the whole LoRA `tensors` (gathered from every rank when sharded)."""
     params = lora_parameters(dit)
+    sharded = cfg.sharding == "fsdp"  # distributed checkpoints (also on one process: they load at any count)
     step, epoch, index = 0, 0, 0
     if resume_state is not None:
         step, (epoch, index) = resume_state["step"], resume_state["position"]
@@ -303,7 +335,7 @@ def run_loop(*, cfg: RunConfig, info: dist_utils.DistInfo, dit: WanDiT, model: n
     result = LoopResult(step, output_dir=Path(cfg.output_dir))
     it = plan.iterate(epoch, index)
     per_rank = cfg.batch_size
-    accum = cfg.accumulation(info.world_size)  # grad_accum, or what reaches effective_batch (default 64)
+    accum = cfg.accumulation(info.data_world)  # grad_accum, or what reaches effective_batch (default 64)
     window: list[dict] = []
     bar = tqdm(total=cfg.max_steps, initial=step, desc=progress_desc, disable=not (cfg.progress and info.is_main))
     t0 = time.perf_counter()
@@ -312,18 +344,14 @@ def run_loop(*, cfg: RunConfig, info: dist_utils.DistInfo, dit: WanDiT, model: n
             sums: dict[str, float] = {}
             for micro in range(accum):
                 epoch, index, batch = next(it)
-                lo = info.rank * per_rank
+                lo = info.data_rank * per_rank  # a sequence group's ranks share one slice
                 mine, positions = batch[lo:lo + per_rank], list(range(lo, lo + per_rank))
                 with dist_utils.no_sync(model, sync=micro == accum - 1):
                     loss, metrics = micro_step(mine, positions, step, micro, epoch)
-                    (loss / accum).backward()
+                    (loss * info.sequence / accum).backward()  # x S: see dist.sequence_parallel
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v) / accum
-            if max_grad_norm > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
-            else:
-                grad_norm = float(torch.linalg.vector_norm(
-                    torch.stack([torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None])))
+            grad_norm = dist_utils.grad_norm(params, max_grad_norm)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
@@ -342,11 +370,17 @@ def run_loop(*, cfg: RunConfig, info: dist_utils.DistInfo, dit: WanDiT, model: n
                 log.write({**row, **agg, "seconds": round(time.perf_counter() - t0, 3)})
                 window = []
             if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.max_steps):
-                if info.is_main:
-                    state = {"step": step, "position": (epoch, index + 1), "lora": {k: v.detach().cpu().clone()
-                             for k, v in lora_state_dict(dit).items()}, "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict(), "rng": rng_state(), "config": config_json}
-                    result.checkpoint = ckpt.save(step, state, write_lora)
+                lora = lora_state_dict(dit)
+                full = dist_utils.full_tensors(lora)  # a collective when sharded
+                state = {"step": step, "position": (epoch, index + 1), "scheduler": scheduler.state_dict(),
+                         "rng": rng_state(), "config": config_json}
+                if sharded:
+                    result.checkpoint = ckpt.save_sharded(
+                        step, {**state, "sharded": True}, lambda p: write_lora(p, full),
+                        lambda d: dist_utils.save_shards(d, dit, lora, optimizer), info)
+                elif info.is_main:
+                    state.update(lora=full, optimizer=optimizer.state_dict())
+                    result.checkpoint = ckpt.save(step, state, lambda p: write_lora(p, full))
                 dist_utils.barrier(info)
             if validation is not None and validate_every and step % validate_every == 0:
                 if info.is_main:
@@ -354,14 +388,14 @@ def run_loop(*, cfg: RunConfig, info: dist_utils.DistInfo, dit: WanDiT, model: n
                 dist_utils.barrier(info)
             if stop_after is not None and step >= stop_after and step < cfg.max_steps:
                 result.step = step
-                result.lora_state = {k: v.cpu().clone() for k, v in lora_state_dict(dit).items()}
+                result.lora_state = dist_utils.full_tensors(lora_state_dict(dit))
                 return result  # a simulated interruption: no final LoRA
+        result.lora_state = dist_utils.full_tensors(lora_state_dict(dit))
         if info.is_main:
-            write_lora(final_lora)  # save_trained_lora writes atomically
+            write_lora(final_lora, result.lora_state)  # save_trained_lora writes atomically
             result.lora_path = final_lora
         dist_utils.barrier(info)
         result.step = step
-        result.lora_state = {k: v.cpu().clone() for k, v in lora_state_dict(dit).items()}
         return result
     finally:
         bar.close()
@@ -369,10 +403,14 @@ def run_loop(*, cfg: RunConfig, info: dist_utils.DistInfo, dit: WanDiT, model: n
             log.close()
 
 
-def restore(state: dict, dit: nn.Module, optimizer, scheduler) -> None:
-    """Load a checkpoint's LoRA, AdamW, scheduler and RNG states into a freshly built run."""
-    load_lora_state_dict_(dit, state["lora"])
-    optimizer.load_state_dict(state["optimizer"])
+def restore(state: dict, dit: nn.Module, optimizer, scheduler, path: Path | None = None) -> None:
+    """Load a checkpoint's LoRA, AdamW, scheduler and RNG states into a freshly built run (a sharded
+    checkpoint's LoRA and AdamW shards from its folder `path`, at this run's process count)."""
+    if state.get("sharded"):
+        dist_utils.load_shards(Path(path) / SHARDS_DIR, dit, lora_state_dict(dit), optimizer)
+    else:
+        load_lora_state_dict_(dit, state["lora"])
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
 

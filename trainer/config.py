@@ -341,6 +341,12 @@ class RunConfig:
         weights and optimizer state; "fp32" everywhere else (CPU).
     resume: "auto" (the latest checkpoint in output_dir, if any), "none" (start afresh; refused when
         output_dir already holds checkpoints, which a fresh run would overwrite), or a checkpoint folder.
+    sharding: "ddp" (every process holds the whole model; DDP averages the LoRA gradients) or "fsdp" (FSDP2
+        shards the base weights, the LoRA and AdamW over the processes; checkpoints are distributed and resume
+        at any process count): trainer/dist.py, docs/distributed.md.
+    sequence_parallel: S > 1 shards each sample's tokens over S processes (Ulysses, as in generation) for
+        samples too long for one GPU's activations: the global batch is batch_size x processes / S. The DiT's
+        heads must divide by S. With sharding = "ddp".
     """
 
     output_dir: str = "runs/train"
@@ -358,6 +364,8 @@ class RunConfig:
     resume: str = "auto"
     tensorboard: bool = False
     progress: bool = True
+    sharding: str = "ddp"
+    sequence_parallel: int = 1
 
     def _check_run(self) -> None:
         if self.model is None:  # no silent default: a forgotten [model] must not train the tiny random model
@@ -372,13 +380,23 @@ class RunConfig:
                 _positive("", **{name: getattr(self, name)})
         from .dist import env_ranks
 
-        self.accumulation(env_ranks()[1])  # a batch that cannot be reached fails at load, before any model
+        _positive("", sequence_parallel=self.sequence_parallel)
+        # an unreachable batch fails at load, before any model (the processes against S: preflight)
+        self.accumulation(max(1, env_ranks()[1] // self.sequence_parallel))
         _non_negative("", checkpoint_every=self.checkpoint_every)
         if not self.checkpoint_every and self.keep_checkpoints != RunConfig.keep_checkpoints:
             raise ConfigError("keep_checkpoints", "has no effect with checkpoint_every = 0 (no checkpoints); remove it "
                               "or set checkpoint_every", self.keep_checkpoints)
         if self.mixed_precision not in MIXED_PRECISION:
             raise ConfigError("mixed_precision", f"must be one of {list(MIXED_PRECISION)}", self.mixed_precision)
+        from .dist import SHARDING
+
+        if self.sharding not in SHARDING:
+            raise ConfigError("sharding", f"must be one of {list(SHARDING)} (replicated with DDP, or sharded with "
+                              "FSDP2 and distributed checkpoints)", self.sharding)
+        if self.sequence_parallel > 1 and self.sharding == "fsdp":
+            raise ConfigError("sequence_parallel", "is not supported with sharding = \"fsdp\" yet; use sharding = "
+                              "\"ddp\" with sequence parallelism, or sequence_parallel = 1", self.sequence_parallel)
         if not self.resume:
             raise ConfigError("resume", "must be \"auto\", \"none\" or a checkpoint folder", self.resume)
 

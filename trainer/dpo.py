@@ -73,8 +73,8 @@ def dpo_forward(model, dit, layout: ConditioningLayout, geometry: TokenGeometry,
     target = torch.cat([eps - x0w, eps - x0l])
     v = model([latents, *refs2], sl.frame_starts, seg, ctx + ctx)
     err = ((v.float() - target) ** 2).flatten(1).mean(1)
-    with torch.no_grad(), lora_disabled(dit):
-        v_ref = dit.forward_groups([latents, *refs2], sl.frame_starts, seg, ctx + ctx)
+    with torch.no_grad(), lora_disabled(dit):  # through `model`: sharded as the policy pass is
+        v_ref = model([latents, *refs2], sl.frame_starts, seg, ctx + ctx)
         ref_err = ((v_ref.float() - target) ** 2).flatten(1).mean(1)
     return err[:B], err[B:], ref_err[:B], ref_err[B:]
 
@@ -135,7 +135,7 @@ def train_dpo(cfg: DPOConfig, *, stop_after: int | None = None) -> LoopResult:
     """Run (or resume) Flow-DPO; the LoRA lands in OUTPUT/lora.safetensors (apply it after the SFT LoRA).
     The config is checked completely before any model is loaded (`preflight.check_dpo`)."""
     checks = check_dpo(cfg)
-    info = dist_utils.init_distributed(cfg.model.device)
+    info = dist_utils.init_distributed(cfg.model.device, cfg.sequence_parallel)
     out = Path(cfg.output_dir)
     if info.is_main:
         print(checks.summary(cfg, "dpo"), flush=True)
@@ -146,12 +146,12 @@ def train_dpo(cfg: DPOConfig, *, stop_after: int | None = None) -> LoopResult:
     dit = engine.dit
     dit.gradient_checkpointing = cfg.gradient_checkpointing
     dit.train()
-    model = dist_utils.wrap(GroupsForward(dit), info)
+    model = dist_utils.wrap(GroupsForward(dit, dist_utils.sequence_parallel(dit, info)), info, cfg.sharding)
     optimizer, scheduler = make_optimizer(lora_parameters(dit), cfg.optim)
     state = checks.resume
     if state is not None:
-        restore(state, dit, optimizer, scheduler)
-    plan = BatchPlan(lambda k, e: data.specs[k].key, len(data), cfg.batch_size * info.world_size, cfg.seed)
+        restore(state, dit, optimizer, scheduler, checks.resume_path)
+    plan = BatchPlan(lambda k, e: data.specs[k].key, len(data), cfg.batch_size * info.data_world, cfg.seed)
     base = cfg.model.name + (f" + {Path(cfg.sft_lora).name}" if cfg.sft_lora else "")
     metadata = lora_metadata(dit, layout=layout, base_model=base, targets=cfg.lora.targets, stage="dpo",
                              extra={"anyid.dpo_beta": repr(cfg.beta),
@@ -176,8 +176,8 @@ def train_dpo(cfg: DPOConfig, *, stop_after: int | None = None) -> LoopResult:
 
     save_dtype = parse_dtype(cfg.lora.save_dtype, "lora.save_dtype")
 
-    def write_lora(path: Path) -> None:
-        save_trained_lora(dit, path, metadata, dtype=save_dtype)
+    def write_lora(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+        save_trained_lora(dit, path, metadata, dtype=save_dtype, tensors=tensors)
 
     def validation(step: int) -> None:
         validate(engine, dit, layout, cfg.validation, cfg.buckets[0], out / "validation" / f"step_{step:08d}.mp4")

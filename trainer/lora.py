@@ -303,23 +303,27 @@ def lora_metadata(dit: nn.Module, *, layout: ConditioningLayout, base_model: str
 
 
 def lora_to_weights(dit: nn.Module, metadata: dict[str, str] | None = None,
-                    dtype: torch.dtype = torch.float32) -> LoraWeights:
-    """The injected LoRA as `anyid_rt.lora.LoraWeights` (CPU copies in `dtype`; fp32 keeps them exact)."""
+                    dtype: torch.dtype = torch.float32, tensors: dict[str, torch.Tensor] | None = None) -> LoraWeights:
+    """The injected LoRA as `anyid_rt.lora.LoraWeights` (CPU copies in `dtype`; fp32 keeps them exact).
+    `tensors`: the values to write, a whole `lora_state_dict` (a sharded model's, gathered by
+    `dist.full_tensors`); the modules' own tensors otherwise."""
     mods = lora_modules(dit)
     if not mods:
         raise ValueError("the model holds no LoRA modules")
-    down = {n: m.lora_down.detach().to("cpu", dtype).clone() for n, m in mods.items()}
-    up = {n: m.lora_up.detach().to("cpu", dtype).clone() for n, m in mods.items()}
+    sd = lora_state_dict(dit) if tensors is None else tensors
+    down = {n: sd[f"{n}.lora_down"].detach().to("cpu", dtype).clone() for n in mods}
+    up = {n: sd[f"{n}.lora_up"].detach().to("cpu", dtype).clone() for n in mods}
     alpha = {n: m.alpha for n, m in mods.items()}
     return LoraWeights(down, up, alpha, dict(metadata or {}))
 
 
 def save_trained_lora(dit: nn.Module, path: str | Path, metadata: dict[str, str],
-                      dtype: torch.dtype = torch.float32) -> Path:
-    """Write the LoRA in the ComfyUI key format, atomically (a temporary file, then os.replace)."""
+                      dtype: torch.dtype = torch.float32, tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the LoRA in the ComfyUI key format, atomically (a temporary file, then os.replace); `tensors` as in
+    `lora_to_weights`."""
     path = Path(path)
     with atomic_path(path) as tmp:  # removed again if the write fails or is interrupted
-        save_lora(lora_to_weights(dit, metadata, dtype), tmp)
+        save_lora(lora_to_weights(dit, metadata, dtype, tensors), tmp)
     return path
 
 

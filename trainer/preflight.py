@@ -72,10 +72,12 @@ class Checks:
             data = f"{len(self.pairs)} of {self.pairs_total} pairs"
         te = f", text encoder on {m.text_encoder_device}" if m.text_encoder_device else ""
         resume = f", resuming at step {self.resume['step']}" if self.resume else ""
-        world = dist_utils.env_ranks()[1]
+        world = dist_utils.env_ranks()[1] // cfg.sequence_parallel  # data-parallel slices
         unit = "pairs" if self.pairs is not None else "samples"
-        batch = (f"batch {cfg.batch_size} x {cfg.accumulation(world)} accumulated x {world} process(es) = "
-                 f"{cfg.effective(world)} {unit} per step (paper: 64)")
+        procs = "process(es)" if cfg.sequence_parallel == 1 else f"group(s) of {cfg.sequence_parallel} processes"
+        batch = (f"batch {cfg.batch_size} x {cfg.accumulation(world)} accumulated x {world} {procs} = "
+                 f"{cfg.effective(world)} {unit} per step (paper: 64)"
+                 + (", each sample's tokens split over its group" if cfg.sequence_parallel > 1 else ""))
         clips = (f"clips <= {lay.max_clip_frames} frames at {f'{lay.clip_fps:g} fps' if lay.clip_fps else 'their rate'}"
                  f" ({lay.long_clip}), auxiliaries {lay.aux_order}{', person crop' if lay.person_crop else ''}")
         return (f"anyid-rt train {stage}: model {model}, device {self.device}{te}, dtype {dtype_name(self.dtype)}, "
@@ -169,6 +171,16 @@ def check_device(cfg: RunConfig) -> tuple[torch.device, torch.dtype, str]:
     return device, dtype, backend
 
 
+def model_heads(cfg: RunConfig) -> int:
+    """The DiT's attention heads: the preset's, or the model folder's config (nothing is loaded)."""
+    if cfg.model.preset is not None:
+        return DiTConfig.preset(cfg.model.preset).num_heads
+    from ..models.dit_loader import read_dit_config
+    from ..request import ModelFiles
+
+    return read_dit_config(ModelFiles.find(cfg.model.path).dit).num_heads
+
+
 def model_linears(cfg: RunConfig) -> dict[str, tuple[int, int]]:
     """Every nn.Linear of the base DiT, name -> weight shape (out, in): the preset's structure built on the
     meta device, or a model folder's checkpoint header (a linear is a 2-D `.weight`; the patch embedding is
@@ -245,6 +257,10 @@ def check_resume(cfg: RunConfig) -> tuple[dict | None, Path | None]:
                 (list(want) if isinstance(want, tuple) else want):
             raise ConfigError(f"lora.{name}", f"differs from the checkpoint {path} it resumes ({json.dumps(got)}); "
                               "a resumed run keeps its LoRA shape: use the old value or another output_dir", want)
+    written = "fsdp" if state.get("sharded") else "ddp"
+    if written != cfg.sharding:
+        raise ConfigError("sharding", f"checkpoint {path} was written with sharding = \"{written}\" (its LoRA and "
+                          f"optimizer state are stored that way); resume it with sharding = \"{written}\"", cfg.sharding)
     if state["step"] > cfg.max_steps:
         raise ConfigError("max_steps", f"is below the step of the checkpoint it resumes ({state['step']}, {path})",
                           cfg.max_steps)
@@ -265,6 +281,19 @@ def _common(cfg: RunConfig) -> tuple[Checks, dict[str, tuple[int, int]]]:
         require_package("tensorboard", True, "torch.utils.tensorboard", "logging to TensorBoard",
                         "pip install tensorboard (or set tensorboard = false; log.csv needs nothing)")
     check_validation(cfg)
+    if cfg.sequence_parallel > 1:  # Ulysses gives each process whole heads, each group whole samples
+        world = dist_utils.env_ranks()[1]
+        if world % cfg.sequence_parallel:
+            raise ConfigError("sequence_parallel", f"must divide the {world} processes (each group of "
+                              f"{cfg.sequence_parallel} shares its samples' tokens)", cfg.sequence_parallel)
+        heads = model_heads(cfg)
+        if heads % cfg.sequence_parallel:
+            raise ConfigError("sequence_parallel", f"must divide the DiT's {heads} attention heads",
+                              cfg.sequence_parallel)
+    if cfg.validation.every and cfg.sharding == "fsdp" and dist_utils.env_ranks()[1] > 1:
+        raise ConfigError("validation.every", "validation videos are not made by sharded runs on several processes "
+                          "(rank 0 alone holds 1/N of the model); set validation.every = 0 and generate from the "
+                          "checkpoint's lora.safetensors instead", cfg.validation.every)
     state, path = check_resume(cfg)
     return Checks(device, dtype, backend, state, path), linears
 

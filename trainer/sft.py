@@ -89,7 +89,7 @@ def train_sft(cfg: SFTConfig, *, stop_after: int | None = None, dataset: IDGroup
     settings must match cfg.data).
     """
     checks = check_sft(cfg, dataset)
-    info = dist_utils.init_distributed(cfg.model.device)
+    info = dist_utils.init_distributed(cfg.model.device, cfg.sequence_parallel)
     out = Path(cfg.output_dir)
     if info.is_main:
         print(checks.summary(cfg, "sft"), flush=True)
@@ -107,12 +107,12 @@ def train_sft(cfg: SFTConfig, *, stop_after: int | None = None, dataset: IDGroup
     encoders = Encoders(engine.vae, engine.text_encoder, TensorCache(cache_dir if cfg.data.cache else None),
                         info.device)
     batcher = SFTBatcher(cfg, dataset, encoders, info.device)
-    model = dist_utils.wrap(GroupsForward(dit), info)
+    model = dist_utils.wrap(GroupsForward(dit, dist_utils.sequence_parallel(dit, info)), info, cfg.sharding)
     optimizer, scheduler = make_optimizer(lora_parameters(dit), cfg.optim)
     state = checks.resume
     if state is not None:
-        restore(state, dit, optimizer, scheduler)
-    plan = BatchPlan(lambda i, e: dataset.instance(i, e).key, len(dataset), cfg.batch_size * info.world_size,
+        restore(state, dit, optimizer, scheduler, checks.resume_path)
+    plan = BatchPlan(lambda i, e: dataset.instance(i, e).key, len(dataset), cfg.batch_size * info.data_world,
                      cfg.seed)
     layout, geometry = cfg.layout, engine.geometry
     metadata = lora_metadata(dit, layout=layout, base_model=cfg.model.name, targets=cfg.lora.targets, stage="sft",
@@ -134,8 +134,8 @@ def train_sft(cfg: SFTConfig, *, stop_after: int | None = None, dataset: IDGroup
 
     save_dtype = parse_dtype(cfg.lora.save_dtype, "lora.save_dtype")
 
-    def write_lora(path: Path) -> None:
-        save_trained_lora(dit, path, metadata, dtype=save_dtype)
+    def write_lora(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+        save_trained_lora(dit, path, metadata, dtype=save_dtype, tensors=tensors)
 
     def validation(step: int) -> None:
         validate(engine, dit, layout, cfg.validation, cfg.data.buckets[0], out / "validation" / f"step_{step:08d}.mp4")

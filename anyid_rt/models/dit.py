@@ -240,7 +240,8 @@ class SelfAttention(nn.Module):
         q = ops.rms_norm_rope(q, self.norm_q.weight, eps, rope, H).view(B, L, H, D)
         k = ops.rms_norm_rope(k, self.norm_k.weight, eps, rope, H).view(B, L, H, D)
         v = v.view(B, L, H, D)
-        return self.o(ops.attention(q, k, v).reshape(B, L, H * D))  # attention: [B, L, H, D]
+        attention = ops.attention if ops.sequence_attention is None else ops.sequence_attention
+        return self.o(attention(q, k, v).reshape(B, L, H * D))  # attention: [B, L, H, D]
 
 
 class FusedSelfAttention(SelfAttention):

@@ -465,6 +465,16 @@ class WanVAE(nn.Module):
         """
         from tqdm.auto import tqdm
 
+        if tile is not None:
+            return self.blend_tiles(*self.decode_tiles(latent, tile, progress=progress), tile)
+        x, out = self._decode_start(latent)
+        with tqdm(total=x.shape[2], desc="VAE decode", unit="latent frame", disable=not progress) as bar:
+            self._decode_into(x, out, weight=None, on_frame=bar.update)
+        return out.clamp_(-1.0, 1.0)
+
+    def _decode_start(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`conv2` of the denormalised latent [B, z, F, h, w] and the zeroed frames [B, 3, 1 + 4(F-1), 16h, 16w]
+        the decode writes into."""
         self._check_latent(latent)
         cfg = self.cfg
         mean, std = self._latent_stats()
@@ -472,35 +482,52 @@ class WanVAE(nn.Module):
         x = self.conv2(z.to(self.dtype))                                     # [B, z, F, h, w]
         b, _, f, h, w = x.shape
         s, tc = cfg.spatial_compression, cfg.temporal_compression
-        out = torch.zeros(b, cfg.in_channels, 1 + tc * (f - 1), h * s, w * s, device=self.device)
-        if tile is None:
-            with tqdm(total=f, desc="VAE decode", unit="latent frame", disable=not progress) as bar:
-                self._decode_into(x, out, weight=None, on_frame=bar.update)
-            return out.clamp_(-1.0, 1.0)
+        return x, torch.zeros(b, cfg.in_channels, 1 + tc * (f - 1), h * s, w * s, device=self.device)
+
+    def decode_tiles(self, latent: torch.Tensor, tile: VAETiling | tuple, part: tuple[int, int] = (0, 1),
+                     progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tiled decode before its division: (sum of weighted tile pixels [B, 3, T, H, W], sum of weights
+        [H, W]) over the tiles i with i % part[1] == part[0], in raster order. One process takes every tile;
+        under parallel generation (anyid_rt/parallel.py) each rank takes its share and the sums are added
+        across ranks before `blend_tiles`."""
+        from tqdm.auto import tqdm
+
+        index, parts = part
+        if not 0 <= index < parts:
+            raise ValueError(f"decode_tiles part {part} must be (index, count) with 0 <= index < count")
+        x, out = self._decode_start(latent)
+        f, h, w = x.shape[2:]
+        s = self.cfg.spatial_compression
         tiling = VAETiling.of(tile)
         # Pass 1: the stem over the full latent, one frame at a time ([B, C0, F, h, w], small).
         stem_cache = FeatureCache(self.decoder_slots)
         feats = torch.cat([self.decoder.stem(x[:, :, i:i + 1], stem_cache) for i in range(f)], dim=2)
         del stem_cache, x
-        # Pass 2: each tile through the up-stages and head, blended into `out`.
+        # Pass 2: each of this part's tiles through the up-stages and head, added into `out` with its weight.
         weight_sum = torch.zeros(h * s, w * s, device=self.device)
         ramp = tiling.overlap * s
         th, tw = min(tiling.tile_h, h), min(tiling.tile_w, w)
-        tiles = len(_tile_starts(h, tiling.tile_h, tiling.overlap)) * len(_tile_starts(w, tiling.tile_w,
-                                                                                     tiling.overlap))
-        bar = tqdm(total=f * tiles, desc="VAE decode (tiled)", unit="latent frame", disable=not progress)
-        for r0 in _tile_starts(h, tiling.tile_h, tiling.overlap):
+        starts = [(r0, c0) for r0 in _tile_starts(h, tiling.tile_h, tiling.overlap)
+                  for c0 in _tile_starts(w, tiling.tile_w, tiling.overlap)]
+        mine = starts[index::parts]
+        bar = tqdm(total=f * len(mine), desc="VAE decode (tiled)", unit="latent frame", disable=not progress)
+        for r0, c0 in mine:
             wr = _ramp(th * s, ramp, lead=r0 > 0, trail=r0 + th < h)
-            for c0 in _tile_starts(w, tiling.tile_w, tiling.overlap):
-                wc = _ramp(tw * s, ramp, lead=c0 > 0, trail=c0 + tw < w)
-                weight = (wr[:, None] * wc[None, :]).to(self.device)           # [th*s, tw*s]
-                rows, cols = slice(r0 * s, (r0 + th) * s), slice(c0 * s, (c0 + tw) * s)
-                self._decode_into(feats[..., r0:r0 + th, c0:c0 + tw], out[..., rows, cols], weight, stem_done=True,
-                                  on_frame=bar.update)
-                weight_sum[rows, cols] += weight
+            wc = _ramp(tw * s, ramp, lead=c0 > 0, trail=c0 + tw < w)
+            weight = (wr[:, None] * wc[None, :]).to(self.device)           # [th*s, tw*s]
+            rows, cols = slice(r0 * s, (r0 + th) * s), slice(c0 * s, (c0 + tw) * s)
+            self._decode_into(feats[..., r0:r0 + th, c0:c0 + tw], out[..., rows, cols], weight, stem_done=True,
+                              on_frame=bar.update)
+            weight_sum[rows, cols] += weight
         bar.close()
+        return out, weight_sum
+
+    @staticmethod
+    def blend_tiles(out: torch.Tensor, weight_sum: torch.Tensor, tile: VAETiling | tuple) -> torch.Tensor:
+        """Frames from `decode_tiles`' sums over every tile: divided by the weights, clamped to [-1, 1]."""
         if not bool((weight_sum > 0).all()):
-            raise RuntimeError(f"tiling {tiling} left pixels without weight on a {h}x{w} latent")
+            raise RuntimeError(f"tiling {VAETiling.of(tile)} left pixels without weight on a "
+                               f"{tuple(weight_sum.shape)} frame")
         out /= weight_sum
         return out.clamp_(-1.0, 1.0)
 
