@@ -34,7 +34,7 @@ CLI_NAMES = {"prompt": "--prompt", "references": "--ref", "primary": "--primary"
              "sampler": "--sampler", "seed": "--seed", "output": "--out", "path": "--model", "lora": "--lora",
              "dtype": "--dtype", "backend": "--backend", "device": "--device",
              "text_encoder_device": "--text-encoder-device", "timings_json": "--timings-json",
-             "compile": "--compile"}
+             "compile": "--compile", "timesteps": "--timesteps", "dit": "--dit"}
 # --compile's values -> Engine(compile=...)
 COMPILE_MODES = {"off": False, "on": True, "cudagraphs": "cudagraphs"}
 
@@ -55,10 +55,22 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="denoising steps (default 50)")
     p.add_argument("--guidance", type=float, help="guidance scale (default 5.0; 1 disables the second pass)")
     p.add_argument("--shift", type=float, help="flow shift (default 5.0)")
-    p.add_argument("--sampler", choices=SAMPLERS, help="default unipc")
+    p.add_argument("--sampler", choices=SAMPLERS,
+                   help="default unipc; a few-step distilled model's default is dmd (docs/fewer-forwards.md)")
+    p.add_argument("--timesteps", type=_timestep_list, default=None, metavar="T1,T2,...",
+                   help="sampler dmd: the timestep list, strictly decreasing in (0, 1000], e.g. 1000,750,500,250 "
+                        "(default: the distilled model's own)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/video.mp4", help="output mp4 path (written whole or not at all)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def _timestep_list(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers, e.g. 1000,750,500,250") \
+            from e
 
 
 def _request(args):
@@ -67,7 +79,7 @@ def _request(args):
     return GenerationRequest(prompt=args.prompt, references=args.ref, primary=args.primary, image=args.image,
                              negative_prompt=args.negative_prompt, height=args.height, width=args.width,
                              num_frames=args.frames, steps=args.steps, guidance=args.guidance, shift=args.shift,
-                             sampler=args.sampler, seed=args.seed, output=args.out)
+                             sampler=args.sampler, seed=args.seed, output=args.out, timesteps=args.timesteps)
 
 
 def _print_result(video, out: Path) -> None:
@@ -90,6 +102,7 @@ def _load(command: str, plan, progress: bool):
 
 def cmd_generate(args) -> int:
     from .config import ModelConfig
+    from .few_step import find_few_step
     from .request import (TINY_DEFAULTS, ModelFiles, RequestError, check_input_file, check_output_path,
                           defaults_for, show, write_text_atomic)
 
@@ -101,7 +114,11 @@ def cmd_generate(args) -> int:
         geometry, defaults = ModelConfig.preset("tiny").geometry, TINY_DEFAULTS
     else:
         files = ModelFiles.find(args.model, CLI_NAMES)
+        if args.dit:
+            files = files.with_dit(args.dit, CLI_NAMES)
         geometry, defaults = files.geometry, defaults_for(files.dim)
+        few = find_few_step(files.folder, files.dit)
+        defaults = few.defaults(defaults) if few else defaults
     request = _request(args)
     request.check(geometry, defaults, CLI_NAMES)
     for f in args.lora or []:
@@ -119,7 +136,7 @@ def cmd_generate(args) -> int:
     else:
         plan = plan_pretrained(args.model, lora=args.lora, dtype=args.dtype or "bf16", backend=args.backend,
                                device=args.device, text_encoder_device=args.text_encoder_device,
-                               compile=COMPILE_MODES[args.compile], names=CLI_NAMES)
+                               compile=COMPILE_MODES[args.compile], names=CLI_NAMES, dit=args.dit)
     request = plan.check(request, CLI_NAMES)
     if request.references:  # a differential prompt should not restate what the references show (stderr only)
         from .trainer.prompt_cli import warn_restatements
@@ -175,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     which = g.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", help="model folder (diffusers or original Wan2.2 layout)")
     which.add_argument("--tiny", action="store_true", help="use the tiny random-weight model (no download)")
+    g.add_argument("--dit", default=None, metavar="PATH",
+                   help="DiT weights replacing the model folder's (e.g. Wan2.2-TI2V-5B-Turbo/model.pt over the base "
+                        "Wan2.2-TI2V-5B folder)")
     g.add_argument("--lora", action="append", default=None,
                    help="LoRA file(s) to merge at load (with --tiny: LoRAs trained on the tiny preset)")
     g.add_argument("--dtype", default=None, choices=DTYPE_NAMES,

@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import frame_ops, media
+from .denoise import denoise
 from .cache import LRUCache
 from .compiled import check_compile, compile_dit_
 from .conditioning import LAYOUT_METADATA_KEY, ConditioningLayout, PreparedReference, StepLayout, prepare_reference
@@ -38,6 +39,7 @@ from .models.text_encoder import TextEncoder
 from .models.vae import WanVAE
 from .models.vae_tiling import VAETiling
 from .models.vae_loader import load_vae, save_vae_original
+from .few_step import FewStepModel, find_few_step
 from .quant import check_fp8_device, quantize_dit_fp8_
 from .files import atomic_path
 from .request import (TINY_DEFAULTS, Defaults, GenerationRequest, ModelFiles, RequestError,
@@ -59,6 +61,7 @@ class Video:
     latents: torch.Tensor
     fps: int
     timings: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, int] = field(default_factory=dict)  # steps, DiT forwards run and skipped (anyid_rt/denoise.py)
 
     def save(self, path: str | Path) -> Path:
         """Write an H.264 mp4 at the video's fps. The file is written beside `path` and renamed at the end, so
@@ -120,6 +123,7 @@ class EnginePlan:
     geometry: TokenGeometry  # the video-size rules of the model to be loaded
     defaults: Defaults  # its generation defaults
     compile: bool | str = False  # True: regional torch.compile of the blocks; "cudagraphs": and the step graphed
+    few_step: FewStepModel | None = None  # the distilled model's sampling the folder names (anyid_rt/few_step.py)
 
     def summary(self) -> str:
         model = self.files.describe() if self.files else f"tiny preset (random weights, seed {self.seed})"
@@ -130,7 +134,8 @@ class EnginePlan:
         return (f"model {model}{lora} | device {self.device}{te} | dtype {dtype_name(self.dtype)} (VAE "
                 f"{dtype_name(self.vae_dtype)}) | backend {backend}, attention {self.attention_quant or 'unquantised'}"
                 f" | quantisation {self.quant or 'none'} | layout ({self.layout_source}): {layout}"
-                + (f" | compile {'on' if self.compile is True else self.compile}" if self.compile else ""))
+                + (f" | compile {'on' if self.compile is True else self.compile}" if self.compile else "")
+                + (f" | few-step {self.few_step.describe()}" if self.few_step else ""))
 
     def check(self, request: GenerationRequest, names: Mapping[str, str] | None = None,
               probe_media: bool = True) -> GenerationRequest:
@@ -239,20 +244,24 @@ def plan_pretrained(path: str | Path, lora: str | Path | Sequence[str | Path] | 
                     vae_dtype: str | torch.dtype = "fp32", lora_strength: float = 1.0,
                     layout: ConditioningLayout | None = None, vae_tile: VAETiling | tuple | None = None,
                     attention_quant: str | None = None, compile: bool | str = False,
-                    names: Mapping[str, str] | None = None) -> EnginePlan:
+                    names: Mapping[str, str] | None = None, dit: str | Path | None = None) -> EnginePlan:
     """Check everything `Engine.from_pretrained` will need, reading no weight: the folder's four parts, every
     LoRA file (read, and checked against the DiT's config), the devices, dtypes, backend, quantisation,
     compilation and the text encoder's packages. Raises a RequestError (or CheckpointError) naming the setting
     as `names` spells it."""
     vae_dtype = parse_dtype(vae_dtype, show(names, "vae_dtype"))
     files = ModelFiles.find(path, names)
+    if dit is not None:  # DiT weights published alone (Wan2.2-TI2V-5B-Turbo's model.pt) over the base's parts
+        files = files.with_dit(dit, names)
     dtype, device, te_device, resolved = _check_run(backend, quant, attention_quant, dtype, device,
                                                     text_encoder_device, compile, names)
-    loras, layout, source = _read_loras(_lora_files(lora), read_dit_config(files.dit) if lora else None, layout,
-                                        names)
+    dit_cfg = read_dit_config(files.dit) if lora or files.dim is None else None
+    loras, layout, source = _read_loras(_lora_files(lora), dit_cfg, layout, names)
+    few = find_few_step(files.folder, files.dit)
+    defaults = defaults_for(files.dim if files.dim is not None else dit_cfg.dim)
     return EnginePlan(files, 0, device, te_device, dtype, vae_dtype, resolved, backend, quant, attention_quant,
                       loras, lora_strength, layout, source, VAETiling.of(vae_tile) if vae_tile is not None else None,
-                      files.geometry, defaults_for(files.dim), compile)
+                      files.geometry, few.defaults(defaults) if few else defaults, compile, few)
 
 
 def plan_tiny(seed: int = 0, device: str | torch.device = "cpu", backend: str = "torch",
@@ -310,7 +319,7 @@ class Engine:
             vae = load_vae(plan.files.vae, dtype=plan.vae_dtype, device=plan.device, progress=progress)
             te = TextEncoder.from_pretrained(plan.files.text_encoder, dtype=plan.dtype,
                                              device=plan.text_encoder_device, progress=progress)
-        return cls(dit, vae, te, layout=plan.layout, defaults=defaults_for(dit.cfg.dim), device=plan.device,
+        return cls(dit, vae, te, layout=plan.layout, defaults=plan.defaults, device=plan.device,
                    vae_tile=plan.vae_tile)
 
     @classmethod
@@ -320,7 +329,8 @@ class Engine:
                         vae_dtype: str | torch.dtype = "fp32", lora_strength: float = 1.0,
                         layout: ConditioningLayout | None = None,
                         vae_tile: VAETiling | tuple | None = None, attention_quant: str | None = None,
-                        compile: bool | str = False, progress: bool = True) -> "Engine":
+                        compile: bool | str = False, progress: bool = True,
+                        dit: str | Path | None = None) -> "Engine":
         """Load Wan2.2-TI2V-5B (or a smaller model of the same family) from a folder in the diffusers layout
         (`transformer/`, `vae/`, `text_encoder/`, `tokenizer/`) or the original layout (DiT shards + index +
         config.json, `Wan2.2_VAE.pth`, `models_t5_umt5-xxl-enc-bf16.pth`, `google/umt5-xxl/`).
@@ -335,11 +345,16 @@ class Engine:
         compiles at its first step); `compile="cudagraphs"` also replays each step from a CUDA graph (CUDA
         only; anyid_rt/compiled.py). The DiT always runs q, k, v (and the text k, v) as one GEMM each.
         Everything is checked before any weight is read (`plan_pretrained`); `progress` shows loading bars.
+        `dit` replaces the folder's DiT weights (a file or folder: e.g. Wan2.2-TI2V-5B-Turbo's model.pt over the
+        base folder). A few-step distilled model (FastWan2.2-TI2V-5B, Turbo, or a folder with an
+        anyid_sampling.json: anyid_rt/few_step.py) makes `sampler="dmd"` with its step list and guidance 1 the
+        defaults.
         """
         return cls.from_plan(plan_pretrained(path, lora=lora, dtype=dtype, backend=backend, quant=quant, device=device,
                                              text_encoder_device=text_encoder_device, vae_dtype=vae_dtype,
                                              lora_strength=lora_strength, layout=layout, vae_tile=vae_tile,
-                                             attention_quant=attention_quant, compile=compile), progress=progress)
+                                             attention_quant=attention_quant, compile=compile, dit=dit),
+                             progress=progress)
 
     @classmethod
     def tiny(cls, seed: int = 0, device: str | torch.device = "cpu", backend: str = "torch",
@@ -391,20 +406,22 @@ class Engine:
                  sampler: str | None = None, seed: int = 0, negative_prompt: str | None = None,
                  latents: torch.Tensor | None = None, prompt_embeds: torch.Tensor | None = None,
                  negative_prompt_embeds: torch.Tensor | None = None, output: str | Path | None = None,
-                 image: Any = None, progress: bool = True) -> Video:
+                 image: Any = None, progress: bool = True, timesteps: Sequence[float] | None = None) -> Video:
         """Generate a video. With no references it is Wan2.2 text-to-video; with `image=` image-to-video
         (latent frame 0 pinned to the image); with `references` AnyID generation around references[primary].
 
         None means the engine's default (`engine.defaults`: 1280x704, 121 frames, 50 UniPC steps, guidance
         5, shift 5 for the 5B). `latents` is the initial noise [48, F, H/16, W/16] (else drawn on the CPU from
         `seed`). The unconditional pass uses the empty prompt unless `negative_prompt` is given. Every setting
-        and every input file is checked, and every reference read, before the first step.
+        and every input file is checked, and every reference read, before the first step. `sampler="dmd"` runs a
+        few-step model's `timesteps` list (its own by default), re-noising from the same seeded CPU generator.
         """
         request = GenerationRequest(prompt=prompt, references=references, primary=primary, image=image,
                                     negative_prompt=negative_prompt, height=height, width=width,
                                     num_frames=num_frames, steps=steps, guidance=guidance, shift=shift,
                                     sampler=sampler, seed=seed, output=output, latents=latents,
-                                    prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds)
+                                    prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                                    timesteps=timesteps)
         return self.run(request, progress=progress)
 
     def check(self, request: GenerationRequest, names: Mapping[str, str] | None = None) -> GenerationRequest:
@@ -425,7 +442,8 @@ class Engine:
         refs = self._prepare_references(r.references, r.primary, r.height, r.width, progress)
         image_pixels = self._prepare_image(r.image, r.height, r.width, r.num_frames)
         latent_shape = geometry.latent_shape(r.num_frames, r.height, r.width)  # (F, H/16, W/16)
-        noise = _initial_noise(r.latents, r.seed, (self.dit.cfg.in_dim, *latent_shape))
+        generator = torch.Generator().manual_seed(r.seed)  # the initial noise, then sampler dmd's re-noising
+        noise = _initial_noise(r.latents, generator, (self.dit.cfg.in_dim, *latent_shape))
         use_cfg = r.guidance != 1.0
         guidance = r.guidance
         timings: dict[str, float] = {}
@@ -448,28 +466,18 @@ class Engine:
 
         layout = StepLayout.build(self.layout, geometry, latent_shape, [z.shape[2] for z in ref_latents],
                                   image_mode=image_latent is not None)
-        schedule = make_sampler(r.sampler, r.steps, r.shift, device=self.device)
-        batch = 2 if use_cfg else 1
-        x = noise.to(self.device)[None]  # [1, 48, F, h, w] fp32
-        if image_latent is not None:
-            x[:, :, :1] = image_latent
+        schedule = make_sampler(r.sampler, r.steps, r.shift, device=self.device, timesteps=r.timesteps,
+                                generator=generator)
         with clock("denoise"):
-            for i, t in enumerate(tqdm(schedule.timesteps, desc="denoising", disable=not progress)):
-                segments = layout.segments(float(t), batch, self.device)
-                v = self.dit.forward_groups([x.expand(batch, -1, -1, -1, -1), *ref_latents], layout.frame_starts,
-                                            segments, text_kv)  # [batch, 48, F, h, w] fp32
-                if use_cfg:
-                    v = v[1:] + guidance * (v[:1] - v[1:])
-                x = schedule.step(v, i, x)
-                if image_latent is not None:  # re-pin the clean first frame, as the official i2v loop
-                    x[:, :, :1] = image_latent
+            x, stats = denoise(self.dit, noise.to(self.device)[None], ref_latents, layout, text_kv, schedule,
+                               guidance, image_latent, progress)  # x: [1, 48, F, h, w] fp32
         with clock("vae_decode"):
             # [1, 3, T, H, W] in [-1, 1]
             pixels = self.vae.decode(x.to(self.vae.dtype), tile=self.vae_tile, progress=progress)
             frames = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [3, T, H, W]
             frames = frames.permute(1, 2, 3, 0).contiguous().cpu()  # [T, H, W, 3]
         timings["total"] = sum(timings.values())
-        video = Video(frames, x[0].float().cpu(), self.defaults.fps, timings)
+        video = Video(frames, x[0].float().cpu(), self.defaults.fps, timings, stats.as_dict())
         if r.output is not None:
             video.save(r.output)
         return video
@@ -541,14 +549,14 @@ class _Clock:
             torch.cuda.synchronize(self.device)
 
 
-def _initial_noise(latents: torch.Tensor | None, seed: int, shape: tuple[int, ...]) -> torch.Tensor:
+def _initial_noise(latents: torch.Tensor | None, generator: torch.Generator, shape: tuple[int, ...]) -> torch.Tensor:
     if latents is not None:
         if tuple(latents.shape) != shape:
             raise ValueError(f"latents must be the initial noise of shape {list(shape)} "
                              f"[48, 1 + (frames-1)/4, H/16, W/16], got {list(latents.shape)}")
         return latents.float()
     # drawn on the CPU so that a seed gives the same video on every device
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(shape, generator=generator)
 
 
 __all__ = ["Engine", "Video", "Defaults", "TINY_DEFAULTS", "EnginePlan", "plan_pretrained", "plan_tiny",

@@ -29,7 +29,7 @@ from typing import Any, Mapping, Sequence
 from .config import DiTConfig, TokenGeometry, VAEConfig
 from .files import atomic_path
 
-SAMPLERS = ("unipc", "euler", "dpm++")  # the names `sampler=` takes (anyid_rt.sampling builds them)
+SAMPLERS = ("unipc", "euler", "dpm++", "dmd")  # the names `sampler=` takes (anyid_rt.sampling builds them)
 
 # The original Wan2.2 layout's file names (the diffusers layout uses transformer/, vae/, text_encoder/, tokenizer/).
 ORIGINAL_VAE = "Wan2.2_VAE.pth"
@@ -226,7 +226,23 @@ class ModelFiles:
         return TokenGeometry(VAEConfig().spatial_compression, VAEConfig().temporal_compression, patch)
 
     def describe(self) -> str:
-        return f"{self.folder} ({self.layout} layout)"
+        return f"{self.folder} ({self.layout} layout)" + (f", DiT {self.dit}" if self.dit_replaced else "")
+
+    @property
+    def dit_replaced(self) -> bool:
+        return self.dit not in (self.folder, self.folder / "transformer")
+
+    def with_dit(self, dit: str | Path, names: Mapping[str, str] | None = None) -> "ModelFiles":
+        """These parts with the DiT weights at `dit` instead of the folder's (a file or a folder, any layout: e.g. a
+        distilled checkpoint published as DiT weights alone, such as Wan2.2-TI2V-5B-Turbo's model.pt); its
+        config.json, when there is one beside it, replaces the folder's."""
+        p = Path(dit)
+        if not p.exists():
+            raise RequestFileError(f"{show(names, 'dit', str(dit))}: DiT weights not found", "dit")
+        if p.is_dir() and not _has_weights(p, ("*.safetensors", "*.safetensors.index.json", "*.pt", "*.pth")):
+            raise RequestFileError(f"{show(names, 'dit', str(dit))}: holds no DiT weights ({_listing(p)})", "dit")
+        cfg = (p if p.is_dir() else p.parent) / "config.json"
+        return replace(self, dit=p, dit_config=_read_json(cfg))
 
 
 def _read_json(path: Path) -> dict:
@@ -255,6 +271,7 @@ class Defaults:
     shift: float = 5.0
     sampler: str = "unipc"
     fps: int = 24
+    timesteps: tuple[float, ...] | None = None  # a few-step model's list for sampler "dmd" (anyid_rt/few_step.py)
 
 
 TINY_DEFAULTS = Defaults(height=64, width=64, num_frames=9, steps=6)
@@ -305,10 +322,13 @@ class GenerationRequest:
     latents: Any = None  # a tensor [48, F, H/16, W/16] (shape checked by the engine)
     prompt_embeds: Any = None  # tensors [1, L, text_dim] (checked by the engine)
     negative_prompt_embeds: Any = None
+    timesteps: Any = None  # sampler "dmd": the listed timesteps, strictly decreasing in (0, 1000]
 
     def with_defaults(self, defaults: Defaults) -> "GenerationRequest":
+        # timesteps belong to sampler "dmd" only: `_check_sampling` fills them when that sampler is chosen
         return replace(self, **{f.name: getattr(defaults, f.name) for f in fields(Defaults)
-                                if f.name in self.__dataclass_fields__ and getattr(self, f.name) is None})
+                                if f.name in self.__dataclass_fields__ and f.name != "timesteps"
+                                and getattr(self, f.name) is None})
 
     def check(self, geometry: TokenGeometry, defaults: Defaults, names: Mapping[str, str] | None = None,
               max_references: int | None = None) -> "GenerationRequest":
@@ -329,6 +349,7 @@ class GenerationRequest:
             raise RequestError(f"{show(names, 'shift', r.shift)} must be a number > 0", "shift")
         if r.sampler not in SAMPLERS:
             raise RequestError(f"{show(names, 'sampler', r.sampler)} is not one of {', '.join(SAMPLERS)}", "sampler")
+        r = self._check_sampling(r, defaults, names)
         if not _is_int(r.seed):
             raise RequestTypeError(f"seed must be an int, got {type(r.seed).__name__}", "seed")
         r._check_references(names, max_references)
@@ -341,6 +362,26 @@ class GenerationRequest:
         if r.output is not None:
             check_output_path(r.output, "output", names, suffix=".mp4")
         return r
+
+    def _check_sampling(self, r: "GenerationRequest", defaults: Defaults, names) -> "GenerationRequest":
+        """Sampler "dmd" runs a timestep list (given, or the few-step model's own), one step per entry; a list given
+        with another sampler is refused rather than ignored."""
+        if r.sampler != "dmd":
+            if self.timesteps is not None:
+                raise RequestError(f"{show(names, 'timesteps')} applies only to {show(names, 'sampler', 'dmd')}; "
+                                   f"drop it or choose that sampler", "timesteps")
+            return r
+        from .few_step import check_timesteps
+
+        given = self.timesteps if self.timesteps is not None else defaults.timesteps
+        if given is None:
+            raise RequestError(f"{show(names, 'sampler', 'dmd')} needs {show(names, 'timesteps')} (e.g. [1000, 750, "
+                               "500, 250]): this model names no few-step list (docs/fewer-forwards.md)", "timesteps")
+        ts = check_timesteps(list(given), show(names, "timesteps"))
+        if self.steps is not None and self.steps != len(ts):
+            raise RequestError(f"{show(names, 'steps', self.steps)} disagrees with the {len(ts)} timesteps of "
+                               f"{show(names, 'sampler', 'dmd')} (one step per listed timestep); drop it", "steps")
+        return replace(r, timesteps=ts, steps=len(ts))
 
     def _check_text(self, names) -> None:
         if self.prompt_embeds is None:
