@@ -8,6 +8,7 @@ shared/reference/perf-anchors.md conventions); a forward is skipped when a step 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from tqdm.auto import tqdm
@@ -15,6 +16,7 @@ from tqdm.auto import tqdm
 from .conditioning import StepLayout
 from .models.dit import TextKV, WanDiT
 from .sampling import FlowSampler
+from .step_cache import StepCache
 
 
 @dataclass
@@ -33,10 +35,11 @@ class DenoiseStats:
 @torch.inference_mode()
 def denoise(dit: WanDiT, x: torch.Tensor, ref_latents: list[torch.Tensor], layout: StepLayout, text_kv: TextKV,
             schedule: FlowSampler, guidance: float, image_latent: torch.Tensor | None,
-            progress: bool = True) -> tuple[torch.Tensor, DenoiseStats]:
+            progress: bool = True, cache: StepCache | None = None) -> tuple[torch.Tensor, DenoiseStats]:
     """Run every step of `schedule` from the initial latent x [1, 48, F, h, w] fp32; returns the final latent and
     the stats. `ref_latents`: each [batch, 48, f_i, h, w] (row 1 the nulled references when guided); `text_kv` has
-    the same batch. `image_latent` ([1, 48, 1, h, w]) pins latent frame 0 after every step (image-to-video)."""
+    the same batch. `image_latent` ([1, 48, 1, h, w]) pins latent frame 0 after every step (image-to-video).
+    `cache` (over the same rows) may skip the block stack of a row on a step and reuse its residual."""
     use_cfg = guidance != 1.0
     batch = 2 if use_cfg else 1
     stats = DenoiseStats()
@@ -44,9 +47,13 @@ def denoise(dit: WanDiT, x: torch.Tensor, ref_latents: list[torch.Tensor], layou
         x[:, :, :1] = image_latent
     for i, t in enumerate(tqdm(schedule.timesteps, desc="denoising", disable=not progress)):
         segments = layout.segments(float(t), batch, x.device)
+        if cache is not None:
+            cache.begin(i)
         v = dit.forward_groups([x.expand(batch, -1, -1, -1, -1), *ref_latents], layout.frame_starts, segments,
-                               text_kv)  # [batch, 48, F, h, w] fp32
-        stats.dit_forwards += batch
+                               text_kv, None if cache is None else partial(cache.block_stack, dit))  # [batch, 48, F, h, w]
+        skipped = 0 if cache is None else len(cache.skipped)
+        stats.dit_forwards += batch - skipped
+        stats.dit_forwards_skipped += skipped
         if use_cfg:
             v = v[1:] + guidance * (v[:1] - v[1:])
         x = schedule.step(v, i, x)

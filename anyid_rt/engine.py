@@ -45,6 +45,7 @@ from .files import atomic_path
 from .request import (TINY_DEFAULTS, Defaults, GenerationRequest, ModelFiles, RequestError,
                       check_input_file, defaults_for, require_packages, show)
 from .sampling import make_sampler
+from .step_cache import CacheCalibration, calibrate, calibration_path, find_calibration, step_cache_for
 
 QUANT_MODES = (None, "fp8")  # fp8: E4M3 linear layers in the DiT blocks (anyid_rt.quant)
 _WAN22_DEFAULTS = Defaults()  # the 5B's (frozen: safe as an argument default)
@@ -124,6 +125,8 @@ class EnginePlan:
     defaults: Defaults  # its generation defaults
     compile: bool | str = False  # True: regional torch.compile of the blocks; "cudagraphs": and the step graphed
     few_step: FewStepModel | None = None  # the distilled model's sampling the folder names (anyid_rt/few_step.py)
+    cache_path: Path | None = None  # where this model's step-cache curves live (anyid_rt/step_cache.py)
+    cache_calibration: CacheCalibration | None = None  # read from there, or the published TI2V-5B ones
 
     def summary(self) -> str:
         model = self.files.describe() if self.files else f"tiny preset (random weights, seed {self.seed})"
@@ -258,10 +261,13 @@ def plan_pretrained(path: str | Path, lora: str | Path | Sequence[str | Path] | 
     dit_cfg = read_dit_config(files.dit) if lora or files.dim is None else None
     loras, layout, source = _read_loras(_lora_files(lora), dit_cfg, layout, names)
     few = find_few_step(files.folder, files.dit)
-    defaults = defaults_for(files.dim if files.dim is not None else dit_cfg.dim)
+    dim = files.dim if files.dim is not None else dit_cfg.dim
+    defaults = defaults_for(dim)
+    cache_path = calibration_path(files.folder, files.dit if files.dit_replaced else None, [p for p, _ in loras])
+    calibration = find_calibration(cache_path, published_applies=not loras and not files.dit_replaced and dim == 3072)
     return EnginePlan(files, 0, device, te_device, dtype, vae_dtype, resolved, backend, quant, attention_quant,
                       loras, lora_strength, layout, source, VAETiling.of(vae_tile) if vae_tile is not None else None,
-                      files.geometry, few.defaults(defaults) if few else defaults, compile, few)
+                      files.geometry, few.defaults(defaults) if few else defaults, compile, few, cache_path, calibration)
 
 
 def plan_tiny(seed: int = 0, device: str | torch.device = "cpu", backend: str = "torch",
@@ -274,21 +280,25 @@ def plan_tiny(seed: int = 0, device: str | torch.device = "cpu", backend: str = 
                                                     text_encoder_device, compile, names)
     cfg = ModelConfig.preset("tiny")
     loras, layout, source = _read_loras(_lora_files(lora), cfg.dit, layout, names)
+    cache_path = calibration_path(None, None, [p for p, _ in loras])
     return EnginePlan(None, seed, device, te_device, dtype, torch.float32, resolved, backend, quant, attention_quant,
-                      loras, lora_strength, layout, source, None, cfg.geometry, TINY_DEFAULTS, compile)
+                      loras, lora_strength, layout, source, None, cfg.geometry, TINY_DEFAULTS, compile, None,
+                      cache_path, find_calibration(cache_path, published_applies=False))
 
 
 class Engine:
     def __init__(self, dit: WanDiT, vae: WanVAE, text_encoder: TextEncoder, *,
                  layout: ConditioningLayout | None = None, defaults: Defaults = _WAN22_DEFAULTS,
                  device: torch.device | str = "cpu", vae_tile: VAETiling | tuple | None = None,
-                 cache_size: int = 32):
+                 cache_size: int = 32, cache_calibration: CacheCalibration | None = None,
+                 cache_path: Path | None = None):
         self.dit, self.vae, self.text_encoder = dit, vae, text_encoder
         self.layout = layout or ConditioningLayout()
         self.defaults = defaults
         self.device = torch.device(device)
         self.vae_tile = VAETiling.of(vae_tile) if vae_tile is not None else None  # spatial decode tiles
         self.reference_cache: LRUCache[str, torch.Tensor] = LRUCache(cache_size)  # latents by content / shape
+        self.cache_calibration, self.cache_path = cache_calibration, cache_path  # step-cache curves, their file
 
     @property
     def geometry(self) -> TokenGeometry:
@@ -320,7 +330,7 @@ class Engine:
             te = TextEncoder.from_pretrained(plan.files.text_encoder, dtype=plan.dtype,
                                              device=plan.text_encoder_device, progress=progress)
         return cls(dit, vae, te, layout=plan.layout, defaults=plan.defaults, device=plan.device,
-                   vae_tile=plan.vae_tile)
+                   vae_tile=plan.vae_tile, cache_calibration=plan.cache_calibration, cache_path=plan.cache_path)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, lora: str | Path | Sequence[str | Path] | None = None,
@@ -406,7 +416,8 @@ class Engine:
                  sampler: str | None = None, seed: int = 0, negative_prompt: str | None = None,
                  latents: torch.Tensor | None = None, prompt_embeds: torch.Tensor | None = None,
                  negative_prompt_embeds: torch.Tensor | None = None, output: str | Path | None = None,
-                 image: Any = None, progress: bool = True, timesteps: Sequence[float] | None = None) -> Video:
+                 image: Any = None, progress: bool = True, timesteps: Sequence[float] | None = None,
+                 cache: str | None = None, cache_threshold: float | None = None) -> Video:
         """Generate a video. With no references it is Wan2.2 text-to-video; with `image=` image-to-video
         (latent frame 0 pinned to the image); with `references` AnyID generation around references[primary].
 
@@ -415,13 +426,15 @@ class Engine:
         `seed`). The unconditional pass uses the empty prompt unless `negative_prompt` is given. Every setting
         and every input file is checked, and every reference read, before the first step. `sampler="dmd"` runs a
         few-step model's `timesteps` list (its own by default), re-noising from the same seeded CPU generator.
+        `cache="magcache" | "teacache"` skips the block stack on steps whose change is predicted small
+        (`cache_threshold`: the published one by default, 0 never skips); `video.stats` counts the DiT forwards.
         """
         request = GenerationRequest(prompt=prompt, references=references, primary=primary, image=image,
                                     negative_prompt=negative_prompt, height=height, width=width,
                                     num_frames=num_frames, steps=steps, guidance=guidance, shift=shift,
                                     sampler=sampler, seed=seed, output=output, latents=latents,
                                     prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-                                    timesteps=timesteps)
+                                    timesteps=timesteps, cache=cache, cache_threshold=cache_threshold)
         return self.run(request, progress=progress)
 
     def check(self, request: GenerationRequest, names: Mapping[str, str] | None = None) -> GenerationRequest:
@@ -429,12 +442,23 @@ class Engine:
         the setting as `names` spells it otherwise)."""
         return request.check(self.geometry, self.defaults, names, max_references=self.layout.max_references)
 
+    def calibrate_cache(self, requests: Sequence[GenerationRequest], save: bool = True) -> CacheCalibration:
+        """Measure this model's step-cache curves on a few requests (anyid_rt/step_cache.py `calibrate`) and use
+        them from now on; `save` writes them where they are read automatically (`self.cache_path`)."""
+        self.cache_calibration = calibrate(self, requests)
+        if save and self.cache_path is not None:
+            self.cache_calibration.save(self.cache_path)
+        return self.cache_calibration
+
     @torch.inference_mode()
     def run(self, request: GenerationRequest, progress: bool = True,
-            names: Mapping[str, str] | None = None) -> Video:
+            names: Mapping[str, str] | None = None, cache_record=None) -> Video:
         """`generate` with its arguments as one `GenerationRequest`; `names` spells the settings in errors (the
-        CLI passes its flag names). `progress` shows progress bars for each stage."""
+        CLI passes its flag names). `progress` shows progress bars for each stage. `cache_record`: the step
+        cache's recording hook while calibrating."""
         r = self.check(request, names)
+        if r.cache is not None and self.cache_calibration is None and cache_record is None:  # before any compute
+            step_cache_for(r, None, self.cache_path, 1, 0, False)
         geometry = self.geometry
         for name in ("prompt", "negative_prompt"):  # given embeddings must fit the DiT
             self._check_embeds(getattr(r, f"{name}_embeds"), name)
@@ -468,9 +492,11 @@ class Engine:
                                   image_mode=image_latent is not None)
         schedule = make_sampler(r.sampler, r.steps, r.shift, device=self.device, timesteps=r.timesteps,
                                 generator=generator)
+        cache = step_cache_for(r, self.cache_calibration, self.cache_path, 2 if use_cfg else 1,
+                               int(layout.target_clean_tokens > 0), image_latent is not None, cache_record)
         with clock("denoise"):
             x, stats = denoise(self.dit, noise.to(self.device)[None], ref_latents, layout, text_kv, schedule,
-                               guidance, image_latent, progress)  # x: [1, 48, F, h, w] fp32
+                               guidance, image_latent, progress, cache)  # x: [1, 48, F, h, w] fp32
         with clock("vae_decode"):
             # [1, 3, T, H, W] in [-1, 1]
             pixels = self.vae.decode(x.to(self.vae.dtype), tile=self.vae_tile, progress=progress)

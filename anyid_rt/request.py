@@ -30,6 +30,10 @@ from .config import DiTConfig, TokenGeometry, VAEConfig
 from .files import atomic_path
 
 SAMPLERS = ("unipc", "euler", "dpm++", "dmd")  # the names `sampler=` takes (anyid_rt.sampling builds them)
+# The step caches `cache=` takes (anyid_rt/step_cache.py) and their published TI2V-5B thresholds, in that order:
+# MagCache E006K2R02 (MagCache4Wan2.2/README.md), TeaCache 0.26 (LightX2V wan_ti2v_tea_720p.json)
+CACHE_MODES = ("magcache", "teacache")
+PUBLISHED_CACHE_THRESHOLDS = (0.06, 0.26)
 
 # The original Wan2.2 layout's file names (the diffusers layout uses transformer/, vae/, text_encoder/, tokenizer/).
 ORIGINAL_VAE = "Wan2.2_VAE.pth"
@@ -323,6 +327,8 @@ class GenerationRequest:
     prompt_embeds: Any = None  # tensors [1, L, text_dim] (checked by the engine)
     negative_prompt_embeds: Any = None
     timesteps: Any = None  # sampler "dmd": the listed timesteps, strictly decreasing in (0, 1000]
+    cache: str | None = None  # step cache: "magcache" | "teacache" (anyid_rt/step_cache.py)
+    cache_threshold: float | None = None  # >= 0 (0: never skip); None: the published threshold of the mode
 
     def with_defaults(self, defaults: Defaults) -> "GenerationRequest":
         # timesteps belong to sampler "dmd" only: `_check_sampling` fills them when that sampler is chosen
@@ -350,6 +356,7 @@ class GenerationRequest:
         if r.sampler not in SAMPLERS:
             raise RequestError(f"{show(names, 'sampler', r.sampler)} is not one of {', '.join(SAMPLERS)}", "sampler")
         r = self._check_sampling(r, defaults, names)
+        r = self._check_cache(r, names)
         if not _is_int(r.seed):
             raise RequestTypeError(f"seed must be an int, got {type(r.seed).__name__}", "seed")
         r._check_references(names, max_references)
@@ -382,6 +389,27 @@ class GenerationRequest:
             raise RequestError(f"{show(names, 'steps', self.steps)} disagrees with the {len(ts)} timesteps of "
                                f"{show(names, 'sampler', 'dmd')} (one step per listed timestep); drop it", "steps")
         return replace(r, timesteps=ts, steps=len(ts))
+
+    def _check_cache(self, r: "GenerationRequest", names) -> "GenerationRequest":
+        """A step cache and its threshold (the mode's published one when not given); a threshold without a cache,
+        or a cache on a few-step sampler (its thresholds are calibrated for 50-step schedules), is refused."""
+        if r.cache is None:
+            if r.cache_threshold is not None:
+                raise RequestError(f"{show(names, 'cache_threshold', r.cache_threshold)} needs {show(names, 'cache')} "
+                                   "(magcache or teacache)", "cache_threshold")
+            return r
+        if r.cache not in CACHE_MODES:
+            raise RequestError(f"{show(names, 'cache', r.cache)} is not one of {', '.join(CACHE_MODES)}", "cache")
+        if r.sampler == "dmd":
+            raise RequestError(f"{show(names, 'cache', r.cache)} does not apply to {show(names, 'sampler', 'dmd')}: "
+                               "a few-step model changes a lot at every step and the cache thresholds are calibrated "
+                               "for 50-step schedules; drop the cache", "cache")
+        threshold = PUBLISHED_CACHE_THRESHOLDS[CACHE_MODES.index(r.cache)] if r.cache_threshold is None \
+            else r.cache_threshold
+        if not _is_real(threshold) or threshold < 0:
+            raise RequestError(f"{show(names, 'cache_threshold', threshold)} must be a number >= 0 (0 never skips a "
+                               "step)", "cache_threshold")
+        return replace(r, cache_threshold=float(threshold))
 
     def _check_text(self, names) -> None:
         if self.prompt_embeds is None:
@@ -428,6 +456,7 @@ class GenerationRequest:
 
 
 __all__ = ["RequestError", "RequestTypeError", "RequestFileError", "GenerationRequest", "ModelFiles", "Defaults",
-           "TINY_DEFAULTS", "defaults_for", "preset_for", "SAMPLERS", "show", "require_packages", "missing_packages",
+           "TINY_DEFAULTS", "defaults_for", "preset_for", "SAMPLERS", "CACHE_MODES", "PUBLISHED_CACHE_THRESHOLDS",
+           "show", "require_packages", "missing_packages",
            "check_input_file", "check_output_path", "atomic_path", "write_text_atomic", "has_tokenizer",
            "ORIGINAL_VAE", "ORIGINAL_UMT5", "ORIGINAL_TOKENIZER", "TOKENIZER_FILES"]

@@ -165,6 +165,11 @@ def pad_context(cfg: DiTConfig, context: torch.Tensor | Sequence[torch.Tensor]) 
     return torch.stack(out)
 
 
+# A replacement for `WanDiT.run_blocks`: (x, e, e0, segments, rope, text_kv, ops) -> x, where e [B, S, dim] is the
+# time embedding (what TeaCache measures); anyid_rt/step_cache.py
+BlockStack = Callable[..., torch.Tensor]
+
+
 @dataclass
 class TextKV:
     """Cross-attention keys and values of an embedded, zero-padded text context, one (k, v) per block.
@@ -502,27 +507,32 @@ class WanDiT(nn.Module):
         return self.forward_groups([latent], [0], seg, context)
 
     def forward_groups(self, latents: Sequence[torch.Tensor], frame_starts: Sequence[int], segments: Segments,
-                       context: torch.Tensor | Sequence[torch.Tensor] | TextKV) -> torch.Tensor:
+                       context: torch.Tensor | Sequence[torch.Tensor] | TextKV,
+                       block_stack: BlockStack | None = None) -> torch.Tensor:
         """AnyID call: token groups (target first, then references) with their RoPE frame starts, one
         sequence through every block; segments cover all tokens in that order. Returns the velocity of
-        the first group [B, 48, F0, h0, w0] fp32."""
+        the first group [B, 48, F0, h0, w0] fp32. `block_stack` replaces `run_blocks` (a step cache)."""
         cfg = self.cfg
         grids = group_grids(cfg, latents, frame_starts, segments)
         B, device = latents[0].shape[0], latents[0].device
         text_kv = context if isinstance(context, TextKV) else self.prepare_text(context)
         if text_kv.batch != B:
             raise ValueError(f"context batch {text_kv.batch} != latent batch {B}")
+        if block_stack is not None and self.step_graphs is not None:
+            raise ValueError("a step cache decides per step whether the blocks run, which a CUDA graph of the whole "
+                             "step cannot; use compile=True (not 'cudagraphs') with a cache")
         run = self.forward_tokens if self.step_graphs is None else self.step_graphs
         out = run(
             torch.cat([patchify(cfg, z) for z in latents], dim=1),  # [B, L, in_dim*pt*ph*pw]
             sinusoidal_embedding(segments.t.to(device), cfg.freq_dim),  # [B, S, freq_dim]
-            self.segment_map(segments.lens, device), self.rope(grids, frame_starts, device), text_kv)
+            self.segment_map(segments.lens, device), self.rope(grids, frame_starts, device), text_kv,
+            **({} if block_stack is None else {"block_stack": block_stack}))
         f0, h0, w0 = grids[0]
         return unpatchify(cfg, out[:, :f0 * h0 * w0], grids[0])  # the target group's tokens
 
     def forward_tokens(self, patches: torch.Tensor, t_freq: torch.Tensor, segments: SegmentMap,
                        rope: tuple[torch.Tensor, torch.Tensor], text: TextKV | torch.Tensor,
-                       ops: DiTOps | None = None) -> torch.Tensor:
+                       ops: DiTOps | None = None, block_stack: BlockStack | None = None) -> torch.Tensor:
         """The forward on tensors only, every host-side decision of a call already in its inputs:
 
         patches [B, L, in_dim*pt*ph*pw]  patchified latents of every group, in sequence order (`patchify`)
@@ -533,6 +543,8 @@ class WanDiT(nn.Module):
         text                             per-block cross-attention K/V (`prepare_text`, once per prompt), or
                                          the zero-padded context [B, text_len, text_dim], embedded here
         ops                              this model's ops unless given (the export traces the torch references)
+        block_stack                      runs the blocks instead of `run_blocks` (same arguments plus the time
+                                         embedding e): a step cache that may reuse a residual
 
         Returns the velocity tokens [B, L, pt*ph*pw*out_dim] fp32 of every token, (pt, ph, pw, C) order.
         """
@@ -543,12 +555,21 @@ class WanDiT(nn.Module):
         e = _linear_fp32(self.time_embedding[2], F.silu(_linear_fp32(self.time_embedding[0], t_freq)))
         e0 = _linear_fp32(self.time_projection[1], F.silu(e)).unflatten(2, (6, cfg.dim))
         text_kv = text if isinstance(text, TextKV) else self.embed_text(text, ops)
+        if block_stack is None:
+            x = self.run_blocks(x, e0, segments, rope, text_kv, ops)
+        else:
+            x = block_stack(x, e, e0, segments, rope, text_kv, ops)
+        return self.head(x, e, segments, ops)
+
+    def run_blocks(self, x: torch.Tensor, e0: torch.Tensor, segments: SegmentMap,
+                   rope: tuple[torch.Tensor, torch.Tensor], text_kv: TextKV, ops: DiTOps) -> torch.Tensor:
+        """Every block over the residual stream x [B, L, dim] fp32 (e0 [B, S, 6, dim]); returns the new stream."""
         for i, block in enumerate(self.blocks):
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, e0, segments, rope, text_kv.kv[i], ops, use_reentrant=False)
             else:
                 x = block(x, e0, segments, rope, text_kv.kv[i], ops)
-        return self.head(x, e, segments, ops)
+        return x
 
 
 def _linear_fp32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
