@@ -221,6 +221,11 @@ def _read_loras(files: list[Path], dit_cfg, layout: ConditioningLayout | None, n
             lora_layout, source = found, f"from {f.name}"
         out.append((f, weights))
     if layout is not None:
+        if lora_layout is not None or out:  # a LoRA runs with the attention it was trained with, never another
+            trained = (lora_layout or ConditioningLayout.from_json("{}")).reference_attention
+            if layout.reference_attention != trained:
+                raise CheckpointError(f"layout reference_attention={layout.reference_attention!r}, but the LoRA was "
+                                      f"trained with {trained!r}: train a LoRA that way (anyid-rt train, [layout])")
         return tuple(out), layout, "given"
     return tuple(out), lora_layout or ConditioningLayout(), source
 
@@ -299,6 +304,7 @@ class Engine:
         self.vae_tile = VAETiling.of(vae_tile) if vae_tile is not None else None  # spatial decode tiles
         self.reference_cache: LRUCache[str, torch.Tensor] = LRUCache(cache_size)  # latents by content / shape
         self.cache_calibration, self.cache_path = cache_calibration, cache_path  # step-cache curves, their file
+        self.reuse_reference_kv = True  # isolated references: K/V once per generation (False: every step, to measure)
 
     @property
     def geometry(self) -> TokenGeometry:
@@ -495,8 +501,9 @@ class Engine:
         cache = step_cache_for(r, self.cache_calibration, self.cache_path, 2 if use_cfg else 1,
                                int(layout.target_clean_tokens > 0), image_latent is not None, cache_record)
         with clock("denoise"):
-            x, stats = denoise(self.dit, noise.to(self.device)[None], ref_latents, layout, text_kv, schedule,
-                               guidance, image_latent, progress, cache)  # x: [1, 48, F, h, w] fp32
+            x, stats = denoise(self.dit, noise.to(self.device)[None], ref_latents, layout, text_kv, schedule, guidance,
+                               image_latent, progress, cache, self.layout.reference_attention == "isolated",
+                               self.reuse_reference_kv)  # x: [1, 48, F, h, w] fp32
         with clock("vae_decode"):
             # [1, 3, T, H, W] in [-1, 1]
             pixels = self.vae.decode(x.to(self.vae.dtype), tile=self.vae_tile, progress=progress)

@@ -209,22 +209,23 @@ class StepCache:
         row.err = 0.0
         return False
 
-    def block_stack(self, dit, x: torch.Tensor, e: torch.Tensor, e0: torch.Tensor, segments, rope, text_kv: TextKV,
-                    ops) -> torch.Tensor:
-        """`WanDiT.run_blocks` with the rows that skip this step adding their cached residual instead.
+    def block_stack(self, run_blocks: Callable, x: torch.Tensor, e: torch.Tensor, e0: torch.Tensor, segments, rope,
+                    text_kv: TextKV, ops) -> torch.Tensor:
+        """`run_blocks(x, e0, segments, rope, text_kv, ops, rows=None)` (the DiT's block stack over the batch
+        `rows`) with the rows that skip this step adding their cached residual instead.
         x: [rows, L, dim] fp32; e: [rows, S, dim]; e0: [rows, S, 6, dim]."""
         te = e[:, self.target_segment].float()  # [rows, dim]: the target tokens' time embedding
         skip = [self._skip(r, te[r].clone()) for r in range(self.rows)]
         run = [r for r in range(self.rows) if not skip[r]]
         self.skipped = [r for r in range(self.rows) if skip[r]]
         if len(run) == self.rows:  # the common path: the whole batch, exactly as without a cache
-            out = dit.run_blocks(x, e0, segments, rope, text_kv, ops)
+            out = run_blocks(x, e0, segments, rope, text_kv, ops)
         else:
             out = torch.empty_like(x)
             if run:
                 idx = torch.tensor(run, device=x.device)
                 sub_kv = TextKV([(k[idx], v[idx]) for k, v in text_kv.kv])
-                out[idx] = dit.run_blocks(x[idx], e0[idx], segments, rope, sub_kv, ops)
+                out[idx] = run_blocks(x[idx], e0[idx], segments, rope, sub_kv, ops, rows=run)
             for r in self.skipped:
                 out[r] = x[r] + self._rows[r].residual
         for r in run:

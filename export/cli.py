@@ -159,6 +159,12 @@ def cmd_export_onnx(args) -> int:
     from .onnx_vae import cache_layout, export_vae_decoder_onnx
 
     plan = _plan(args, files, backend="torch", **({} if files is None else {"vae_dtype": "fp32"}))
+    if plan.layout.reference_attention != "joint":  # the graph is forward_tokens: every token attends to every one
+        from ..request import RequestError
+
+        raise RequestError(f"--lora was trained with reference_attention={plan.layout.reference_attention!r}, which the "
+                           "exported DiT graph (joint attention) does not run: serve it with the PyTorch engine "
+                           "(anyid-rt export triton-repo without --onnx / --engines)", "lora")
     print(f"anyid-rt export onnx: {plan.summary()} | parts {','.join(sorted(parts))}, opset {args.opset}"
           + (f", {args.quantize} Q/DQ ({args.quantizer})" if args.quantize != "none" else ""), flush=True)
     t0 = time.perf_counter()

@@ -81,6 +81,9 @@ class GraphVAE:
 def graph_engine(base: Engine, dit_call: DiTCall, vae_first: Callable, vae_step: Callable) -> Engine:
     """An Engine sharing `base`'s text encoder, VAE encoder, layout and defaults, with the DiT and the VAE
     decoder replaced by graph calls."""
+    if base.layout.reference_attention != "joint":
+        raise ValueError(f"reference_attention={base.layout.reference_attention!r}: the exported DiT graphs run joint "
+                         "attention only; serve this model with the PyTorch engine (a triton-repo without --onnx / --engines)")
     return Engine(GraphDiT(base.dit.cfg, dit_call), GraphVAE(base.vae, vae_first, vae_step), base.text_encoder,
                   layout=base.layout, defaults=base.defaults, device=base.device)
 

@@ -57,7 +57,7 @@ def test_engine_dmd_equals_the_loop_over_the_dit(tiny):
     ts = [1000.0, 750.0, 500.0, 250.0]
     video = tiny.generate(prompt_embeds=emb, height=H, width=W, num_frames=FRAMES, sampler="dmd", timesteps=ts,
                           shift=1.0, guidance=1.0, seed=5, progress=False)
-    assert video.stats == {"steps": 4, "dit_forwards": 4, "dit_forwards_skipped": 0}
+    assert video.stats == {"steps": 4, "dit_forwards": 4, "dit_forwards_skipped": 0, "reference_passes": 0}
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(48, 3, H // 16, W // 16, generator=gen)[None]
     sig = [t / 1000 for t in ts] + [0.0]
@@ -108,7 +108,7 @@ def test_fastwan_folder_defaults(tmp_path):
     d = engine.defaults
     assert (d.sampler, d.steps, d.timesteps, d.shift, d.guidance) == ("dmd", 3, (1000.0, 757.0, 522.0), 5.0, 1.0)
     video = engine.generate("A woman smiles.", height=H, width=W, num_frames=FRAMES, progress=False)
-    assert video.stats == {"steps": 3, "dit_forwards": 3, "dit_forwards_skipped": 0}
+    assert video.stats == {"steps": 3, "dit_forwards": 3, "dit_forwards_skipped": 0, "reference_passes": 0}
     # a timestep list of the caller's replaces the model's; the sampler can still be changed
     r = engine.check(GenerationRequest("A woman smiles.", timesteps=[1000, 500]))
     assert (r.sampler, r.steps, r.timesteps) == ("dmd", 2, (1000.0, 500.0))

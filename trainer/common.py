@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..conditioning import ConditioningLayout, StepLayout
+from ..reference_kv import isolated_forward
 from ..config import TokenGeometry
 from ..engine import Engine
 from ..files import atomic_path, write_text_atomic
@@ -76,14 +77,17 @@ def check_geometry(engine: Engine, src: ModelSource) -> None:
 
 
 class GroupsForward(nn.Module):
-    """`dit.forward_groups` as a module's forward, so that DistributedDataParallel can wrap it."""
+    """`dit.forward_groups` as a module's forward, so that DistributedDataParallel can wrap it. `isolated`: the
+    layout's isolated reference attention (anyid_rt/reference_kv.py), trained as the engine runs it."""
 
-    def __init__(self, dit: WanDiT):
+    def __init__(self, dit: WanDiT, isolated: bool = False):
         super().__init__()
-        self.dit = dit
+        self.dit, self.isolated = dit, isolated
 
     def forward(self, latents: list[torch.Tensor], frame_starts: list[int], segments: Segments,
                 context: list[torch.Tensor]) -> torch.Tensor:
+        if self.isolated and len(latents) > 1:
+            return isolated_forward(self.dit, latents, frame_starts, segments, context)
         return self.dit.forward_groups(latents, frame_starts, segments, context)
 
 

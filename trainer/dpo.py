@@ -106,7 +106,8 @@ def evaluate_dpo(dit, layout: ConditioningLayout, batcher: DPOBatcher, beta: flo
     for d in range(draws):
         for k in range(len(batcher.data)):
             x0w, x0l, eps, sigma, t, refs, ctx = batcher([k], [0], seed_offset + d, 0, 0)
-            pw, pl, rw, rl = dpo_forward(dit.forward_groups, dit, layout, geometry, add_noise(x0w, eps, sigma),
+            pw, pl, rw, rl = dpo_forward(GroupsForward(dit, layout.reference_attention == "isolated"), dit, layout,
+                                         geometry, add_noise(x0w, eps, sigma),
                                          add_noise(x0l, eps, sigma), x0w, x0l, eps, t, refs, ctx)
             logits.append(flow_dpo_loss(pw, pl, rw, rl, beta)[1])
     z = torch.cat(logits)
@@ -146,7 +147,7 @@ def train_dpo(cfg: DPOConfig, *, stop_after: int | None = None) -> LoopResult:
     dit = engine.dit
     dit.gradient_checkpointing = cfg.gradient_checkpointing
     dit.train()
-    model = dist_utils.wrap(GroupsForward(dit), info)
+    model = dist_utils.wrap(GroupsForward(dit, layout.reference_attention == "isolated"), info)
     optimizer, scheduler = make_optimizer(lora_parameters(dit), cfg.optim)
     state = checks.resume
     if state is not None:

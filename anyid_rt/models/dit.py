@@ -231,13 +231,15 @@ class SelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(cfg.dim, cfg.dim) for _ in range(4))
         self.norm_q, self.norm_k = NormWeight(cfg.dim), NormWeight(cfg.dim)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ops: DiTOps) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ops: DiTOps,
+                attention: Callable | None = None) -> torch.Tensor:
         # x: [B, L, dim] in the compute dtype (or FP8 rows for FP8 projections, anyid_rt/quant.py)
-        return self.attend(self.q(x), self.k(x), self.v(x), rope, ops)
+        return self.attend(self.q(x), self.k(x), self.v(x), rope, ops, attention)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-               ops: DiTOps) -> torch.Tensor:
-        """The attention of projected q, k, v [B, L, dim] (before the q/k norms), through `o`: [B, L, dim]."""
+               ops: DiTOps, attention: Callable | None = None) -> torch.Tensor:
+        """The attention of projected q, k, v [B, L, dim] (before the q/k norms), through `o`: [B, L, dim].
+        `attention` replaces `ops.attention` on the heads (anyid_rt/reference_kv.py: isolated references)."""
         B, L, _ = q.shape
         H, D, eps = self.cfg.num_heads, self.cfg.head_dim, self.cfg.eps
         # RMSNorm over all heads, then RoPE, in one pass: each token is rotated once, not once per query
@@ -245,7 +247,7 @@ class SelfAttention(nn.Module):
         q = ops.rms_norm_rope(q, self.norm_q.weight, eps, rope, H).view(B, L, H, D)
         k = ops.rms_norm_rope(k, self.norm_k.weight, eps, rope, H).view(B, L, H, D)
         v = v.view(B, L, H, D)
-        return self.o(ops.attention(q, k, v).reshape(B, L, H * D))  # attention: [B, L, H, D]
+        return self.o((attention or ops.attention)(q, k, v).reshape(B, L, H * D))  # attention: [B, L, H, D]
 
 
 class FusedSelfAttention(SelfAttention):
@@ -259,8 +261,9 @@ class FusedSelfAttention(SelfAttention):
         self.qkv = stack_linears([attn.q, attn.k, attn.v])
         self.o, self.norm_q, self.norm_k = attn.o, attn.norm_q, attn.norm_k
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ops: DiTOps) -> torch.Tensor:
-        return self.attend(*self.qkv(x).chunk(3, dim=-1), rope, ops)  # 3 x [B, L, dim], row stride 3*dim
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ops: DiTOps,
+                attention: Callable | None = None) -> torch.Tensor:
+        return self.attend(*self.qkv(x).chunk(3, dim=-1), rope, ops, attention)  # 3 x [B, L, dim], row stride 3*dim
 
     def unfused(self) -> SelfAttention:
         with torch.device("meta"):  # placeholders, replaced below: nothing is allocated
@@ -346,13 +349,13 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, e0: torch.Tensor, segments: SegmentMap,
                 rope: tuple[torch.Tensor, torch.Tensor], text_kv: tuple[torch.Tensor, torch.Tensor],
-                ops: DiTOps) -> torch.Tensor:
+                ops: DiTOps, attention: Callable | None = None) -> torch.Tensor:
         # x: [B, L, dim] fp32 residual stream; e0: [B, S, 6, dim] fp32 per-segment modulation
         eps, cdt = self.cfg.eps, self.cross_attn.compute_dtype
         mod = (self.modulation.float()[:, None] + e0).unbind(2)  # 6 x [B, S, dim]
         shift_sa, scale_sa, gate_sa, shift_ffn, scale_ffn, gate_ffn = mod
         h = ops.layernorm_modulate(x, shift_sa, scale_sa, segments, eps, self.attn_input_dtype or cdt)  # [B, L, dim]
-        x = ops.gated_residual(x, self.self_attn(h, rope, ops), gate_sa, segments)
+        x = ops.gated_residual(x, self.self_attn(h, rope, ops, attention), gate_sa, segments)
         h = ops.layer_norm(x, self.norm3.weight, self.norm3.bias, eps).to(cdt)  # no modulation, no gate
         x = x + self.cross_attn(h, text_kv, ops).float()
         h = ops.layernorm_modulate(x, shift_ffn, scale_ffn, segments, eps, self.ffn_input_dtype or cdt)
@@ -562,13 +565,16 @@ class WanDiT(nn.Module):
         return self.head(x, e, segments, ops)
 
     def run_blocks(self, x: torch.Tensor, e0: torch.Tensor, segments: SegmentMap,
-                   rope: tuple[torch.Tensor, torch.Tensor], text_kv: TextKV, ops: DiTOps) -> torch.Tensor:
-        """Every block over the residual stream x [B, L, dim] fp32 (e0 [B, S, 6, dim]); returns the new stream."""
+                   rope: tuple[torch.Tensor, torch.Tensor], text_kv: TextKV, ops: DiTOps,
+                   attention_for: Callable[[int], Callable] | None = None) -> torch.Tensor:
+        """Every block over the residual stream x [B, L, dim] fp32 (e0 [B, S, 6, dim]); returns the new stream.
+        `attention_for(i)` gives block i's self-attention on the heads (default `ops.attention`)."""
         for i, block in enumerate(self.blocks):
+            att = None if attention_for is None else attention_for(i)
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, e0, segments, rope, text_kv.kv[i], ops, use_reentrant=False)
+                x = checkpoint(block, x, e0, segments, rope, text_kv.kv[i], ops, att, use_reentrant=False)
             else:
-                x = block(x, e0, segments, rope, text_kv.kv[i], ops)
+                x = block(x, e0, segments, rope, text_kv.kv[i], ops, att)
         return x
 
 
