@@ -252,6 +252,22 @@ def step_cache_for(request, calibration: CacheCalibration | None, where: Path | 
                      record=record)
 
 
+def magcache_skips(calibration: CacheCalibration, steps: int, threshold: float,
+                   image: bool = False) -> list[list[int]]:
+    """The steps each row (conditional, unconditional) skips under MagCache: its rule reads only the curve, so
+    this is exact for the model the curve was measured on (e.g. the published TI2V-5B curve at 0.06)."""
+    cache = StepCache("magcache", threshold, steps, 2, calibration, 0, image)
+    skips: list[list[int]] = [[], []]
+    for i in range(steps):
+        cache.begin(i)
+        for r in range(2):
+            if cache._skip(r, torch.zeros(())):
+                skips[r].append(i)
+            else:
+                cache._rows[r].residual = torch.zeros(())  # computed: a residual exists from here on
+    return skips
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Where a model's curves are, and measuring them
 # ---------------------------------------------------------------------------------------------------------------
@@ -315,4 +331,4 @@ def calibrate(engine, requests: Sequence, degree: int = 4, progress: bool = Fals
 
 
 __all__ = ["StepCache", "CacheCalibration", "PUBLISHED_TI2V_5B", "MAGCACHE_K", "MAGCACHE_RETENTION",
-           "CALIBRATION_FILE", "find_calibration", "calibrate"]
+           "CALIBRATION_FILE", "find_calibration", "calibrate", "magcache_skips"]
