@@ -15,6 +15,7 @@ from functools import partial
 import torch
 from tqdm.auto import tqdm
 
+from .cache import LRUCache
 from .conditioning import StepLayout
 from .models.dit import TextKV, WanDiT
 from .reference_kv import ReferenceKV, isolated_attention
@@ -40,21 +41,23 @@ class DenoiseStats:
 @torch.inference_mode()
 def denoise(dit: WanDiT, x: torch.Tensor, ref_latents: list[torch.Tensor], layout: StepLayout, text_kv: TextKV,
             schedule: FlowSampler, guidance: float, image_latent: torch.Tensor | None, progress: bool = True,
-            cache: StepCache | None = None, isolated: bool = False,
-            reuse_kv: bool = True) -> tuple[torch.Tensor, DenoiseStats]:
+            cache: StepCache | None = None, isolated: bool = False, reuse_kv: bool = True,
+            null_kv: LRUCache | None = None) -> tuple[torch.Tensor, DenoiseStats]:
     """Run every step of `schedule` from the initial latent x [1, 48, F, h, w] fp32; returns the final latent and
     the stats. `ref_latents`: each [batch, 48, f_i, h, w] (row 1 the nulled references when guided); `text_kv` has
     the same batch. `image_latent` ([1, 48, 1, h, w]) pins latent frame 0 after every step (image-to-video).
     `cache` (over the same rows) may skip the block stack of a row on a step and reuse its residual. `isolated`:
-    isolated reference attention, with the references' K/V computed once when `reuse_kv`."""
+    isolated reference attention, with the references' K/V computed once when `reuse_kv` (the nulled references'
+    row once per shape and unconditional text, kept in `null_kv`)."""
     use_cfg = guidance != 1.0
     batch = 2 if use_cfg else 1
     stats = DenoiseStats()
     isolated = isolated and bool(ref_latents)
     ref_kv = None
     if isolated and reuse_kv:
-        ref_kv = ReferenceKV.build(dit, ref_latents, layout.frame_starts[1:], layout.reference_segments(batch, x.device),
-                                   text_kv)
+        build = ReferenceKV.build if batch == 1 or null_kv is None else partial(ReferenceKV.build_guided,
+                                                                                null_cache=null_kv)
+        ref_kv = build(dit, ref_latents, layout.frame_starts[1:], layout.reference_segments(batch, x.device), text_kv)
         stats.reference_passes = 1
 
     def run_blocks(h, e0, segs, rope, tkv, ops, rows=None):  # the block stack over the batch `rows`

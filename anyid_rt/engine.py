@@ -305,6 +305,7 @@ class Engine:
         self.reference_cache: LRUCache[str, torch.Tensor] = LRUCache(cache_size)  # latents by content / shape
         self.cache_calibration, self.cache_path = cache_calibration, cache_path  # step-cache curves, their file
         self.reuse_reference_kv = True  # isolated references: K/V once per generation (False: every step, to measure)
+        self.null_reference_kv: LRUCache[tuple, object] = LRUCache(4)  # their nulled row, by shape and text
 
     @property
     def geometry(self) -> TokenGeometry:
@@ -503,7 +504,7 @@ class Engine:
         with clock("denoise"):
             x, stats = denoise(self.dit, noise.to(self.device)[None], ref_latents, layout, text_kv, schedule, guidance,
                                image_latent, progress, cache, self.layout.reference_attention == "isolated",
-                               self.reuse_reference_kv)  # x: [1, 48, F, h, w] fp32
+                               self.reuse_reference_kv, self.null_reference_kv)  # x: [1, 48, F, h, w] fp32
         with clock("vae_decode"):
             # [1, 3, T, H, W] in [-1, 1]
             pixels = self.vae.decode(x.to(self.vae.dtype), tile=self.vae_tile, progress=progress)

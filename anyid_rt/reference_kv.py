@@ -6,8 +6,9 @@ text; the target's tokens see the target and the references. A reference token's
 reference latents (t = 0), the text and the weights, none of which change while sampling, so
 
 1. the references run through the blocks once per generation, alone (`ReferenceKV.build`; in the same batch rows
-   as the sampling: conditional, and the nulled references with the unconditional text), and every block's
-   reference keys and values are kept ([rows, L_ref, H, D] each, after the q/k norm and RoPE);
+   as the sampling: conditional, and the nulled references with the unconditional text, that row once per shape
+   and text: `build_guided`), and every block's reference keys and values are kept ([rows, L_ref, H, D] each,
+   after the q/k norm and RoPE);
 2. every step runs the target's tokens alone and attends to [target; cached reference] keys, one attention call on
    the concatenated keys (no dense mask): the same softmax over the same keys as the uncached isolated forward.
 
@@ -19,11 +20,13 @@ forward (ARCHITECTURE.md section 7; `models.dit.count_flops(cfg, 27280, 58080)`)
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
+from .cache import LRUCache
 from .models.dit import Segments, TextKV, WanDiT, grid_of
 
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (q, k, v) [B, L, H, D] -> out
@@ -79,6 +82,23 @@ class ReferenceKV:
 
         dit.forward_groups(list(ref_latents), list(frame_starts), segments, text_kv, block_stack=stack)
         return cls(kv)
+
+    @classmethod
+    def build_guided(cls, dit: WanDiT, ref_latents: Sequence[torch.Tensor], frame_starts: Sequence[int],
+                     segments: Segments, text_kv: TextKV, null_cache: LRUCache) -> "ReferenceKV":
+        """`build` for the two guided rows, the nulled references' row (black latents of the references' shapes,
+        with the unconditional text) taken from `null_cache` when the same shapes, RoPE starts and text were seen:
+        it is the same for every generation of that shape."""
+        row = lambda r: TextKV([(k[r:r + 1], v[r:r + 1]) for k, v in text_kv.kv])  # noqa: E731
+        one = Segments(segments.lens, segments.t[:1])
+        cond = cls.build(dit, [z[:1] for z in ref_latents], frame_starts, one, row(0))
+        uncond_text = text_kv.kv[0][0][1].float().contiguous().cpu().numpy().tobytes()  # block 0's text keys
+        key = (tuple(tuple(z.shape) for z in ref_latents), tuple(frame_starts), hashlib.sha1(uncond_text).hexdigest())
+        null = null_cache.get(key)
+        if null is None:
+            null = cls.build(dit, [z[1:] for z in ref_latents], frame_starts, one, row(1))
+            null_cache.put(key, null)
+        return cls([(torch.cat([kc, kn]), torch.cat([vc, vn])) for (kc, vc), (kn, vn) in zip(cond.kv, null.kv)])
 
     def attention_for(self, attention: Attention, rows: Sequence[int] | None = None) -> Callable[[int], Attention]:
         """Block i's self-attention for the target's tokens: keys and values [target; cached references] (the
