@@ -41,7 +41,9 @@ class GraphDiT:
         return pad_context(self.cfg, context)
 
     def forward_groups(self, latents: Sequence[torch.Tensor], frame_starts: Sequence[int], segments: Segments,
-                       context: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+                       context: torch.Tensor | Sequence[torch.Tensor], block_stack: Callable | None = None) -> torch.Tensor:
+        if block_stack is not None:  # the graph holds the whole block stack: nothing can be skipped or replaced
+            raise ValueError("a step cache (cache=) needs the PyTorch DiT: the exported graph runs every block")
         grid = grid_of(self.cfg, latents[0])
         tokens = self.call(dit_inputs(self.cfg, latents, frame_starts, segments, context))
         return unpatchify(self.cfg, tokens.to(latents[0].device), grid)
