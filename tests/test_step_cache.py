@@ -12,7 +12,7 @@ from anyid_rt.lora import LoraWeights, save_lora
 from anyid_rt.models.dit import Segments, sinusoidal_embedding
 from anyid_rt.request import GenerationRequest, RequestError
 from anyid_rt.sampling import make_sampler
-from anyid_rt.step_cache import PUBLISHED_TI2V_5B, CacheCalibration
+from anyid_rt.step_cache import PUBLISHED_TI2V_5B, CacheCalibration, magcache_skips
 
 KW = dict(height=64, width=64, num_frames=5, steps=8, progress=False)
 STEPS = KW["steps"]
@@ -144,6 +144,10 @@ def test_published_ti2v_5b_curves():
     assert p.tea_coefficients[0] == 1.57472669e+05 and len(p.tea_coefficients) == 6
     assert p.ratios(25, image=False).shape == (25, 2)  # nearest-neighbour resampling to another step count
     np.testing.assert_array_equal(p.ratios(50, image=True), np.asarray(p.mag_ratios_image))
+    # the 5B at the published E006K2R02: the rule reads only the curve, so its forward count is exact without weights
+    skips = magcache_skips(p, 50, 0.06)
+    assert skips == [_magcache_skips([c[r] for c in p.mag_ratios], 50, 0.06) for r in (0, 1)]
+    assert 100 - sum(map(len, skips)) == 50  # MagCache4Wan2.2 reports 1.97x on an L20
 
 
 def test_cli_cache_and_calibrate(tmp_path, capsys):
