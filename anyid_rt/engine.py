@@ -269,7 +269,8 @@ def plan_pretrained(path: str | Path, lora: str | Path | Sequence[str | Path] | 
     dim = files.dim if files.dim is not None else dit_cfg.dim
     defaults = defaults_for(dim)
     cache_path = calibration_path(files.folder, files.dit if files.dit_replaced else None, [p for p, _ in loras])
-    calibration = find_calibration(cache_path, published_applies=not loras and not files.dit_replaced and dim == 3072)
+    # the published curves are the unmodified TI2V-5B's (width 3072): no LoRA, no other or distilled weights
+    calibration = find_calibration(cache_path, not loras and not files.dit_replaced and not few and dim == 3072)
     return EnginePlan(files, 0, device, te_device, dtype, vae_dtype, resolved, backend, quant, attention_quant,
                       loras, lora_strength, layout, source, VAETiling.of(vae_tile) if vae_tile is not None else None,
                       files.geometry, few.defaults(defaults) if few else defaults, compile, few, cache_path, calibration)
