@@ -77,9 +77,12 @@ def step_ratio(engine: Engine, args) -> dict:
         return dit.forward_groups([x], layout.frame_starts[:1], layout.segments(500.0, 2, dev, target_only=True),
                                   text_kv, stack)
 
-    with torch.inference_mode():
-        t_joint = float(np.median(measure(joint, warmup=1, reps=args.reps, device=dev).times_ms))
-        t_cached = float(np.median(measure(cached, warmup=1, reps=args.reps, device=dev).times_ms))
+    with torch.inference_mode():  # alternated, so that a change of load on a shared machine hits both alike
+        times: dict[str, list[float]] = {"joint": [], "cached": []}
+        for _ in range(args.reps):
+            for name, fn in (("joint", joint), ("cached", cached)):
+                times[name] += measure(fn, warmup=0, reps=1, device=dev).times_ms
+        t_joint, t_cached = float(np.median(times["joint"])), float(np.median(times["cached"]))
     n_target = int(np.prod(grid_of(dit.cfg, x)))
     n_all = n_target + layout.ref_tokens
     cfg5b = ModelConfig.preset("wan2.2-ti2v-5b").dit
@@ -164,10 +167,29 @@ def main(argv: list[str] | None = None) -> int:
                    help="video frames, and the reference clip's (121 gives the 5B's 58,080 / 27,280 token ratio)")
     p.add_argument("--ref-steps", type=int, default=10, help="steps of the runs with references")
     p.add_argument("--calib-steps", type=int, default=20, help="steps of the step-cache calibration runs")
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=7, help="alternated repetitions of the per-step comparison")
+    p.add_argument("--step-only", action="store_true",
+                   help="only the per-step comparison (joint vs target + cached reference K/V) at these sizes")
     p.add_argument("--out", type=Path, default=RESULTS)
-    run(p.parse_args(argv))
+    args = p.parse_args(argv)
+    if args.step_only:
+        step_only(args)
+    else:
+        run(args)
     return 0
+
+
+def step_only(args) -> dict:
+    env = environment(args.device)
+    ratio = step_ratio(build_engine(args, ConditioningLayout(max_clip_frames=args.frames)), args)
+    rec = {"bench": "fewer_forwards_kv_step", "kv_step": ratio, "config": dict(
+        dim=args.dim, layers=args.layers, heads=args.heads, ffn=args.ffn, height=args.height, width=args.width,
+        frames=args.frames, reps=args.reps), "env": env}
+    append_jsonl(args.out / "fewer_forwards.jsonl", [rec])
+    print(f"per guided step at {ratio['tokens_all']} tokens ({ratio['tokens_target']} target), dim {args.dim}: joint "
+          f"{ratio['joint_ms']:.0f} ms, target + cached reference K/V {ratio['cached_ms']:.0f} ms -> measured "
+          f"{ratio['measured_ratio']:.2f}x (FLOP model {ratio['flop_ratio_here']:.2f}x)")
+    return rec
 
 
 if __name__ == "__main__":
