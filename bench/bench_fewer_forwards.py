@@ -147,9 +147,10 @@ def run(args) -> list[dict]:
 
 
 def plot(records: list[dict], path, env: dict) -> None:
-    groups = [r["mode"].replace(", ", "\n", 1) for r in records]
+    groups = [r["mode"].replace(", ", "\n").replace("refs ", "") for r in records]
     series = {s: [r["timings"].get(s, 0.0) for r in records] for s in STAGES}
-    title = f"Seconds per video by stage ({env.get('device')}, {env.get('commit')}, {env.get('date', '')[:10]})"
+    title = (f"Seconds per video by stage ({env.get('device')}, {str(env.get('commit'))[:7]}, "
+             f"{env.get('date', '')[:10]})")
     if bar_plot(path, groups, series, "seconds", title):
         print(f"wrote {path}")
 
