@@ -77,7 +77,8 @@ class Checks:
         batch = (f"batch {cfg.batch_size} x {cfg.accumulation(world)} accumulated x {world} process(es) = "
                  f"{cfg.effective(world)} {unit} per step (paper: 64)")
         clips = (f"clips <= {lay.max_clip_frames} frames at {f'{lay.clip_fps:g} fps' if lay.clip_fps else 'their rate'}"
-                 f" ({lay.long_clip}), auxiliaries {lay.aux_order}{', person crop' if lay.person_crop else ''}")
+                 f" ({lay.long_clip}), auxiliaries {lay.aux_order}{', person crop' if lay.person_crop else ''}"
+                 f"{', isolated reference attention' if lay.reference_attention == 'isolated' else ''}")
         return (f"anyid-rt train {stage}: model {model}, device {self.device}{te}, dtype {dtype_name(self.dtype)}, "
                 f"backend {self.backend}, quant none, layout {lay.placement} (pad {list(lay.pad_color)}, {clips}); "
                 f"{data}; {batch}; output {cfg.output_dir}{resume}")
