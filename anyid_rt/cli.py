@@ -36,13 +36,14 @@ CLI_NAMES = {"prompt": "--prompt", "references": "--ref", "primary": "--primary"
              "dtype": "--dtype", "backend": "--backend", "device": "--device",
              "text_encoder_device": "--text-encoder-device", "timings_json": "--timings-json",
              "compile": "--compile", "sequence_parallel": "--sequence-parallel", "cfg_parallel": "--cfg-parallel",
-             "vae_tile": "--vae-tile"}
+             "vae_tile": "--vae-tile", "timesteps": "--timesteps", "dit": "--dit", "cache": "--cache",
+             "cache_threshold": "--cache-threshold"}
 # --compile's values -> Engine(compile=...)
 COMPILE_MODES = {"off": False, "on": True, "cudagraphs": "cudagraphs"}
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
-    from .request import SAMPLERS
+    from .request import CACHE_MODES, SAMPLERS
 
     p.add_argument("--prompt", required=True,
                    help="the (differential) prompt: what changes relative to the primary reference")
@@ -57,10 +58,27 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="denoising steps (default 50)")
     p.add_argument("--guidance", type=float, help="guidance scale (default 5.0; 1 disables the second pass)")
     p.add_argument("--shift", type=float, help="flow shift (default 5.0)")
-    p.add_argument("--sampler", choices=SAMPLERS, help="default unipc")
+    p.add_argument("--sampler", choices=SAMPLERS,
+                   help="default unipc; a few-step distilled model's default is dmd (docs/fewer-forwards.md)")
+    p.add_argument("--timesteps", type=_timestep_list, default=None, metavar="T1,T2,...",
+                   help="sampler dmd: the timestep list, strictly decreasing in (0, 1000], e.g. 1000,750,500,250 "
+                        "(default: the distilled model's own)")
+    p.add_argument("--cache", choices=CACHE_MODES, default=None,
+                   help="step cache: skip the DiT blocks on steps predicted to change little (docs/fewer-forwards.md)")
+    p.add_argument("--cache-threshold", type=float, default=None,
+                   help="the cache's threshold, >= 0 (default: the published one, magcache 0.06, teacache 0.26; "
+                        "0 never skips)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/video.mp4", help="output mp4 path (written whole or not at all)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def _timestep_list(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers, e.g. 1000,750,500,250") \
+            from e
 
 
 def _request(args):
@@ -69,7 +87,8 @@ def _request(args):
     return GenerationRequest(prompt=args.prompt, references=args.ref, primary=args.primary, image=args.image,
                              negative_prompt=args.negative_prompt, height=args.height, width=args.width,
                              num_frames=args.frames, steps=args.steps, guidance=args.guidance, shift=args.shift,
-                             sampler=args.sampler, seed=args.seed, output=args.out)
+                             sampler=args.sampler, seed=args.seed, output=args.out, timesteps=args.timesteps,
+                             cache=args.cache, cache_threshold=args.cache_threshold)
 
 
 def _print_result(video, out: Path) -> None:
@@ -77,6 +96,7 @@ def _print_result(video, out: Path) -> None:
     T, H, W, _ = video.frames.shape
     print(f"wrote {out} ({T} frames, {W}x{H}, {video.fps} fps)")
     print(f"timings: {t}")
+    print("DiT forwards: {dit_forwards} run, {dit_forwards_skipped} skipped over {steps} steps".format(**video.stats))
 
 
 def _load(command: str, plan, progress: bool, quiet: bool = False):
@@ -117,6 +137,7 @@ def _parallel(args):
 
 def cmd_generate(args) -> int:
     from .config import ModelConfig
+    from .few_step import find_few_step
     from .request import (TINY_DEFAULTS, ModelFiles, RequestError, check_input_file, check_output_path,
                           defaults_for, show, write_text_atomic)
 
@@ -130,7 +151,11 @@ def cmd_generate(args) -> int:
         geometry, defaults = ModelConfig.preset("tiny").geometry, TINY_DEFAULTS
     else:
         files = ModelFiles.find(args.model, CLI_NAMES)
+        if args.dit:
+            files = files.with_dit(args.dit, CLI_NAMES)
         geometry, defaults = files.geometry, defaults_for(files.dim)
+        few = find_few_step(files.folder, files.dit)
+        defaults = few.defaults(defaults) if few else defaults
     request = _request(args)
     request.check(geometry, defaults, CLI_NAMES)
     for f in args.lora or []:
@@ -139,7 +164,7 @@ def cmd_generate(args) -> int:
         check_output_path(args.timings_json, "timings_json", CLI_NAMES, suffix=".json")
     # 2. with torch, still before any weight is read: devices, backend, LoRAs against the model, packages, and
     # the first frame of every reference
-    from .engine import plan_pretrained, plan_tiny
+    from .plan import plan_pretrained, plan_tiny
 
     vae_tile = tuple(args.vae_tile) if args.vae_tile else None
     if args.tiny:
@@ -150,7 +175,7 @@ def cmd_generate(args) -> int:
         plan = plan_pretrained(args.model, lora=args.lora, dtype=args.dtype or "bf16", backend=args.backend,
                                device=args.device, text_encoder_device=args.text_encoder_device,
                                compile=COMPILE_MODES[args.compile], vae_tile=vae_tile, parallel=parallel,
-                               names=CLI_NAMES)
+                               names=CLI_NAMES, dit=args.dit)
     request = plan.check(request, CLI_NAMES)
     if request.references and not quiet:  # a differential prompt should not restate what the references show
         from .trainer.prompt_cli import warn_restatements
@@ -177,11 +202,36 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_calibrate_cache(args) -> int:
+    from .request import GenerationRequest, RequestError, check_output_path
+
+    if args.tiny and not (args.lora or args.out):
+        raise RequestError("calibrate-cache --tiny without --lora needs --out (random weights have no folder)", "out")
+    if args.out:
+        check_output_path(args.out, "out", CLI_NAMES, suffix=".json")
+    from .plan import plan_pretrained, plan_tiny
+
+    if args.tiny:
+        plan = plan_tiny(device=args.device or "cpu", dtype=args.dtype or "fp32", lora=args.lora, names=CLI_NAMES)
+    else:
+        plan = plan_pretrained(args.model, lora=args.lora, dtype=args.dtype or "bf16", device=args.device, dit=args.dit,
+                               names=CLI_NAMES)
+    requests = [plan.check(GenerationRequest(prompt=p, references=args.ref, height=args.height, width=args.width,
+                                             num_frames=args.frames, steps=args.steps, guidance=args.guidance),
+                           CLI_NAMES) for p in args.prompt]
+    engine = _load("calibrate-cache", plan, not args.no_progress)
+    cal = engine.calibrate_cache(requests, save=not args.out)
+    out = cal.save(args.out) if args.out else engine.cache_path
+    print(f"wrote {out}: MagCache ratios over {cal.steps} steps, TeaCache polynomial of degree "
+          f"{len(cal.tea_coefficients) - 1} ({cal.source})")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .request import GenerationRequest, check_output_path
 
     check_output_path(args.out, "output", CLI_NAMES, suffix=".mp4")
-    from .engine import plan_tiny
+    from .plan import plan_tiny
     from .media import ASSET_DIR
 
     refs = [str(ASSET_DIR / "astronaut.png"), str(ASSET_DIR / "astronaut_clip.mp4")]
@@ -214,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     which = g.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", help="model folder (diffusers or original Wan2.2 layout)")
     which.add_argument("--tiny", action="store_true", help="use the tiny random-weight model (no download)")
+    g.add_argument("--dit", default=None, metavar="PATH",
+                   help="DiT weights replacing the model folder's (e.g. Wan2.2-TI2V-5B-Turbo/model.pt over the base "
+                        "Wan2.2-TI2V-5B folder)")
     g.add_argument("--lora", action="append", default=None,
                    help="LoRA file(s) to merge at load (with --tiny: LoRAs trained on the tiny preset)")
     g.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
@@ -241,6 +294,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "(S x 2 processes in all)")
     _add_generation_args(g)
     g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("calibrate-cache", help="measure a model's step-cache curves (MagCache ratios, TeaCache "
+                       "polynomial) on a few prompts; written beside the LoRA or in the model folder, read automatically")
+    which = c.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="model folder (diffusers or original Wan2.2 layout)")
+    which.add_argument("--tiny", action="store_true", help="the tiny random-weight model (needs --lora or --out)")
+    c.add_argument("--dit", default=None, metavar="PATH", help="DiT weights replacing the model folder's")
+    c.add_argument("--lora", action="append", default=None, help="LoRA file(s): the curves are written beside the first")
+    c.add_argument("--prompt", action="append", required=True, help="a prompt to measure on; repeat (3-5 suffice)")
+    c.add_argument("--ref", action="append", default=None, metavar="PATH", help="references for every prompt")
+    for flag, text in (("--height", "default: the model's"), ("--width", "default: the model's"),
+                       ("--frames", "default: the model's"), ("--steps", "default: the model's (50)")):
+        c.add_argument(flag, type=int, help=text)
+    c.add_argument("--guidance", type=float, help="default: the model's (5.0)")
+    c.add_argument("--device", default=None, help="cuda, cpu (default: cuda when available)")
+    c.add_argument("--dtype", default=None, choices=DTYPE_NAMES, help="default bf16 (--model), fp32 (--tiny)")
+    c.add_argument("--out", default=None, help="write the JSON here instead of beside the LoRA / in the model folder")
+    c.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    c.set_defaults(func=cmd_calibrate_cache)
 
     d = sub.add_parser("demo", help="run the tiny model on the bundled references (no weights needed)")
     d.add_argument("--out", default="out/demo.mp4", help="output mp4 path (default out/demo.mp4)")

@@ -36,7 +36,8 @@ AUX_ORDERS = ("length", "given")
 # runs as it did. The auxiliary order is the one old LoRAs were trained with (the trainer always sorted them by
 # length; inference kept the caller's order, which the model had never been trained on).
 LEGACY_DEFAULTS: dict[str, Any] = {"clip_fps": None, "long_clip": "subsample", "person_crop": False,
-                                   "aux_order": "length"}
+                                   "aux_order": "length", "reference_attention": "joint"}
+REFERENCE_ATTENTION = ("joint", "isolated")
 # The fields that decide a reference's pixels (cache keys of prepared references)
 REFERENCE_POLICY_FIELDS = ("pad_color", "max_clip_frames", "clip_fps", "long_clip", "person_crop")
 
@@ -70,6 +71,12 @@ class ConditioningLayout:
         by frame count, ties in the given order; the trainer's order, which keeps batch shapes few) or
         "given" (as listed; the trainer then keeps its random draw order). Order changes the output (RoPE
         positions follow it), so training and inference follow this one rule (`reference_order`).
+    reference_attention: "joint" (the paper's: every token attends to every token) or "isolated" (reference
+        tokens attend only to reference tokens and, in cross-attention, the text; target tokens attend to the target
+        and the references). Isolated reference tokens depend on nothing that changes during sampling, so the
+        engine runs them through the blocks once per generation and every step reuses their keys and values
+        (anyid_rt/reference_kv.py). A model must be trained with the mode it runs: metadata without the field
+        reads as "joint".
     """
 
     placement: str = "after"
@@ -81,6 +88,7 @@ class ConditioningLayout:
     long_clip: str = "window"
     person_crop: bool = False
     aux_order: str = "length"
+    reference_attention: str = "joint"
 
     def __post_init__(self) -> None:
         if self.placement not in ("after", "before"):
@@ -106,6 +114,9 @@ class ConditioningLayout:
             raise ValueError(f"ConditioningLayout.person_crop must be true or false, got {self.person_crop!r}")
         if self.aux_order not in AUX_ORDERS:
             raise ValueError(f"ConditioningLayout.aux_order must be one of {AUX_ORDERS}, got {self.aux_order!r}")
+        if self.reference_attention not in REFERENCE_ATTENTION:
+            raise ValueError(f"ConditioningLayout.reference_attention must be one of {REFERENCE_ATTENTION}, got "
+                             f"{self.reference_attention!r}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -271,11 +282,23 @@ class StepLayout:
         lens = ([clean] if clean else []) + [n_target - clean] + ([n_ref] if n_ref else [])
         return cls(layout.frame_starts(f, ref_frames), tuple(lens), clean, n_ref)
 
-    def segments(self, t: float, batch: int, device: torch.device) -> Segments:
+    def segments(self, t: float, batch: int, device: torch.device, target_only: bool = False) -> Segments:
+        """The step's segments over [target, refs] (`target_only`: over the target's tokens alone)."""
         values = []
         if self.target_clean_tokens:
             values.append(0.0)
         values.append(float(t))
-        if self.ref_tokens:
+        lens = self.seg_lens
+        if self.ref_tokens and not target_only:
             values.append(0.0)
-        return Segments(self.seg_lens, torch.tensor([values] * batch, dtype=torch.float32, device=device))
+        elif self.ref_tokens:
+            lens = lens[:-1]
+        return Segments(lens, torch.tensor([values] * batch, dtype=torch.float32, device=device))
+
+    def reference_segments(self, batch: int, device: torch.device) -> Segments:
+        """The references' tokens alone, all at t = 0 (the isolated reference pass)."""
+        return Segments((self.ref_tokens,), torch.zeros(batch, 1, device=device))
+
+    @property
+    def target_tokens(self) -> int:
+        return sum(self.seg_lens) - self.ref_tokens

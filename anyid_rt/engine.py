@@ -6,17 +6,15 @@ reference latents (cached by content), null-reference latents (cached by shape) 
 layout). Guidance runs the conditional pass and the single aggregated unconditional pass (every reference
 nulled and the empty prompt together, AnyID eq. 7) as one batch of 2.
 
-Nothing is loaded before the whole request is checked: `plan_pretrained` / `plan_tiny` resolve and check the
-construction (model folder, LoRA files against the DiT's config, devices, dtypes, backend, quantisation,
-optional packages) into an `EnginePlan`, which `Engine.from_plan` then builds; `generate` checks its
-`GenerationRequest` (anyid_rt/request.py) and reads every reference before the first step. The CLI runs the
-same checks, and prints `EnginePlan.summary()` before loading.
+Nothing is loaded before the whole request is checked: `plan_pretrained` / `plan_tiny` (anyid_rt/plan.py)
+resolve and check the construction into an `EnginePlan`, which `Engine.from_plan` then builds; `generate`
+checks its `GenerationRequest` (anyid_rt/request.py) and reads every reference before the first step. The CLI
+runs the same checks, and prints `EnginePlan.summary()` before loading.
 """
 from __future__ import annotations
 
-import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -24,30 +22,28 @@ import torch
 from tqdm.auto import tqdm
 
 from . import frame_ops, media, parallel as par
+from .denoise import denoise
 from .cache import LRUCache
-from .compiled import check_compile, compile_dit_
-from .conditioning import LAYOUT_METADATA_KEY, ConditioningLayout, PreparedReference, StepLayout, prepare_reference
-from .config import ModelConfig, ParallelConfig, TokenGeometry, dtype_name, parse_dtype
-from .kernels import ATTENTION_QUANT, BACKENDS, resolve_backend
-from .lora import LoraWeights, check_lora_fits, merge_lora_, read_lora
-from .models.checkpoint import CheckpointError
+from .compiled import compile_dit_
+from .conditioning import ConditioningLayout, PreparedReference, StepLayout, prepare_reference
+from .config import ModelConfig, ParallelConfig, TokenGeometry
+from .lora import merge_lora_
 from .models.dit import WanDiT
-from .models.dit_loader import load_dit, read_dit_config, save_dit
+from .models.dit_loader import load_dit, save_dit
 from .models.random_weights import random_dit, random_vae
 from .models.text_encoder import TextEncoder
 from .models.vae import WanVAE
 from .models.vae_tiling import VAETiling
 from .models.vae_loader import load_vae, save_vae_original
-from .quant import check_fp8_device, quantize_dit_fp8_
+from .quant import quantize_dit_fp8_
 from .files import atomic_path
-from .request import (TINY_DEFAULTS, Defaults, GenerationRequest, ModelFiles, RequestError,
-                      check_input_file, defaults_for, require_packages, show)
+from .request import (TINY_DEFAULTS, Defaults, GenerationRequest, RequestError,
+                      show)
+from .plan import EnginePlan, plan_pretrained, plan_tiny, probe_request_media
 from .sampling import make_sampler
+from .step_cache import CacheCalibration, calibrate, step_cache_for
 
-QUANT_MODES = (None, "fp8")  # fp8: E4M3 linear layers in the DiT blocks (anyid_rt.quant)
 _WAN22_DEFAULTS = Defaults()  # the 5B's (frozen: safe as an argument default)
-# the umT5 text encoder's packages (the `text` extra), {module: pip package}; ftfy cleans every prompt
-TEXT_PACKAGES = {"transformers": "transformers", "tokenizers": "tokenizers", "ftfy": "ftfy"}
 
 
 @dataclass
@@ -59,6 +55,7 @@ class Video:
     latents: torch.Tensor
     fps: int
     timings: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, int] = field(default_factory=dict)  # steps, DiT forwards run and skipped (anyid_rt/denoise.py)
 
     def save(self, path: str | Path) -> Path:
         """Write an H.264 mp4 at the video's fps. The file is written beside `path` and renamed at the end, so
@@ -73,221 +70,21 @@ class Video:
 # Checking a construction before anything loads
 # ---------------------------------------------------------------------------------------------------------------
 
-def check_device(device: str | torch.device | None, field: str = "device",
-                 names: Mapping[str, str] | None = None) -> torch.device:
-    """A usable torch device (None: cuda when available, else cpu); a RequestError that names the fix if the
-    device does not exist here (no CUDA, an index past the GPUs there are)."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise RequestError(f"{show(names, field, device)}: not a device ({e}); use cpu, cuda or cuda:N", field) from e
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
-            raise RequestError(f"{show(names, field, device)}: CUDA is not available here (torch {torch.__version__}, "
-                               f"{build}, sees no GPU); use {show(names, field, 'cpu')}", field)
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise RequestError(f"{show(names, field, device)}: there are only {torch.cuda.device_count()} GPU(s) "
-                               f"(cuda:0..cuda:{torch.cuda.device_count() - 1})", field)
-    elif dev.type != "cpu":
-        raise RequestError(f"{show(names, field, device)}: unsupported device type {dev.type!r}; use cpu or cuda",
-                           field)
-    return dev
-
-
-@dataclass(frozen=True)
-class EnginePlan:
-    """An engine's construction, resolved and checked before any weight is read (`plan_pretrained`,
-    `plan_tiny`); `Engine.from_plan` builds it. `summary()` is one line saying what will run."""
-
-    files: ModelFiles | None  # the model folder's parts; None for the tiny preset's random weights
-    seed: int  # tiny preset: the seed of the random weights
-    device: torch.device
-    text_encoder_device: torch.device
-    dtype: torch.dtype
-    vae_dtype: torch.dtype
-    backend: str  # resolved: torch, triton, or auto (on CUDA: chosen per op by measurement)
-    backend_asked: str  # as asked: auto, torch or triton
-    quant: str | None
-    attention_quant: str | None
-    loras: tuple[tuple[Path, LoraWeights], ...]
-    lora_strength: float
-    layout: ConditioningLayout
-    layout_source: str  # "default", "given" or the LoRA file it was read from
-    vae_tile: VAETiling | None
-    geometry: TokenGeometry  # the video-size rules of the model to be loaded
-    defaults: Defaults  # its generation defaults
-    compile: bool | str = False  # True: regional torch.compile of the blocks; "cudagraphs": and the step graphed
-    parallel: ParallelConfig | None = None  # sequence / guidance parallelism over a torchrun job (parallel.py)
-
-    def summary(self) -> str:
-        model = self.files.describe() if self.files else f"tiny preset (random weights, seed {self.seed})"
-        backend = self.backend + (" (auto)" if self.backend_asked == "auto" and self.backend != "auto" else "")
-        te = "" if self.text_encoder_device == self.device else f", text encoder on {self.text_encoder_device}"
-        lora = "".join(f", LoRA {p.name}" for p, _ in self.loras)
-        layout = " ".join(f"{k}={v}" for k, v in asdict(self.layout).items())
-        return (f"model {model}{lora} | device {self.device}{te} | dtype {dtype_name(self.dtype)} (VAE "
-                f"{dtype_name(self.vae_dtype)}) | backend {backend}, attention {self.attention_quant or 'unquantised'}"
-                f" | quantisation {self.quant or 'none'} | layout ({self.layout_source}): {layout}"
-                + (f" | compile {'on' if self.compile is True else self.compile}" if self.compile else "")
-                + (f" | parallel: {self.parallel.describe()}" if self.parallel else ""))
-
-    def check(self, request: GenerationRequest, names: Mapping[str, str] | None = None,
-              probe_media: bool = True) -> GenerationRequest:
-        """`request` checked against the model to be built (sizes, defaults, the layout's reference cap);
-        `probe_media` also decodes the first frame of every reference / image file and finds an H.264 encoder
-        when the request writes a video, so that a broken file fails before the model loads."""
-        r = request.check(self.geometry, self.defaults, names, max_references=self.layout.max_references)
-        if probe_media:
-            probe_request_media(r, names)
-        if r.references:  # e.g. a layout with person_crop and no OpenCV: refused before the model loads
-            self.layout.check_requirements()
-        return r
-
-
-def probe_request_media(request: GenerationRequest, names: Mapping[str, str] | None = None) -> None:
-    """Decode the first frame of every reference and image file of a request, and check that a video can be
-    written; a RequestError naming the file otherwise."""
-    for i, ref in enumerate(request.references or []):
-        if isinstance(ref, (str, Path)):
-            try:
-                media.load_media(ref, max_frames=1)
-            except media.MediaError as e:
-                raise RequestError(f"reference {i} ({show(names, 'references')}): {e}", "references") from e
-    if isinstance(request.image, (str, Path)):
-        try:
-            media.load_media(request.image, max_frames=1)
-        except media.MediaError as e:
-            raise RequestError(f"{show(names, 'image')}: {e}", "image") from e
-    if request.output is not None:
-        try:
-            media.h264_encoder()
-        except media.MediaError as e:
-            raise RequestError(f"{show(names, 'output', str(request.output))}: {e}", "output") from e
-
-
-def _lora_files(lora) -> list[Path]:
-    return [Path(lora)] if isinstance(lora, (str, Path)) else [Path(f) for f in (lora or [])]
-
-
-def _check_modes(backend: str, quant: str | None, attention_quant: str | None,
-                 names: Mapping[str, str] | None) -> None:
-    if backend not in BACKENDS:
-        raise RequestError(f"{show(names, 'backend', backend)} is not one of {', '.join(BACKENDS)}", "backend")
-    if quant not in QUANT_MODES:
-        raise RequestError(f"quant={quant!r} is not one of {QUANT_MODES}", "quant")
-    if attention_quant not in ATTENTION_QUANT:
-        raise RequestError(f"attention_quant={attention_quant!r} is not one of {ATTENTION_QUANT}", "attention_quant")
-
-
-def _resolve_backend(backend: str, device: torch.device, names: Mapping[str, str] | None) -> str:
-    resolved = resolve_backend(backend, device)
-    if resolved == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RequestError(f"{show(names, 'backend', backend)} needs a CUDA device: on a CPU, Triton kernels run only "
-                           "in the (slow) interpreter, with TRITON_INTERPRET=1 set; use the torch backend", "backend")
-    return resolved
-
-
-def _read_loras(files: list[Path], dit_cfg, layout: ConditioningLayout | None, names: Mapping[str, str] | None
-                ) -> tuple[tuple[tuple[Path, LoraWeights], ...], ConditioningLayout, str]:
-    """Read every LoRA file and check it against a DiT of config `dit_cfg` built on the meta device (no weights);
-    the layout: `layout` if given, else the LoRAs' (which must agree), else the default."""
-    out, lora_layout, source = [], None, "default"
-    meta = None
-    for f in files:
-        check_input_file(f, "lora", names, what="LoRA")
-        try:
-            weights = read_lora(f)
-            if meta is None:
-                with torch.device("meta"):
-                    meta = WanDiT(dit_cfg)
-            check_lora_fits(meta, weights)
-        except CheckpointError as e:
-            msg = str(e).removeprefix(f"{f}: ")  # read_lora's messages start with the path, named here already
-            raise CheckpointError(f"{show(names, 'lora', str(f))}: {msg}") from e
-        if LAYOUT_METADATA_KEY in weights.metadata:
-            found = ConditioningLayout.from_json(weights.metadata[LAYOUT_METADATA_KEY])
-            if lora_layout is not None and found != lora_layout:
-                raise CheckpointError(f"LoRA {f} was trained with layout {found}, another LoRA with "
-                                      f"{lora_layout}; merge LoRAs trained with the same layout")
-            lora_layout, source = found, f"from {f.name}"
-        out.append((f, weights))
-    if layout is not None:
-        return tuple(out), layout, "given"
-    return tuple(out), lora_layout or ConditioningLayout(), source
-
-
-def _check_run(backend, quant, attention_quant, dtype, device, text_encoder_device, compile,
-               names) -> tuple[torch.dtype, torch.device, torch.device, str]:
-    """The checks every plan makes: modes, dtype, devices, backend, FP8 and compile support, the text encoder's
-    packages. Returns (dtype, device, text encoder device, resolved backend)."""
-    _check_modes(backend, quant, attention_quant, names)
-    dtype = parse_dtype(dtype, show(names, "dtype"))
-    device = check_device(device, "device", names)
-    te_device = check_device(text_encoder_device, "text_encoder_device", names) if text_encoder_device else device
-    resolved = _resolve_backend(backend, device, names)
-    if quant == "fp8":
-        check_fp8_device(device)
-    check_compile(compile, device, names)
-    require_packages(TEXT_PACKAGES, "the umT5 text encoder", "text")
-    return dtype, device, te_device, resolved
-
-
-def plan_pretrained(path: str | Path, lora: str | Path | Sequence[str | Path] | None = None,
-                    dtype: str | torch.dtype = "bf16", backend: str = "auto", quant: str | None = None,
-                    device: str | torch.device | None = None, text_encoder_device: str | None = None,
-                    vae_dtype: str | torch.dtype = "fp32", lora_strength: float = 1.0,
-                    layout: ConditioningLayout | None = None, vae_tile: VAETiling | tuple | None = None,
-                    attention_quant: str | None = None, compile: bool | str = False,
-                    parallel: ParallelConfig | None = None, names: Mapping[str, str] | None = None) -> EnginePlan:
-    """Check everything `Engine.from_pretrained` will need, reading no weight: the folder's four parts, every
-    LoRA file (read, and checked against the DiT's config), the devices, dtypes, backend, quantisation,
-    compilation and the text encoder's packages. Raises a RequestError (or CheckpointError) naming the setting
-    as `names` spells it."""
-    vae_dtype = parse_dtype(vae_dtype, show(names, "vae_dtype"))
-    files = ModelFiles.find(path, names)
-    dtype, device, te_device, resolved = _check_run(backend, quant, attention_quant, dtype, device,
-                                                    text_encoder_device, compile, names)
-    dit_cfg = read_dit_config(files.dit) if lora or parallel else None
-    loras, layout, source = _read_loras(_lora_files(lora), dit_cfg, layout, names)
-    if parallel is not None:
-        device, te_device = par.check_plan(parallel, dit_cfg.num_heads, compile, device, te_device, names)
-    return EnginePlan(files, 0, device, te_device, dtype, vae_dtype, resolved, backend, quant, attention_quant,
-                      loras, lora_strength, layout, source, VAETiling.of(vae_tile) if vae_tile is not None else None,
-                      files.geometry, defaults_for(files.dim), compile, parallel)
-
-
-def plan_tiny(seed: int = 0, device: str | torch.device = "cpu", backend: str = "torch",
-              layout: ConditioningLayout | None = None, quant: str | None = None, attention_quant: str | None = None,
-              dtype: str | torch.dtype = "fp32", lora: str | Path | Sequence[str | Path] | None = None,
-              lora_strength: float = 1.0, text_encoder_device: str | torch.device | None = None,
-              compile: bool | str = False, vae_tile: VAETiling | tuple | None = None,
-              parallel: ParallelConfig | None = None, names: Mapping[str, str] | None = None) -> EnginePlan:
-    """`plan_pretrained` for the tiny preset (random weights from `seed`): the same checks, no folder."""
-    dtype, device, te_device, resolved = _check_run(backend, quant, attention_quant, dtype, device,
-                                                    text_encoder_device, compile, names)
-    cfg = ModelConfig.preset("tiny")
-    loras, layout, source = _read_loras(_lora_files(lora), cfg.dit, layout, names)
-    if parallel is not None:
-        device, te_device = par.check_plan(parallel, cfg.dit.num_heads, compile, device, te_device, names)
-    return EnginePlan(None, seed, device, te_device, dtype, torch.float32, resolved, backend, quant, attention_quant,
-                      loras, lora_strength, layout, source, VAETiling.of(vae_tile) if vae_tile is not None else None,
-                      cfg.geometry, TINY_DEFAULTS, compile, parallel)
-
-
 class Engine:
     def __init__(self, dit: WanDiT, vae: WanVAE, text_encoder: TextEncoder, *,
                  layout: ConditioningLayout | None = None, defaults: Defaults = _WAN22_DEFAULTS,
                  device: torch.device | str = "cpu", vae_tile: VAETiling | tuple | None = None,
-                 cache_size: int = 32, parallel: par.ParallelContext | None = None):
+                 cache_size: int = 32, cache_calibration: CacheCalibration | None = None,
+                 cache_path: Path | None = None, parallel: par.ParallelContext | None = None):
         self.dit, self.vae, self.text_encoder = dit, vae, text_encoder
         self.layout = layout or ConditioningLayout()
         self.defaults = defaults
         self.device = torch.device(device)
         self.vae_tile = VAETiling.of(vae_tile) if vae_tile is not None else None  # spatial decode tiles
         self.reference_cache: LRUCache[str, torch.Tensor] = LRUCache(cache_size)  # latents by content / shape
+        self.cache_calibration, self.cache_path = cache_calibration, cache_path  # step-cache curves, their file
+        self.reuse_reference_kv = True  # isolated references: K/V once per generation (False: every step, to measure)
+        self.null_reference_kv: LRUCache[tuple, object] = LRUCache(4)  # their nulled row, by shape and text
         # this rank's share of a parallel generation (anyid_rt/parallel.py); None: one process
         self.parallel = par.ParallelDiT(dit, parallel) if parallel is not None else None
 
@@ -322,8 +119,9 @@ class Engine:
             vae = load_vae(plan.files.vae, dtype=plan.vae_dtype, device=plan.device, progress=progress)
             te = TextEncoder.from_pretrained(plan.files.text_encoder, dtype=plan.dtype,
                                              device=plan.text_encoder_device, progress=progress)
-        return cls(dit, vae, te, layout=plan.layout, defaults=defaults_for(dit.cfg.dim), device=plan.device,
-                   vae_tile=plan.vae_tile, parallel=ctx)
+        return cls(dit, vae, te, layout=plan.layout, defaults=plan.defaults, device=plan.device,
+                   vae_tile=plan.vae_tile, cache_calibration=plan.cache_calibration, cache_path=plan.cache_path,
+                   parallel=ctx)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, lora: str | Path | Sequence[str | Path] | None = None,
@@ -333,7 +131,7 @@ class Engine:
                         layout: ConditioningLayout | None = None,
                         vae_tile: VAETiling | tuple | None = None, attention_quant: str | None = None,
                         compile: bool | str = False, parallel: ParallelConfig | None = None,
-                        progress: bool = True) -> "Engine":
+                        progress: bool = True, dit: str | Path | None = None) -> "Engine":
         """Load Wan2.2-TI2V-5B (or a smaller model of the same family) from a folder in the diffusers layout
         (`transformer/`, `vae/`, `text_encoder/`, `tokenizer/`) or the original layout (DiT shards + index +
         config.json, `Wan2.2_VAE.pth`, `models_t5_umt5-xxl-enc-bf16.pth`, `google/umt5-xxl/`).
@@ -350,11 +148,16 @@ class Engine:
         `parallel=ParallelConfig(sequence=S, cfg=True)` spreads each generation over the processes of a torchrun
         job (anyid_rt/parallel.py, docs/distributed.md); every rank calls `generate` with the same request.
         Everything is checked before any weight is read (`plan_pretrained`); `progress` shows loading bars.
+        `dit` replaces the folder's DiT weights (a file or folder: e.g. Wan2.2-TI2V-5B-Turbo's model.pt over the
+        base folder). A few-step distilled model (FastWan2.2-TI2V-5B, Turbo, or a folder with an
+        anyid_sampling.json: anyid_rt/few_step.py) makes `sampler="dmd"` with its step list and guidance 1 the
+        defaults.
         """
         return cls.from_plan(plan_pretrained(path, lora=lora, dtype=dtype, backend=backend, quant=quant, device=device,
                                              text_encoder_device=text_encoder_device, vae_dtype=vae_dtype,
                                              lora_strength=lora_strength, layout=layout, vae_tile=vae_tile,
-                                             attention_quant=attention_quant, compile=compile, parallel=parallel),
+                                             attention_quant=attention_quant, compile=compile, parallel=parallel,
+                                             dit=dit),
                              progress=progress)
 
     @classmethod
@@ -408,20 +211,25 @@ class Engine:
                  sampler: str | None = None, seed: int = 0, negative_prompt: str | None = None,
                  latents: torch.Tensor | None = None, prompt_embeds: torch.Tensor | None = None,
                  negative_prompt_embeds: torch.Tensor | None = None, output: str | Path | None = None,
-                 image: Any = None, progress: bool = True) -> Video:
+                 image: Any = None, progress: bool = True, timesteps: Sequence[float] | None = None,
+                 cache: str | None = None, cache_threshold: float | None = None) -> Video:
         """Generate a video. With no references it is Wan2.2 text-to-video; with `image=` image-to-video
         (latent frame 0 pinned to the image); with `references` AnyID generation around references[primary].
 
         None means the engine's default (`engine.defaults`: 1280x704, 121 frames, 50 UniPC steps, guidance
         5, shift 5 for the 5B). `latents` is the initial noise [48, F, H/16, W/16] (else drawn on the CPU from
         `seed`). The unconditional pass uses the empty prompt unless `negative_prompt` is given. Every setting
-        and every input file is checked, and every reference read, before the first step.
+        and every input file is checked, and every reference read, before the first step. `sampler="dmd"` runs a
+        few-step model's `timesteps` list (its own by default), re-noising from the same seeded CPU generator.
+        `cache="magcache" | "teacache"` skips the block stack on steps whose change is predicted small
+        (`cache_threshold`: the published one by default, 0 never skips); `video.stats` counts the DiT forwards.
         """
         request = GenerationRequest(prompt=prompt, references=references, primary=primary, image=image,
                                     negative_prompt=negative_prompt, height=height, width=width,
                                     num_frames=num_frames, steps=steps, guidance=guidance, shift=shift,
                                     sampler=sampler, seed=seed, output=output, latents=latents,
-                                    prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds)
+                                    prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                                    timesteps=timesteps, cache=cache, cache_threshold=cache_threshold)
         return self.run(request, progress=progress)
 
     def check(self, request: GenerationRequest, names: Mapping[str, str] | None = None) -> GenerationRequest:
@@ -429,14 +237,28 @@ class Engine:
         the setting as `names` spells it otherwise)."""
         return request.check(self.geometry, self.defaults, names, max_references=self.layout.max_references)
 
+    def calibrate_cache(self, requests: Sequence[GenerationRequest], save: bool = True) -> CacheCalibration:
+        """Measure this model's step-cache curves on a few requests (anyid_rt/step_cache.py `calibrate`) and use
+        them from now on; `save` writes them where they are read automatically (`self.cache_path`)."""
+        self.cache_calibration = calibrate(self, requests)
+        if save and self.cache_path is not None:
+            self.cache_calibration.save(self.cache_path)
+        return self.cache_calibration
+
     @torch.inference_mode()
     def run(self, request: GenerationRequest, progress: bool = True,
-            names: Mapping[str, str] | None = None) -> Video:
+            names: Mapping[str, str] | None = None, cache_record=None) -> Video:
         """`generate` with its arguments as one `GenerationRequest`; `names` spells the settings in errors (the
-        CLI passes its flag names). `progress` shows progress bars for each stage."""
+        CLI passes its flag names). `progress` shows progress bars for each stage. `cache_record`: the step
+        cache's recording hook while calibrating."""
+        if self.parallel is not None and request.cache is not None:  # the same on every rank: all fail alike
+            raise RequestError(f"{show(names, 'cache')} does not combine with parallel generation yet (the step cache "
+                               "has no collectives); drop one of them", "cache")
         # parallel: every rank checks the request and probes its files; a failure on one fails all, with its message
         r = self.check(request, names) if self.parallel is None else self.parallel.check(
             lambda: self.check(request, names), lambda r: probe_request_media(r, names), names)
+        if r.cache is not None and self.cache_calibration is None and cache_record is None:  # before any compute
+            step_cache_for(r, None, self.cache_path, 1, 0, False)
         geometry = self.geometry
         for name in ("prompt", "negative_prompt"):  # given embeddings must fit the DiT
             self._check_embeds(getattr(r, f"{name}_embeds"), name)
@@ -444,7 +266,8 @@ class Engine:
         refs = self._prepare_references(r.references, r.primary, r.height, r.width, progress)
         image_pixels = self._prepare_image(r.image, r.height, r.width, r.num_frames)
         latent_shape = geometry.latent_shape(r.num_frames, r.height, r.width)  # (F, H/16, W/16)
-        noise = _initial_noise(r.latents, r.seed, (self.dit.cfg.in_dim, *latent_shape))
+        generator = torch.Generator().manual_seed(r.seed)  # the initial noise, then sampler dmd's re-noising
+        noise = _initial_noise(r.latents, generator, (self.dit.cfg.in_dim, *latent_shape))
         use_cfg = r.guidance != 1.0
         guidance = r.guidance
         timings: dict[str, float] = {}
@@ -467,22 +290,15 @@ class Engine:
 
         layout = StepLayout.build(self.layout, geometry, latent_shape, [z.shape[2] for z in ref_latents],
                                   image_mode=image_latent is not None)
-        schedule = make_sampler(r.sampler, r.steps, r.shift, device=self.device)
-        batch = 2 if use_cfg else 1
-        x = noise.to(self.device)[None]  # [1, 48, F, h, w] fp32
-        if image_latent is not None:
-            x[:, :, :1] = image_latent
-        forward = self.dit.forward_groups if self.parallel is None else self.parallel.forward_groups
+        schedule = make_sampler(r.sampler, r.steps, r.shift, device=self.device, timesteps=r.timesteps,
+                                generator=generator)
+        cache = step_cache_for(r, self.cache_calibration, self.cache_path, 2 if use_cfg else 1,
+                               int(layout.target_clean_tokens > 0), image_latent is not None, cache_record)
         with clock("denoise"):
-            for i, t in enumerate(tqdm(schedule.timesteps, desc="denoising", disable=not progress)):
-                segments = layout.segments(float(t), batch, self.device)
-                v = forward([x.expand(batch, -1, -1, -1, -1), *ref_latents], layout.frame_starts, segments,
-                            text_kv)  # [batch, 48, F, h, w] fp32
-                if use_cfg:
-                    v = v[1:] + guidance * (v[:1] - v[1:])
-                x = schedule.step(v, i, x)
-                if image_latent is not None:  # re-pin the clean first frame, as the official i2v loop
-                    x[:, :, :1] = image_latent
+            x, stats = denoise(self.dit, noise.to(self.device)[None], ref_latents, layout, text_kv, schedule, guidance,
+                               image_latent, progress, cache, self.layout.reference_attention == "isolated",
+                               self.reuse_reference_kv, self.null_reference_kv,
+                               None if self.parallel is None else self.parallel.forward_groups)  # x: [1, 48, F, h, w]
         with clock("vae_decode"):
             # [1, 3, T, H, W] in [-1, 1]
             decode = self.vae.decode if self.parallel is None else self.parallel.decoder(self.vae)
@@ -490,7 +306,7 @@ class Engine:
             frames = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [3, T, H, W]
             frames = frames.permute(1, 2, 3, 0).contiguous().cpu()  # [T, H, W, 3]
         timings["total"] = sum(timings.values())
-        video = Video(frames, x[0].float().cpu(), self.defaults.fps, timings)
+        video = Video(frames, x[0].float().cpu(), self.defaults.fps, timings, stats.as_dict())
         if r.output is not None and (self.parallel is None or self.parallel.ctx.is_main):  # rank 0 writes it
             video.save(r.output)
         return video
@@ -562,15 +378,14 @@ class _Clock:
             torch.cuda.synchronize(self.device)
 
 
-def _initial_noise(latents: torch.Tensor | None, seed: int, shape: tuple[int, ...]) -> torch.Tensor:
+def _initial_noise(latents: torch.Tensor | None, generator: torch.Generator, shape: tuple[int, ...]) -> torch.Tensor:
     if latents is not None:
         if tuple(latents.shape) != shape:
             raise ValueError(f"latents must be the initial noise of shape {list(shape)} "
                              f"[48, 1 + (frames-1)/4, H/16, W/16], got {list(latents.shape)}")
         return latents.float()
     # drawn on the CPU so that a seed gives the same video on every device
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(shape, generator=generator)
 
 
-__all__ = ["Engine", "Video", "Defaults", "TINY_DEFAULTS", "EnginePlan", "plan_pretrained", "plan_tiny",
-           "check_device", "probe_request_media", "GenerationRequest", "QUANT_MODES"]
+__all__ = ["Engine", "Video", "Defaults", "TINY_DEFAULTS", "GenerationRequest"]

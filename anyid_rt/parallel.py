@@ -34,6 +34,7 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from .conditioning import ConditioningLayout
 from .config import ParallelConfig
 from .models.dit import Segments, TextKV, WanDiT, group_grids, patchify, sinusoidal_embedding, unpatchify
 from .models.vae import WanVAE
@@ -75,7 +76,8 @@ def shutdown() -> None:
 
 
 def check_plan(config: ParallelConfig, num_heads: int, compile: bool | str, device: torch.device,
-               text_encoder_device: torch.device, names=None) -> tuple[torch.device, torch.device]:
+               text_encoder_device: torch.device, layout: ConditioningLayout,
+               names=None) -> tuple[torch.device, torch.device]:
     """Check a parallel generation before anything loads: the config's type, the heads against S, the job's
     process count (torchrun's WORLD_SIZE) against S x (2 if cfg); returns this rank's (device, text encoder
     device): an unnumbered cuda is its LOCAL_RANK's GPU. `names` spells the settings (the CLI's flags)."""
@@ -92,6 +94,9 @@ def check_plan(config: ParallelConfig, num_heads: int, compile: bool | str, devi
         config.check_world(env_ranks()[1], flags)
     except ValueError as e:
         raise RequestError(str(e), "parallel") from e
+    if layout.reference_attention == "isolated":  # target-only steps against cached K/V: not sharded yet
+        raise RequestError(f"isolated reference attention (this LoRA's or layout's) is not supported with {flags} "
+                           "yet; run it in one process", "parallel")
     if compile:
         raise RequestError(f"{show(names, 'compile', compile)} is not supported with {flags} yet (the compiled and "
                            "graphed step has no collectives); drop one of them", "compile")

@@ -29,7 +29,11 @@ from typing import Any, Mapping, Sequence
 from .config import DiTConfig, TokenGeometry, VAEConfig
 from .files import atomic_path
 
-SAMPLERS = ("unipc", "euler", "dpm++")  # the names `sampler=` takes (anyid_rt.sampling builds them)
+SAMPLERS = ("unipc", "euler", "dpm++", "dmd")  # the names `sampler=` takes (anyid_rt.sampling builds them)
+# The step caches `cache=` takes (anyid_rt/step_cache.py) and their published TI2V-5B thresholds, in that order:
+# MagCache E006K2R02 (MagCache4Wan2.2/README.md), TeaCache 0.26 (LightX2V wan_ti2v_tea_720p.json)
+CACHE_MODES = ("magcache", "teacache")
+PUBLISHED_CACHE_THRESHOLDS = (0.06, 0.26)
 
 # The original Wan2.2 layout's file names (the diffusers layout uses transformer/, vae/, text_encoder/, tokenizer/).
 ORIGINAL_VAE = "Wan2.2_VAE.pth"
@@ -226,7 +230,23 @@ class ModelFiles:
         return TokenGeometry(VAEConfig().spatial_compression, VAEConfig().temporal_compression, patch)
 
     def describe(self) -> str:
-        return f"{self.folder} ({self.layout} layout)"
+        return f"{self.folder} ({self.layout} layout)" + (f", DiT {self.dit}" if self.dit_replaced else "")
+
+    @property
+    def dit_replaced(self) -> bool:
+        return self.dit not in (self.folder, self.folder / "transformer")
+
+    def with_dit(self, dit: str | Path, names: Mapping[str, str] | None = None) -> "ModelFiles":
+        """These parts with the DiT weights at `dit` instead of the folder's (a file or a folder, any layout: e.g. a
+        distilled checkpoint published as DiT weights alone, such as Wan2.2-TI2V-5B-Turbo's model.pt); its
+        config.json, when there is one beside it, replaces the folder's."""
+        p = Path(dit)
+        if not p.exists():
+            raise RequestFileError(f"{show(names, 'dit', str(dit))}: DiT weights not found", "dit")
+        if p.is_dir() and not _has_weights(p, ("*.safetensors", "*.safetensors.index.json", "*.pt", "*.pth")):
+            raise RequestFileError(f"{show(names, 'dit', str(dit))}: holds no DiT weights ({_listing(p)})", "dit")
+        cfg = (p if p.is_dir() else p.parent) / "config.json"
+        return replace(self, dit=p, dit_config=_read_json(cfg))
 
 
 def _read_json(path: Path) -> dict:
@@ -255,6 +275,7 @@ class Defaults:
     shift: float = 5.0  # flow-matching timestep shift
     sampler: str = "unipc"
     fps: int = 24  # of the written video; Wan2.2-TI2V-5B is trained at 24
+    timesteps: tuple[float, ...] | None = None  # a few-step model's list for sampler "dmd" (anyid_rt/few_step.py)
 
 
 TINY_DEFAULTS = Defaults(height=64, width=64, num_frames=9, steps=6)
@@ -305,10 +326,15 @@ class GenerationRequest:
     latents: Any = None  # a tensor [48, F, H/16, W/16] (shape checked by the engine)
     prompt_embeds: Any = None  # tensors [1, L, text_dim] (checked by the engine)
     negative_prompt_embeds: Any = None
+    timesteps: Any = None  # sampler "dmd": the listed timesteps, strictly decreasing in (0, 1000]
+    cache: str | None = None  # step cache: "magcache" | "teacache" (anyid_rt/step_cache.py)
+    cache_threshold: float | None = None  # >= 0 (0: never skip); None: the published threshold of the mode
 
     def with_defaults(self, defaults: Defaults) -> "GenerationRequest":
+        # timesteps belong to sampler "dmd" only: `_check_sampling` fills them when that sampler is chosen
         return replace(self, **{f.name: getattr(defaults, f.name) for f in fields(Defaults)
-                                if f.name in self.__dataclass_fields__ and getattr(self, f.name) is None})
+                                if f.name in self.__dataclass_fields__ and f.name != "timesteps"
+                                and getattr(self, f.name) is None})
 
     def check(self, geometry: TokenGeometry, defaults: Defaults, names: Mapping[str, str] | None = None,
               max_references: int | None = None) -> "GenerationRequest":
@@ -329,6 +355,8 @@ class GenerationRequest:
             raise RequestError(f"{show(names, 'shift', r.shift)} must be a number > 0", "shift")
         if r.sampler not in SAMPLERS:
             raise RequestError(f"{show(names, 'sampler', r.sampler)} is not one of {', '.join(SAMPLERS)}", "sampler")
+        r = self._check_sampling(r, defaults, names)
+        r = self._check_cache(r, names)
         if not _is_int(r.seed):
             raise RequestTypeError(f"seed must be an int, got {type(r.seed).__name__}", "seed")
         r._check_references(names, max_references)
@@ -341,6 +369,47 @@ class GenerationRequest:
         if r.output is not None:
             check_output_path(r.output, "output", names, suffix=".mp4")
         return r
+
+    def _check_sampling(self, r: "GenerationRequest", defaults: Defaults, names) -> "GenerationRequest":
+        """Sampler "dmd" runs a timestep list (given, or the few-step model's own), one step per entry; a list given
+        with another sampler is refused rather than ignored."""
+        if r.sampler != "dmd":
+            if self.timesteps is not None:
+                raise RequestError(f"{show(names, 'timesteps')} applies only to {show(names, 'sampler', 'dmd')}; "
+                                   f"drop it or choose that sampler", "timesteps")
+            return r
+        from .few_step import check_timesteps
+
+        given = self.timesteps if self.timesteps is not None else defaults.timesteps
+        if given is None:
+            raise RequestError(f"{show(names, 'sampler', 'dmd')} needs {show(names, 'timesteps')} (e.g. [1000, 750, "
+                               "500, 250]): this model names no few-step list (docs/fewer-forwards.md)", "timesteps")
+        ts = check_timesteps(list(given), show(names, "timesteps"))
+        if self.steps is not None and self.steps != len(ts):
+            raise RequestError(f"{show(names, 'steps', self.steps)} disagrees with the {len(ts)} timesteps of "
+                               f"{show(names, 'sampler', 'dmd')} (one step per listed timestep); drop it", "steps")
+        return replace(r, timesteps=ts, steps=len(ts))
+
+    def _check_cache(self, r: "GenerationRequest", names) -> "GenerationRequest":
+        """A step cache and its threshold (the mode's published one when not given); a threshold without a cache,
+        or a cache on a few-step sampler (its thresholds are calibrated for 50-step schedules), is refused."""
+        if r.cache is None:
+            if r.cache_threshold is not None:
+                raise RequestError(f"{show(names, 'cache_threshold', r.cache_threshold)} needs {show(names, 'cache')} "
+                                   "(magcache or teacache)", "cache_threshold")
+            return r
+        if r.cache not in CACHE_MODES:
+            raise RequestError(f"{show(names, 'cache', r.cache)} is not one of {', '.join(CACHE_MODES)}", "cache")
+        if r.sampler == "dmd":
+            raise RequestError(f"{show(names, 'cache', r.cache)} does not apply to {show(names, 'sampler', 'dmd')}: "
+                               "a few-step model changes a lot at every step and the cache thresholds are calibrated "
+                               "for 50-step schedules; drop the cache", "cache")
+        threshold = PUBLISHED_CACHE_THRESHOLDS[CACHE_MODES.index(r.cache)] if r.cache_threshold is None \
+            else r.cache_threshold
+        if not _is_real(threshold) or threshold < 0:
+            raise RequestError(f"{show(names, 'cache_threshold', threshold)} must be a number >= 0 (0 never skips a "
+                               "step)", "cache_threshold")
+        return replace(r, cache_threshold=float(threshold))
 
     def _check_text(self, names) -> None:
         if self.prompt_embeds is None:
@@ -387,6 +456,7 @@ class GenerationRequest:
 
 
 __all__ = ["RequestError", "RequestTypeError", "RequestFileError", "GenerationRequest", "ModelFiles", "Defaults",
-           "TINY_DEFAULTS", "defaults_for", "preset_for", "SAMPLERS", "show", "require_packages", "missing_packages",
+           "TINY_DEFAULTS", "defaults_for", "preset_for", "SAMPLERS", "CACHE_MODES", "PUBLISHED_CACHE_THRESHOLDS",
+           "show", "require_packages", "missing_packages",
            "check_input_file", "check_output_path", "atomic_path", "write_text_atomic", "has_tokenizer",
            "ORIGINAL_VAE", "ORIGINAL_UMT5", "ORIGINAL_TOKENIZER", "TOKENIZER_FILES"]

@@ -22,6 +22,11 @@ The samplers
 ``FlowEuler`` ("euler", not in the official code)
     First-order Euler on the ODE: ``x_next = x + (σ_next - σ)·v``. It uses the official UniPC schedule above, so it
     feeds the DiT exactly the timesteps the default sampler feeds.
+``FlowDMD`` ("dmd", few-step distilled models: anyid_rt/few_step.py)
+    Consistency sampling on a listed timestep grid: at step i the clean estimate ``x0 = x - σ_i·v`` is re-noised
+    to the next listed level, ``x_{i+1} = (1 - σ_{i+1})·x0 + σ_{i+1}·ε`` with fresh ε from the seeded CPU generator;
+    the last step returns x0. Schedule (``dmd_sigmas``): σ_i = shift(t_i / 1000) for the listed t_i; the DiT is
+    fed 1000·σ_i (a float; FastVideo's warped FastWan steps at shift 5, Turbo's listed steps at shift 1).
 ``FlowDPMpp2M`` ("dpm++", the official ``--sample_solver dpm++``)
     DPM-Solver++ 2M (multistep, second order, midpoint form, data prediction), first order at the first and last
     steps. Schedule (``official_dpmpp_sigmas``): σ = linspace(1, 0, steps + 1)[:steps] shifted, so it starts at
@@ -100,6 +105,17 @@ def official_dpmpp_sigmas(steps: int, shift: float) -> np.ndarray:
     _check_steps_shift(steps, shift)
     grid = np.linspace(1.0, 0.0, steps + 1)[:steps]
     return shift_sigmas(grid, shift)
+
+
+def dmd_sigmas(timesteps: Sequence[float], shift: float) -> np.ndarray:
+    """float64 σ = shift(t / 1000) of a few-step list (strictly decreasing, in (0, 1000]), without the final 0."""
+    _check_steps_shift(1, shift)
+    t = np.asarray(timesteps, dtype=np.float64)
+    if t.ndim != 1 or t.size < 1 or not np.all(np.isfinite(t)) or np.any(t <= 0) or np.any(t > NUM_TRAIN_TIMESTEPS) \
+            or np.any(np.diff(t) >= 0):
+        raise ValueError(f"dmd timesteps must be strictly decreasing values in (0, {NUM_TRAIN_TIMESTEPS}], got "
+                         f"{list(timesteps)}")
+    return shift_sigmas(t / NUM_TRAIN_TIMESTEPS, shift)
 
 
 def sigmas_to_timesteps(sigmas: np.ndarray) -> torch.Tensor:
@@ -225,6 +241,39 @@ class FlowEuler(FlowSampler):
         return x + (self._sig[i + 1] - self._sig[i]) * v
 
 
+class FlowDMD(FlowSampler):
+    """Few-step consistency sampling (DMD-distilled models): x0 = x - σ_i·v, then re-noise to σ_{i+1} with fresh
+    noise, ``x_{i+1} = (1 - σ_{i+1})·x0 + σ_{i+1}·ε``; into σ = 0 (the last step) the result is x0.
+
+    ``FlowDMD.from_timesteps(timesteps, shift, generator)``: σ_i = shift(t_i / 1000), the DiT fed 1000·σ_i (float64).
+    ε is drawn on the CPU from ``generator`` in the sample's shape (so that a seed gives the same video on every
+    device) and moved to the sample's device.
+    """
+
+    name = "dmd"
+
+    def __init__(self, *args, **kwargs) -> None:
+        raise TypeError("FlowDMD has no default schedule: use FlowDMD.from_timesteps(timesteps, shift, generator)")
+
+    @classmethod
+    def from_timesteps(cls, timesteps: Sequence[float], shift: float, generator: torch.Generator,
+                       device: str | torch.device | None = None) -> "FlowDMD":
+        if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
+            raise ValueError("FlowDMD needs a CPU torch.Generator for its re-noising")
+        sig = dmd_sigmas(timesteps, shift)
+        obj = cls.from_sigmas(np.append(sig, 0.0), torch.from_numpy(sig * NUM_TRAIN_TIMESTEPS), device)
+        obj.generator = generator
+        return obj
+
+    def _update(self, v: torch.Tensor, i: int, x: torch.Tensor) -> torch.Tensor:
+        x0 = x - self._sig[i] * v
+        s_next = self._sig[i + 1]
+        if s_next == 0.0:
+            return x0
+        noise = torch.randn(x.shape, generator=self.generator, dtype=torch.float32).to(x.device)
+        return (1.0 - s_next) * x0 + s_next * noise
+
+
 class FlowDPMpp2M(FlowSampler):
     """DPM-Solver++ 2M (data prediction, midpoint form), as the official ``dpm++`` solver.
 
@@ -344,11 +393,19 @@ class FlowUniPC(FlowSampler):
 # ---------------------------------------------------------------------------------------------------------------
 
 def make_sampler(name: str = "unipc", steps: int = 50, shift: float = 5.0,
-                 device: str | torch.device | None = None) -> FlowSampler:
-    """A fresh sampler: ``name`` in SAMPLERS ("unipc" is the official default), ``steps`` >= 1, ``shift`` > 0."""
+                 device: str | torch.device | None = None, timesteps: Sequence[float] | None = None,
+                 generator: torch.Generator | None = None) -> FlowSampler:
+    """A fresh sampler: ``name`` in SAMPLERS ("unipc" is the official default), ``steps`` >= 1, ``shift`` > 0.
+    "dmd" takes its ``timesteps`` list (``steps`` entries) and the CPU ``generator`` of its re-noising."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
     _check_steps_shift(steps, shift)
+    if name == "dmd":
+        if timesteps is None or len(timesteps) != steps or generator is None:
+            raise ValueError(f"sampler dmd needs {steps} timesteps and a CPU generator, got timesteps={timesteps}")
+        return FlowDMD.from_timesteps(timesteps, shift, generator, device)
+    if timesteps is not None:
+        raise ValueError(f"timesteps= applies only to sampler dmd, not {name!r}")
     cls = {"unipc": FlowUniPC, "euler": FlowEuler, "dpm++": FlowDPMpp2M}[name]
     return cls(int(steps), float(shift), device=device)
 

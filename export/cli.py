@@ -51,7 +51,7 @@ def _preset(args, files) -> str:
 
 def _plan(args, files, **kw):
     """The engine's checked plan (devices, LoRAs against the model, packages), nothing loaded yet."""
-    from ..engine import plan_pretrained, plan_tiny
+    from ..plan import plan_pretrained, plan_tiny
 
     if files is None:
         return plan_tiny(seed=args.seed or 0, device=args.device or "cpu", lora=args.lora,
@@ -159,6 +159,12 @@ def cmd_export_onnx(args) -> int:
     from .onnx_vae import cache_layout, export_vae_decoder_onnx
 
     plan = _plan(args, files, backend="torch", **({} if files is None else {"vae_dtype": "fp32"}))
+    if plan.layout.reference_attention != "joint":  # the graph is forward_tokens: every token attends to every one
+        from ..request import RequestError
+
+        raise RequestError(f"--lora was trained with reference_attention={plan.layout.reference_attention!r}, which the "
+                           "exported DiT graph (joint attention) does not run: serve it with the PyTorch engine "
+                           "(anyid-rt export triton-repo without --onnx / --engines)", "lora")
     print(f"anyid-rt export onnx: {plan.summary()} | parts {','.join(sorted(parts))}, opset {args.opset}"
           + (f", {args.quantize} Q/DQ ({args.quantizer})" if args.quantize != "none" else ""), flush=True)
     t0 = time.perf_counter()

@@ -41,7 +41,9 @@ class GraphDiT:
         return pad_context(self.cfg, context)
 
     def forward_groups(self, latents: Sequence[torch.Tensor], frame_starts: Sequence[int], segments: Segments,
-                       context: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+                       context: torch.Tensor | Sequence[torch.Tensor], block_stack: Callable | None = None) -> torch.Tensor:
+        if block_stack is not None:  # the graph holds the whole block stack: nothing can be skipped or replaced
+            raise ValueError("a step cache (cache=) needs the PyTorch DiT: the exported graph runs every block")
         grid = grid_of(self.cfg, latents[0])
         tokens = self.call(dit_inputs(self.cfg, latents, frame_starts, segments, context))
         return unpatchify(self.cfg, tokens.to(latents[0].device), grid)
@@ -81,6 +83,9 @@ class GraphVAE:
 def graph_engine(base: Engine, dit_call: DiTCall, vae_first: Callable, vae_step: Callable) -> Engine:
     """An Engine sharing `base`'s text encoder, VAE encoder, layout and defaults, with the DiT and the VAE
     decoder replaced by graph calls."""
+    if base.layout.reference_attention != "joint":
+        raise ValueError(f"reference_attention={base.layout.reference_attention!r}: the exported DiT graphs run joint "
+                         "attention only; serve this model with the PyTorch engine (a triton-repo without --onnx / --engines)")
     return Engine(GraphDiT(base.dit.cfg, dit_call), GraphVAE(base.vae, vae_first, vae_step), base.text_encoder,
                   layout=base.layout, defaults=base.defaults, device=base.device)
 

@@ -219,7 +219,7 @@ def test_start_line_load_time_and_progress_bars(tmp_path, capsys, tiny_folder):
     assert lines[0] == (f"anyid-rt generate: model {tiny_folder} (original layout) | device cpu | dtype fp32 (VAE fp32)"
                         " | backend torch (auto), attention unquantised | quantisation none | layout (default): "
                         "placement=after pad_color=(0, 0, 0) max_clip_frames=33 max_references=8 null_reference=black "
-                        "clip_fps=24.0 long_clip=window person_crop=False aux_order=length")
+                        "clip_fps=24.0 long_clip=window person_crop=False aux_order=length reference_attention=joint")
     assert lines[1].startswith("loaded in ") and lines[1].endswith(" s")
     for bar in ("loading DiT", "loading Wan2.2 VAE", "loading umT5 text encoder", "reading references",
                 "encoding references", "denoising", "VAE decode"):

@@ -198,7 +198,7 @@ def test_person_crop_without_opencv_is_refused(monkeypatch):
         prepare_reference(wide_scene(), 64, 64, layout, 0)
     ConditioningLayout().check_requirements()  # nothing needed without the crop
     # a request with references is refused when the engine is planned, before any model loads
-    from anyid_rt.engine import plan_tiny
+    from anyid_rt.plan import plan_tiny
     from anyid_rt.request import GenerationRequest
 
     plan = plan_tiny(layout=layout)

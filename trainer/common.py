@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..conditioning import ConditioningLayout, StepLayout
+from ..reference_kv import isolated_forward
 from ..config import TokenGeometry
 from ..engine import Engine
 from ..files import atomic_path, write_text_atomic
@@ -77,15 +78,19 @@ def check_geometry(engine: Engine, src: ModelSource) -> None:
 
 
 class GroupsForward(nn.Module):
-    """`dit.forward_groups` as a module's forward, so that DistributedDataParallel can wrap it; `sequence`: the
-    same call sharded over a sequence-parallel group (`dist.sequence_parallel`)."""
+    """`dit.forward_groups` as a module's forward, so that DistributedDataParallel can wrap it. `sequence`: the
+    same call sharded over a sequence-parallel group (`dist.sequence_parallel`); `isolated`: the layout's isolated
+    reference attention (anyid_rt/reference_kv.py), trained as the engine runs it. The trainer's preflight refuses
+    the two together."""
 
-    def __init__(self, dit: WanDiT, sequence=None):
+    def __init__(self, dit: WanDiT, sequence=None, isolated: bool = False):
         super().__init__()
-        self.dit, self.sequence = dit, sequence
+        self.dit, self.sequence, self.isolated = dit, sequence, isolated
 
     def forward(self, latents: list[torch.Tensor], frame_starts: list[int], segments: Segments,
                 context: list[torch.Tensor]) -> torch.Tensor:
+        if self.isolated and len(latents) > 1:
+            return isolated_forward(self.dit, latents, frame_starts, segments, context)
         # looked up per call: FSDP2 wraps dit.forward_groups after this module is built
         run = self.dit.forward_groups if self.sequence is None else self.sequence.forward_groups
         return run(latents, frame_starts, segments, context)

@@ -106,7 +106,8 @@ def evaluate_dpo(dit, layout: ConditioningLayout, batcher: DPOBatcher, beta: flo
     for d in range(draws):
         for k in range(len(batcher.data)):
             x0w, x0l, eps, sigma, t, refs, ctx = batcher([k], [0], seed_offset + d, 0, 0)
-            pw, pl, rw, rl = dpo_forward(dit.forward_groups, dit, layout, geometry, add_noise(x0w, eps, sigma),
+            model = GroupsForward(dit, isolated=layout.reference_attention == "isolated")
+            pw, pl, rw, rl = dpo_forward(model, dit, layout, geometry, add_noise(x0w, eps, sigma),
                                          add_noise(x0l, eps, sigma), x0w, x0l, eps, t, refs, ctx)
             logits.append(flow_dpo_loss(pw, pl, rw, rl, beta)[1])
     z = torch.cat(logits)
@@ -146,7 +147,8 @@ def train_dpo(cfg: DPOConfig, *, stop_after: int | None = None) -> LoopResult:
     dit = engine.dit
     dit.gradient_checkpointing = cfg.gradient_checkpointing
     dit.train()
-    model = dist_utils.wrap(GroupsForward(dit, dist_utils.sequence_parallel(dit, info)), info, cfg.sharding)
+    model = dist_utils.wrap(GroupsForward(dit, dist_utils.sequence_parallel(dit, info),
+                                          layout.reference_attention == "isolated"), info, cfg.sharding)
     optimizer, scheduler = make_optimizer(lora_parameters(dit), cfg.optim)
     state = checks.resume
     if state is not None:

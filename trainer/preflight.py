@@ -79,7 +79,8 @@ class Checks:
                  f"{cfg.effective(world)} {unit} per step (paper: 64)"
                  + (", each sample's tokens split over its group" if cfg.sequence_parallel > 1 else ""))
         clips = (f"clips <= {lay.max_clip_frames} frames at {f'{lay.clip_fps:g} fps' if lay.clip_fps else 'their rate'}"
-                 f" ({lay.long_clip}), auxiliaries {lay.aux_order}{', person crop' if lay.person_crop else ''}")
+                 f" ({lay.long_clip}), auxiliaries {lay.aux_order}{', person crop' if lay.person_crop else ''}"
+                 f"{', isolated reference attention' if lay.reference_attention == 'isolated' else ''}")
         return (f"anyid-rt train {stage}: model {model}, device {self.device}{te}, dtype {dtype_name(self.dtype)}, "
                 f"backend {self.backend}, quant none, layout {lay.placement} (pad {list(lay.pad_color)}, {clips}); "
                 f"{data}; {batch}; output {cfg.output_dir}{resume}")
@@ -331,7 +332,17 @@ def check_sft(cfg: SFTConfig, dataset: IDGroupDataset | None = None) -> Checks:
                               f"person boxes in meta.json, so cutting their references needs the face detector: "
                               f"{e}. Install it ({OPENCV_HINT}) or add the boxes to meta.json", d.root) from None
     checks.dataset, checks.layout = dataset, cfg.layout
+    check_isolated_sequence(cfg, checks.layout)
     return checks
+
+
+def check_isolated_sequence(cfg: RunConfig, layout: ConditioningLayout | None) -> None:
+    """Isolated reference attention splits the sequence into target and references, which the Ulysses shards
+    (whole latent frames of the joint sequence) do not follow: refused together until that split is built."""
+    if cfg.sequence_parallel > 1 and layout is not None and layout.reference_attention == "isolated":
+        raise ConfigError("sequence_parallel", "does not combine with layout.reference_attention = \"isolated\" "
+                          "yet; train isolated with sequence_parallel = 1 (data parallel or sharding = \"fsdp\")",
+                          cfg.sequence_parallel)
 
 
 def read_sft_lora(cfg: DPOConfig, linears: dict[str, tuple[int, int]]) -> tuple[LoraWeights, ConditioningLayout | None]:
@@ -368,6 +379,7 @@ def check_dpo(cfg: DPOConfig) -> Checks:
         raise ConfigError("layout", f"differs from the layout the SFT LoRA {cfg.sft_lora} was trained with "
                           f"({sft_layout.to_json()}); remove [layout] to use that one")
     checks.layout = cfg.layout or sft_layout or ConditioningLayout()
+    check_isolated_sequence(cfg, checks.layout)
     check_file("pairs", cfg.pairs, "pairs file (JSONL)")
     if cfg.pairs_root is not None:
         check_folder("pairs_root", cfg.pairs_root)
@@ -399,7 +411,7 @@ class CandidatesChecks:
     read yet); `build_engine` loads the model when a candidate is missing."""
 
     sets: list
-    plan: object  # anyid_rt.engine.EnginePlan
+    plan: object  # anyid_rt.plan.EnginePlan
 
     def build_engine(self):
         from ..engine import Engine
@@ -412,7 +424,7 @@ def check_candidates(opts) -> CandidatesChecks:
     the output folder, the ID groups or sets file, the model or tiny preset with its LoRAs and devices (the
     engine's own plan checks), every set's generation request (sizes, frames, the references' first frames),
     and the evaluator's packages and models. Flag problems are ConfigErrors naming the flag."""
-    from ..engine import plan_pretrained, plan_tiny
+    from ..plan import plan_pretrained, plan_tiny
     from ..request import GenerationRequest
     from .candidates import FLAG_NAMES, CandidatesError, read_sets, sets_from_groups
 

@@ -107,7 +107,8 @@ def train_sft(cfg: SFTConfig, *, stop_after: int | None = None, dataset: IDGroup
     encoders = Encoders(engine.vae, engine.text_encoder, TensorCache(cache_dir if cfg.data.cache else None),
                         info.device)
     batcher = SFTBatcher(cfg, dataset, encoders, info.device)
-    model = dist_utils.wrap(GroupsForward(dit, dist_utils.sequence_parallel(dit, info)), info, cfg.sharding)
+    model = dist_utils.wrap(GroupsForward(dit, dist_utils.sequence_parallel(dit, info),
+                                          cfg.layout.reference_attention == "isolated"), info, cfg.sharding)
     optimizer, scheduler = make_optimizer(lora_parameters(dit), cfg.optim)
     state = checks.resume
     if state is not None:

@@ -20,6 +20,10 @@ class CheckpointError(ValueError):
 
 
 SINGLE_FILE_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+# Name pieces that training wrappers (FSDP, activation checkpointing, torch.compile) insert into a module path and
+# that a checkpoint saved from a wrapped model keeps, e.g. Wan2.2-TI2V-5B-Turbo's model.pt (its repository's
+# convert_checkpoint.py removes the same three): never part of a real parameter name, so removed from every key.
+WRAPPER_PIECES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
 
 def describe_keys(keys: Iterable[str]) -> str:
@@ -45,7 +49,8 @@ class CheckpointReader:
     `path` may be a `.safetensors` file, a `.pth` / `.pt` / `.bin` file (read with
     `torch.load(weights_only=True, mmap=True)`), a `*.safetensors.index.json`, or a folder holding one index
     json, exactly one safetensors file or exactly one torch file (e.g. transformers' `pytorch_model.bin`).
-    `strip_prefixes` removes single-file repack prefixes such as `model.diffusion_model.` from every key.
+    `strip_prefixes` removes single-file repack prefixes such as `model.diffusion_model.` from every key, and the
+    pieces of `WRAPPER_PIECES` are removed wherever they occur.
     """
 
     def __init__(self, path: str | Path, strip_prefixes: Iterable[str] = SINGLE_FILE_PREFIXES):
@@ -64,6 +69,8 @@ class CheckpointReader:
                 if pk.startswith(p):
                     pk = pk[len(p):]
                     break
+            for piece in WRAPPER_PIECES:
+                pk = pk.replace(piece, "")
             if pk in self._raw:
                 raise CheckpointError(f"{self.path}: key {pk!r} appears twice (with and without a prefix)")
             self._raw[pk] = k

@@ -165,6 +165,11 @@ def pad_context(cfg: DiTConfig, context: torch.Tensor | Sequence[torch.Tensor]) 
     return torch.stack(out)
 
 
+# A replacement for `WanDiT.run_blocks`: (x, e, e0, segments, rope, text_kv, ops) -> x, where e [B, S, dim] is the
+# time embedding (what TeaCache measures); anyid_rt/step_cache.py
+BlockStack = Callable[..., torch.Tensor]
+
+
 @dataclass
 class TextKV:
     """Cross-attention keys and values of an embedded, zero-padded text context, one (k, v) per block.
@@ -226,13 +231,15 @@ class SelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(cfg.dim, cfg.dim) for _ in range(4))
         self.norm_q, self.norm_k = NormWeight(cfg.dim), NormWeight(cfg.dim)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ops: DiTOps) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ops: DiTOps,
+                attention: Callable | None = None) -> torch.Tensor:
         # x: [B, L, dim] in the compute dtype (or FP8 rows for FP8 projections, anyid_rt/quant.py)
-        return self.attend(self.q(x), self.k(x), self.v(x), rope, ops)
+        return self.attend(self.q(x), self.k(x), self.v(x), rope, ops, attention)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-               ops: DiTOps) -> torch.Tensor:
-        """The attention of projected q, k, v [B, L, dim] (before the q/k norms), through `o`: [B, L, dim]."""
+               ops: DiTOps, attention: Callable | None = None) -> torch.Tensor:
+        """The attention of projected q, k, v [B, L, dim] (before the q/k norms), through `o`: [B, L, dim].
+        `attention` replaces `ops.attention` on the heads (anyid_rt/reference_kv.py: isolated references)."""
         B, L, _ = q.shape
         H, D, eps = self.cfg.num_heads, self.cfg.head_dim, self.cfg.eps
         # RMSNorm over all heads, then RoPE, in one pass: each token is rotated once, not once per query
@@ -240,7 +247,8 @@ class SelfAttention(nn.Module):
         q = ops.rms_norm_rope(q, self.norm_q.weight, eps, rope, H).view(B, L, H, D)
         k = ops.rms_norm_rope(k, self.norm_k.weight, eps, rope, H).view(B, L, H, D)
         v = v.view(B, L, H, D)
-        attention = ops.attention if ops.sequence_attention is None else ops.sequence_attention
+        if attention is None:  # sequence parallelism wraps the heads' attention in its all-to-alls
+            attention = ops.attention if ops.sequence_attention is None else ops.sequence_attention
         return self.o(attention(q, k, v).reshape(B, L, H * D))  # attention: [B, L, H, D]
 
 
@@ -255,8 +263,9 @@ class FusedSelfAttention(SelfAttention):
         self.qkv = stack_linears([attn.q, attn.k, attn.v])
         self.o, self.norm_q, self.norm_k = attn.o, attn.norm_q, attn.norm_k
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ops: DiTOps) -> torch.Tensor:
-        return self.attend(*self.qkv(x).chunk(3, dim=-1), rope, ops)  # 3 x [B, L, dim], row stride 3*dim
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ops: DiTOps,
+                attention: Callable | None = None) -> torch.Tensor:
+        return self.attend(*self.qkv(x).chunk(3, dim=-1), rope, ops, attention)  # 3 x [B, L, dim], row stride 3*dim
 
     def unfused(self) -> SelfAttention:
         with torch.device("meta"):  # placeholders, replaced below: nothing is allocated
@@ -342,13 +351,13 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, e0: torch.Tensor, segments: SegmentMap,
                 rope: tuple[torch.Tensor, torch.Tensor], text_kv: tuple[torch.Tensor, torch.Tensor],
-                ops: DiTOps) -> torch.Tensor:
+                ops: DiTOps, attention: Callable | None = None) -> torch.Tensor:
         # x: [B, L, dim] fp32 residual stream; e0: [B, S, 6, dim] fp32 per-segment modulation
         eps, cdt = self.cfg.eps, self.cross_attn.compute_dtype
         mod = (self.modulation.float()[:, None] + e0).unbind(2)  # 6 x [B, S, dim]
         shift_sa, scale_sa, gate_sa, shift_ffn, scale_ffn, gate_ffn = mod
         h = ops.layernorm_modulate(x, shift_sa, scale_sa, segments, eps, self.attn_input_dtype or cdt)  # [B, L, dim]
-        x = ops.gated_residual(x, self.self_attn(h, rope, ops), gate_sa, segments)
+        x = ops.gated_residual(x, self.self_attn(h, rope, ops, attention), gate_sa, segments)
         h = ops.layer_norm(x, self.norm3.weight, self.norm3.bias, eps).to(cdt)  # no modulation, no gate
         x = x + self.cross_attn(h, text_kv, ops).float()
         h = ops.layernorm_modulate(x, shift_ffn, scale_ffn, segments, eps, self.ffn_input_dtype or cdt)
@@ -503,27 +512,32 @@ class WanDiT(nn.Module):
         return self.forward_groups([latent], [0], seg, context)
 
     def forward_groups(self, latents: Sequence[torch.Tensor], frame_starts: Sequence[int], segments: Segments,
-                       context: torch.Tensor | Sequence[torch.Tensor] | TextKV) -> torch.Tensor:
+                       context: torch.Tensor | Sequence[torch.Tensor] | TextKV,
+                       block_stack: BlockStack | None = None) -> torch.Tensor:
         """AnyID call: token groups (target first, then references) with their RoPE frame starts, one
         sequence through every block; segments cover all tokens in that order. Returns the velocity of
-        the first group [B, 48, F0, h0, w0] fp32."""
+        the first group [B, 48, F0, h0, w0] fp32. `block_stack` replaces `run_blocks` (a step cache)."""
         cfg = self.cfg
         grids = group_grids(cfg, latents, frame_starts, segments)
         B, device = latents[0].shape[0], latents[0].device
         text_kv = context if isinstance(context, TextKV) else self.prepare_text(context)
         if text_kv.batch != B:
             raise ValueError(f"context batch {text_kv.batch} != latent batch {B}")
+        if block_stack is not None and self.step_graphs is not None:
+            raise ValueError("a step cache decides per step whether the blocks run, which a CUDA graph of the whole "
+                             "step cannot; use compile=True (not 'cudagraphs') with a cache")
         run = self.forward_tokens if self.step_graphs is None else self.step_graphs
         out = run(
             torch.cat([patchify(cfg, z) for z in latents], dim=1),  # [B, L, in_dim*pt*ph*pw]
             sinusoidal_embedding(segments.t.to(device), cfg.freq_dim),  # [B, S, freq_dim]
-            self.segment_map(segments.lens, device), self.rope(grids, frame_starts, device), text_kv)
+            self.segment_map(segments.lens, device), self.rope(grids, frame_starts, device), text_kv,
+            **({} if block_stack is None else {"block_stack": block_stack}))
         f0, h0, w0 = grids[0]
         return unpatchify(cfg, out[:, :f0 * h0 * w0], grids[0])  # the target group's tokens
 
     def forward_tokens(self, patches: torch.Tensor, t_freq: torch.Tensor, segments: SegmentMap,
                        rope: tuple[torch.Tensor, torch.Tensor], text: TextKV | torch.Tensor,
-                       ops: DiTOps | None = None) -> torch.Tensor:
+                       ops: DiTOps | None = None, block_stack: BlockStack | None = None) -> torch.Tensor:
         """The forward on tensors only, every host-side decision of a call already in its inputs:
 
         patches [B, L, in_dim*pt*ph*pw]  patchified latents of every group, in sequence order (`patchify`)
@@ -534,6 +548,8 @@ class WanDiT(nn.Module):
         text                             per-block cross-attention K/V (`prepare_text`, once per prompt), or
                                          the zero-padded context [B, text_len, text_dim], embedded here
         ops                              this model's ops unless given (the export traces the torch references)
+        block_stack                      runs the blocks instead of `run_blocks` (same arguments plus the time
+                                         embedding e): a step cache that may reuse a residual
 
         Returns the velocity tokens [B, L, pt*ph*pw*out_dim] fp32 of every token, (pt, ph, pw, C) order.
         """
@@ -544,12 +560,24 @@ class WanDiT(nn.Module):
         e = _linear_fp32(self.time_embedding[2], F.silu(_linear_fp32(self.time_embedding[0], t_freq)))
         e0 = _linear_fp32(self.time_projection[1], F.silu(e)).unflatten(2, (6, cfg.dim))
         text_kv = text if isinstance(text, TextKV) else self.embed_text(text, ops)
-        for i, block in enumerate(self.blocks):
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, e0, segments, rope, text_kv.kv[i], ops, use_reentrant=False)
-            else:
-                x = block(x, e0, segments, rope, text_kv.kv[i], ops)
+        if block_stack is None:
+            x = self.run_blocks(x, e0, segments, rope, text_kv, ops)
+        else:
+            x = block_stack(x, e, e0, segments, rope, text_kv, ops)
         return self.head(x, e, segments, ops)
+
+    def run_blocks(self, x: torch.Tensor, e0: torch.Tensor, segments: SegmentMap,
+                   rope: tuple[torch.Tensor, torch.Tensor], text_kv: TextKV, ops: DiTOps,
+                   attention_for: Callable[[int], Callable] | None = None) -> torch.Tensor:
+        """Every block over the residual stream x [B, L, dim] fp32 (e0 [B, S, 6, dim]); returns the new stream.
+        `attention_for(i)` gives block i's self-attention on the heads (default `ops.attention`)."""
+        for i, block in enumerate(self.blocks):
+            att = None if attention_for is None else attention_for(i)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, e0, segments, rope, text_kv.kv[i], ops, att, use_reentrant=False)
+            else:
+                x = block(x, e0, segments, rope, text_kv.kv[i], ops, att)
+        return x
 
 
 def _linear_fp32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:

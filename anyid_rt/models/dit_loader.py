@@ -15,7 +15,7 @@ import torch
 
 from ..config import DiTConfig, parse_dtype
 from ..kernels import resolve_backend
-from .checkpoint import CheckpointError, CheckpointReader, describe_keys, load_into
+from .checkpoint import SINGLE_FILE_PREFIXES, CheckpointError, CheckpointReader, describe_keys, load_into
 from .dit import WanDiT
 
 WAN_HEAD_DIM = 128
@@ -154,7 +154,8 @@ def keep_fp32(name: str) -> bool:
 
 def _open(path: str | Path):
     path = _resolve_path(Path(path))
-    reader = CheckpointReader(path)
+    # `model.`: the prefix of a DiT saved from a training wrapper's state dict (Wan2.2-TI2V-5B-Turbo's model.pt)
+    reader = CheckpointReader(path, strip_prefixes=SINGLE_FILE_PREFIXES + ("model.",))
     layout = detect_layout(reader.keys(), reader.file)
     return path, reader, (diffusers_to_original if layout == "diffusers" else (lambda k: k)), layout
 
