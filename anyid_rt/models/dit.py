@@ -247,8 +247,7 @@ class SelfAttention(nn.Module):
         q = ops.rms_norm_rope(q, self.norm_q.weight, eps, rope, H).view(B, L, H, D)
         k = ops.rms_norm_rope(k, self.norm_k.weight, eps, rope, H).view(B, L, H, D)
         v = v.view(B, L, H, D)
-        if attention is None:  # sequence parallelism wraps the heads' attention in its all-to-alls
-            attention = ops.attention if ops.sequence_attention is None else ops.sequence_attention
+        attention = attention or ops.sequence_attention or ops.attention  # sequence parallelism: all-to-alls around it
         return self.o(attention(q, k, v).reshape(B, L, H * D))  # attention: [B, L, H, D]
 
 
