@@ -146,6 +146,8 @@ class EnginePlan:
         `probe_media` also decodes the first frame of every reference / image file and finds an H.264 encoder
         when the request writes a video, so that a broken file fails before the model loads."""
         r = request.check(self.geometry, self.defaults, names, max_references=self.layout.max_references)
+        if r.cache is not None:  # a step cache needs this model's curves: refused before the model loads
+            step_cache_for(r, self.cache_calibration, self.cache_path, 1, 0, False)
         if probe_media:
             probe_request_media(r, names)
         if r.references:  # e.g. a layout with person_crop and no OpenCV: refused before the model loads
