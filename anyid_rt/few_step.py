@@ -115,14 +115,15 @@ def find_few_step(folder: Path, dit: Path | None = None) -> FewStepModel | None:
     """The few-step schedule a model folder (and a DiT file given in place of its own) says it runs, or None.
 
     In order: an `anyid_sampling.json` beside the DiT or in the folder; Turbo's published DiT file (`model.pt` in
-    a folder whose name holds "turbo"); a folder named after FastWan2.2-TI2V-5B (the name is all that marks it,
-    as in FastVideo's registry)."""
+    a folder whose path holds "turbo" and "ti2v-5b"); a folder whose path names FastWan2.2-TI2V-5B (the name is all
+    that marks it, as in FastVideo's registry)."""
     places = [p for p in (dit.parent if dit is not None and dit.is_file() else dit, folder) if p is not None]
     for place in places:
         if (place / SAMPLING_FILE).is_file():
             return read_sampling_file(place / SAMPLING_FILE)
     for place in places:
-        name = place.resolve().name.lower()
+        # every component of the path: a Hugging Face cache holds a model under models--Org--Name/snapshots/<hash>
+        name = "/".join(place.absolute().parts).lower()
         if "turbo" in name and "ti2v-5b" in name and (place / TURBO_WEIGHTS).is_file():
             return WAN22_TI2V_5B_TURBO
         if "fastwan2.2-ti2v-5b" in name:

@@ -27,7 +27,7 @@ from .models.vae_tiling import VAETiling
 from .quant import check_fp8_device
 from .request import (TINY_DEFAULTS, Defaults, GenerationRequest, ModelFiles, RequestError,
                       check_input_file, defaults_for, require_packages, show)
-from .step_cache import CacheCalibration, calibration_path, find_calibration
+from .step_cache import CacheCalibration, calibration_path, find_calibration, step_cache_for
 
 QUANT_MODES = (None, "fp8")  # fp8: E4M3 linear layers in the DiT blocks (anyid_rt.quant)
 # the umT5 text encoder's packages (the `text` extra), {module: pip package}; ftfy cleans every prompt
@@ -105,6 +105,8 @@ class EnginePlan:
         `probe_media` also decodes the first frame of every reference / image file and finds an H.264 encoder
         when the request writes a video, so that a broken file fails before the model loads."""
         r = request.check(self.geometry, self.defaults, names, max_references=self.layout.max_references)
+        if r.cache is not None:  # a step cache needs this model's curves: refused before the model loads
+            step_cache_for(r, self.cache_calibration, self.cache_path, 1, 0, False)
         if probe_media:
             probe_request_media(r, names)
         if r.references:  # e.g. a layout with person_crop and no OpenCV: refused before the model loads

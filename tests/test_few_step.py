@@ -153,5 +153,9 @@ def test_sampling_file_and_published_constants(tmp_path):
     (tmp_path / SAMPLING_FILE).write_text('{"sampler": "dmd", "timesteps": [500, 999]}')
     with pytest.raises(RequestError, match="strictly decreasing"):
         find_few_step(tmp_path)
+    snapshot = tmp_path / "hub" / "models--FastVideo--FastWan2.2-TI2V-5B-FullAttn-Diffusers" / "snapshots" / "0a1b"
+    snapshot.mkdir(parents=True)
+    assert find_few_step(snapshot) is FASTWAN22_TI2V_5B  # a Hugging Face cache names the model above the snapshot
+    assert find_few_step(tmp_path / "hub") is None
     assert FASTWAN22_TI2V_5B.timesteps == (1000, 757, 522) and FASTWAN22_TI2V_5B.shift == 5.0
     assert WAN22_TI2V_5B_TURBO.timesteps == (1000, 750, 500, 250) and WAN22_TI2V_5B_TURBO.shift == 1.0

@@ -68,8 +68,6 @@ def test_cached_engine_equals_uncached_isolated_generation(isolated, extra):
     assert cached.stats["reference_passes"] == 1 and full.stats["reference_passes"] == 0
     assert cached.stats["dit_forwards"] == full.stats["dit_forwards"]
     torch.testing.assert_close(cached.latents, full.latents, rtol=1e-5, atol=2e-5)
-    joint = Engine.tiny(seed=0).generate("A man waves.", references=REFS, seed=3, **KW, **extra)
-    assert (joint.latents - cached.latents).abs().max() > 1e-3
 
 
 def test_cached_engine_with_references_placed_before_and_a_step_cache():

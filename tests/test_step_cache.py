@@ -161,6 +161,9 @@ def test_cli_cache_and_calibrate(tmp_path, capsys):
     assert main(["generate", "--tiny", "--prompt", "A woman.", "--sampler", "dmd", "--timesteps", "1000,1000",
                  "--out", out, "--height", "64"]) == 2
     assert "--timesteps must be strictly decreasing" in capsys.readouterr().err
+    assert main(["generate", "--tiny", "--prompt", "A woman.", "--cache", "teacache", "--out", out, *small]) == 2
+    text = capsys.readouterr()
+    assert "anyid-rt calibrate-cache" in text.err and "loaded in" not in text.out  # refused before loading
     assert main(["calibrate-cache", "--tiny", "--prompt", "A woman.", "--prompt", "A man.", "--out",
                  str(tmp_path / "cal.json"), "--no-progress", *small]) == 0
     assert CacheCalibration.load(tmp_path / "cal.json").steps == 6
