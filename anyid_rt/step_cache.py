@@ -108,38 +108,11 @@ class CacheCalibration:
             raise ValueError(f"{path}: not a cache calibration written by anyid-rt calibrate-cache ({e})") from e
 
 
-def _pairs(flat: Sequence[float]) -> tuple[tuple[float, float], ...]:
-    """MagCache's interleaved (cond, uncond) list without its first step, with γ_0 = 1 put back."""
-    return ((1.0, 1.0),) + tuple(zip(flat[0::2], flat[1::2]))
-
-
-# MagCache4Wan2.2/magcache_generate.py, TI2V-5B, 50 steps: text-to-video and image-to-video ratios (the reference
-# code prepends [1.0, 1.0] for step 0, as `_pairs` does)
-_MAG_T2V = (0.99505, 0.99389, 0.99441, 0.9957, 0.99558, 0.99551, 0.99499, 0.9945, 0.99534, 0.99548, 0.99468, 0.9946,
-            0.99463, 0.99458, 0.9946, 0.99453, 0.99408, 0.99404, 0.9945, 0.99441, 0.99409, 0.99398, 0.99403, 0.99397,
-            0.99382, 0.99377, 0.99349, 0.99343, 0.99377, 0.99378, 0.9933, 0.99328, 0.99303, 0.99301, 0.99217, 0.99216,
-            0.992, 0.99201, 0.99201, 0.99202, 0.99133, 0.99132, 0.99112, 0.9911, 0.99155, 0.99155, 0.98958, 0.98957,
-            0.98959, 0.98958, 0.98838, 0.98835, 0.98826, 0.98825, 0.9883, 0.98828, 0.98711, 0.98709, 0.98562, 0.98561,
-            0.98511, 0.9851, 0.98414, 0.98412, 0.98284, 0.98282, 0.98104, 0.98101, 0.97981, 0.97979, 0.97849, 0.97849,
-            0.97557, 0.97554, 0.97398, 0.97395, 0.97171, 0.97166, 0.96917, 0.96913, 0.96511, 0.96507, 0.96263, 0.96257,
-            0.95839, 0.95835, 0.95483, 0.95475, 0.94942, 0.94936, 0.9468, 0.94678, 0.94583, 0.94594, 0.94843, 0.94872,
-            0.96949, 0.97015)
-_MAG_I2V = (0.99512, 0.99559, 0.99559, 0.99561, 0.99595, 0.99577, 0.99512, 0.99512, 0.99546, 0.99534, 0.99543, 0.99531,
-            0.99496, 0.99491, 0.99504, 0.99499, 0.99444, 0.99449, 0.99481, 0.99481, 0.99435, 0.99435, 0.9943, 0.99431,
-            0.99411, 0.99406, 0.99373, 0.99376, 0.99413, 0.99405, 0.99363, 0.99359, 0.99335, 0.99331, 0.99244, 0.99243,
-            0.99229, 0.99229, 0.99239, 0.99236, 0.99163, 0.9916, 0.99149, 0.99151, 0.99191, 0.99192, 0.9898, 0.98981,
-            0.9899, 0.98987, 0.98849, 0.98849, 0.98846, 0.98846, 0.98861, 0.98861, 0.9874, 0.98738, 0.98588, 0.98589,
-            0.98539, 0.98534, 0.98444, 0.98439, 0.9831, 0.98309, 0.98119, 0.98118, 0.98001, 0.98, 0.97862, 0.97859,
-            0.97555, 0.97558, 0.97392, 0.97388, 0.97152, 0.97145, 0.96871, 0.9687, 0.96435, 0.96434, 0.96129, 0.96127,
-            0.95639, 0.95638, 0.95176, 0.95175, 0.94446, 0.94452, 0.93972, 0.93974, 0.93575, 0.9359, 0.93537, 0.93552,
-            0.96655, 0.96616)
-PUBLISHED_TI2V_5B = CacheCalibration(
-    steps=50, mag_ratios=_pairs(_MAG_T2V), mag_ratios_image=_pairs(_MAG_I2V),
-    # LightX2V wan_ti2v_tea_720p.json "coefficients"[1] (use_ret_steps false)
-    tea_coefficients=(1.57472669e+05, -1.15702395e+05, 3.10761669e+04, -3.83116651e+03, 2.21608777e+02,
-                      -4.81179567e+00),
-    source="published for Wan2.2-TI2V-5B: MagCache4Wan2.2 (Zehong-Ma/MagCache@df81cb1), TeaCache coefficients "
-           "from LightX2V (ModelTC/LightX2V@f8aee98)")
+# Published for Wan2.2-TI2V-5B, 50 steps (the file's "source" cites them): MagCache's text-to-video and
+# image-to-video ratios (MagCache4Wan2.2/magcache_generate.py, with gamma_0 = 1 for step 0 as the reference code
+# prepends it) and LightX2V's TeaCache coefficients (wan_ti2v_tea_720p.json "coefficients"[1], use_ret_steps
+# false), shipped in the format `anyid-rt calibrate-cache` writes
+PUBLISHED_TI2V_5B = CacheCalibration.load(Path(__file__).resolve().parent / "assets" / "cache_ti2v_5b.json")
 
 
 # ---------------------------------------------------------------------------------------------------------------
