@@ -28,7 +28,7 @@ EXPRESSIONS = ("smiling", "frown", "surprised")
 ATTRIBUTES = ("shape", "skin", "eyes", "mark")  # identity: from the references only
 ELEMENT_HEADS = ("background", "shot", "expression")  # per frame; action comes from the displacement
 _DIRS = {"moving left": (-1, 0), "moving right": (1, 0), "moving up": (0, -1), "moving down": (0, 1), "still": (0, 0)}
-_OUTLINE, _FEATURE, _MARK = (0, 0, 0), (90, 0, 0), (40, 40, 40)
+_OUTLINE, _FEATURE, _MARK = (0, 0, 0), (0, 0, 170), (40, 40, 40)  # mouth: dark blue, far from the outline and every skin
 _RADIUS = {"close": 0.29, "wide": 0.2}  # head radius as a share of the frame
 STEP = 1 / 7  # motion per latent frame, as a share of the frame
 
@@ -167,7 +167,7 @@ def render_sprites(E: int, ident: np.ndarray, bg: np.ndarray, shot: np.ndarray, 
     mouth = np.select([e_ == 0, e_ == 1],
                       [((abs(mx) == 2) & (my == 0)) | ((abs(mx) <= 1) & (my == 1)),
                        ((abs(mx) == 2) & (my == 1)) | ((abs(mx) <= 1) & (my == 0))],
-                      (abs(mx) <= 1) & (abs(my) <= 1) & ~((mx == 0) & (my == 0)))
+                      (abs(mx) <= 1) & (abs(my) <= 1))  # surprised: an open mouth, a filled 3x3 block
     img[mouth] = _FEATURE
     return img
 
@@ -218,6 +218,7 @@ class Case:
     differential: str  # relative to the primary reference's clip (face form), as the trainer builds it
     seed: int
     swap: int
+    primary_background: int  # the primary reference's background (copy-paste guard)
 
 
 def _crop_png(frames: np.ndarray, box, path: Path) -> None:
@@ -254,7 +255,7 @@ def write_world(root: str | Path, cfg: WorldConfig, eval_cases: int, pair_inputs
                 faces = [head_box(cfg, e, tuple(starts[j] + k * d), ids[i][0]) for k in lat]
                 meta.append({"file": f"clip_{j}.mp4", "description": e.description(), "face_boxes": faces,
                              "person_boxes": [person_box(cfg, f) for f in faces], "num_frames": cfg.frames,
-                             "height": cfg.size, "width": cfg.size, "fps": cfg.fps})
+                             "height": cfg.size, "width": cfg.size, "fps": cfg.fps, "toy_elements": asdict(e)})
                 descriptions[i].append((e, faces[0], clip[0]))
             (folder / "meta.json").write_text(json.dumps({"id": f"id_{i:03d}", "clips": meta}, indent=1))
     similarity = make_similarity("jaccard")
@@ -276,7 +277,7 @@ def write_world(root: str | Path, cfg: WorldConfig, eval_cases: int, pair_inputs
                 other = first + (c + 1) % n
             cases.append(Case(len(cases), split_name, ids[i], names, target, format_prompt(target.description()),
                               differential_prompt(ea.description(), target.description(), similarity, None, "face"),
-                              int(rng.integers(2 ** 31)), other))
+                              int(rng.integers(2 ** 31)), other, ea.background))
     lines = [json.dumps({**asdict(c), "identity_index": ids.index(c.identity)}) for c in cases]
     (root / "cases.jsonl").write_text("".join(x + "\n" for x in lines))
     return {"identities": len(ids), "train": len(train), "unseen": len(unseen), "cases": len(cases)}
