@@ -119,7 +119,7 @@ def build_dpo(cfg: DPOConfig, info: dist_utils.DistInfo, checks: Checks | None =
     """Engine with the SFT LoRA merged and a fresh LoRA injected, the pair data and the batcher (after the
     config's checks, `preflight.check_dpo`, unless they are given). `engine`: a built base engine to use instead
     of the model cfg.model names (its DiT is changed in place)."""
-    checks = checks or check_dpo(cfg)
+    checks = checks or check_dpo(cfg, None if engine is None else engine.dit)
     engine = engine or build_engine(cfg.model, checks.dtype, info.device, cfg.layout)
     check_geometry(engine, cfg.model)
     if checks.sft_lora is not None:
@@ -137,7 +137,7 @@ def train_dpo(cfg: DPOConfig, *, stop_after: int | None = None, engine: Engine |
     """Run (or resume) Flow-DPO; the LoRA lands in OUTPUT/lora.safetensors (apply it after the SFT LoRA).
     The config is checked completely before any model is loaded (`preflight.check_dpo`). `engine`: a built base
     engine instead of the model cfg.model names (the LoRA metadata then names it, `engine_name`)."""
-    checks = check_dpo(cfg)
+    checks = check_dpo(cfg, None if engine is None else engine.dit)
     info = dist_utils.init_distributed(cfg.model.device)
     out = Path(cfg.output_dir)
     if info.is_main:

@@ -91,7 +91,7 @@ def train_sft(cfg: SFTConfig, *, stop_after: int | None = None, dataset: IDGroup
     settings must match cfg.data). `engine` replaces the model cfg.model names (e.g. the toy identity world's,
     `anyid_rt.trainer.toy`); its DiT receives the LoRA, and the LoRA metadata names it (`engine_name`).
     """
-    checks = check_sft(cfg, dataset)
+    checks = check_sft(cfg, dataset, None if engine is None else engine.dit)
     info = dist_utils.init_distributed(cfg.model.device)
     out = Path(cfg.output_dir)
     if info.is_main:

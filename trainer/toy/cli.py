@@ -32,8 +32,13 @@ def _run(args):
 
 
 def cmd_toy(args) -> int:
+    from .run import STAGES
+
     run = _run(args)
     stage = args.toy_command
+    if stage in STAGES:  # the stages before it first (each skipped when its cached output is current)
+        for before in STAGES[:STAGES.index(stage)]:
+            getattr(run, {"eval": "evaluate"}.get(before, before))()
     if stage == "world":
         result = run.world()
     elif stage == "evaluator":

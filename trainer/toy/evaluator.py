@@ -23,7 +23,7 @@ from .codec import effective_frames
 
 @dataclass(frozen=True)
 class EvaluatorConfig:
-    steps: int = 1200
+    steps: int = 2500
     batch: int = 64
     lr: float = 3e-3
     seed: int = 1000  # renders from a seed the world (seed 0..) does not use
@@ -115,7 +115,7 @@ def augment(x: torch.Tensor, rng: np.random.Generator, max_sigma: float = 0.15) 
     n = x.shape[0]
     g = torch.Generator().manual_seed(int(rng.integers(2 ** 31)))
     soft = torch.from_numpy(rng.random(n) < 0.2)[:, None, None, None]
-    x = torch.where(soft, 0.8 * x + 0.2 * _blur(x, 3), x)
+    x = torch.where(soft, 0.85 * x + 0.15 * _blur(x, 3), x)
     x = (x + 1) * torch.from_numpy(rng.uniform(0.95, 1.05, n)).float()[:, None, None, None] - 1
     sigma = torch.from_numpy(rng.uniform(0, max_sigma, n)).float()[:, None, None, None]
     return (x + sigma * torch.randn(x.shape, generator=g)).clamp(-1, 1)

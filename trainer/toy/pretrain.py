@@ -105,7 +105,7 @@ def pretrain(world: W.WorldConfig, dit_cfg: DiTConfig, cfg: PretrainConfig, out:
             torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
             optimizer.step()
             scheduler.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             if (step + 1) % 25 == 0 or step + 1 == cfg.steps:
                 w.writerow([step + 1, f"{np.mean(losses[-25:]):.5f}", f"{scheduler.get_last_lr()[0]:.3g}",
                             f"{time.perf_counter() - t0:.1f}"])

@@ -92,7 +92,7 @@ def preset(name: str) -> ToyPreset:
         return ToyPreset(
             "smoke", W.WorldConfig(size=64, eyes=1, marks=1, clips_per_identity=3), SMOKE_DIT,
             EvaluatorConfig(steps=500, gate_samples=128, gate_clean=0.8, gate_noisy=0.8),  # CI sanity gates only
-            PretrainConfig(steps=120, batch=8, warmup=10, shift=1.5),
+            PretrainConfig(steps=200, batch=8, lr=2e-3, warmup=10, shift=1.5),
             SFTSettings(steps=40, chunk=20, batch=4, rank=16, max_references=1, form_weights=(2.0, 1.0, 0.0),
                         gap_pairs=4),
             PairsConfig(inputs=4, candidates=3, id_margin=0.0, prompt_margin=0.0),

@@ -18,7 +18,7 @@ import numpy as np
 SHAPES = ("circle", "square", "diamond", "triangle")
 SKINS = {"white": (245, 245, 245), "cyan": (60, 220, 220), "pink": (250, 130, 200), "orange": (255, 120, 0),
          "brown": (120, 70, 30), "lime": (170, 250, 120)}
-EYES = ("small", "wide", "bars", "big")
+EYES = ("small", "slit", "bars", "big")  # not "wide": that is a shot word in every prompt
 MARKS = ("none", "stripe", "spots")
 BACKGROUNDS = {"red": (200, 40, 40), "green": (40, 160, 40), "blue": (40, 60, 200), "yellow": (220, 200, 40),
                "purple": (140, 40, 160), "gray": (128, 128, 128)}
@@ -29,7 +29,7 @@ ATTRIBUTES = ("shape", "skin", "eyes", "mark")  # identity: from the references 
 ELEMENT_HEADS = ("background", "shot", "expression")  # per frame; action comes from the displacement
 _DIRS = {"moving left": (-1, 0), "moving right": (1, 0), "moving up": (0, -1), "moving down": (0, 1), "still": (0, 0)}
 _OUTLINE, _FEATURE, _MARK = (0, 0, 0), (0, 0, 170), (40, 40, 40)  # mouth: dark blue, far from the outline and every skin
-_RADIUS = {"close": 0.29, "wide": 0.2}  # head radius as a share of the frame
+_RADIUS = {"close": 0.29, "wide": 0.22}  # head radius as a share of the frame
 STEP = 1 / 7  # motion per latent frame, as a share of the frame
 
 
