@@ -33,7 +33,7 @@ from .pretrain import PretrainConfig, pretrain
 from .reliance import held_out, reliance
 
 STAGES = ("world", "evaluator", "pretrain", "sft", "pairs", "dpo", "eval")
-VERSION = 1  # bump when a stage's code changes what it writes (invalidates cached stages)
+VERSION = 2  # bump when a stage's code changes what it writes (invalidates cached stages)
 
 
 @dataclass(frozen=True)

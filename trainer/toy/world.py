@@ -158,7 +158,7 @@ def render_sprites(E: int, ident: np.ndarray, bg: np.ndarray, shot: np.ndarray, 
                         (abs(ex) <= 1) & (abs(oy) <= 1))
         img[eye] = _OUTLINE
     mark = ident[:, 3][:, None, None]
-    mark_row = np.floor(cy - 0.65 * r).astype(int)[:, None, None]
+    mark_row = np.floor(cy - 0.55 * r).astype(int)[:, None, None]  # wide enough on a diamond's top
     on_row = (iy == mark_row) & head
     spots = on_row & (abs(ix - col) <= 2) & ((ix - col) % 2 == 0)
     img[np.where(mark == 1, on_row, np.where(mark == 2, spots, False))] = _MARK
