@@ -207,12 +207,6 @@ def score_video(model: ToyEvaluator, frames: torch.Tensor, identity: tuple[int, 
             "background_pred": int(probs["background"].argmax(1)[0])}
 
 
-def attributes_of(model: ToyEvaluator, frames: torch.Tensor) -> dict[str, list[int]]:
-    """The predicted identity attribute values per latent frame (for the swapped-reference check)."""
-    logits, _ = model(effective_frames(frames))
-    return {a: logits[a].argmax(1).tolist() for a in W.ATTRIBUTES if a in logits}
-
-
 def chance_id_acc(world: W.WorldConfig) -> float:
     """Chance level of `id_acc`: the mean over the scored attributes of 1 / (number of values)."""
     n = [c for c in world.counts if c > 1]
@@ -220,4 +214,4 @@ def chance_id_acc(world: W.WorldConfig) -> float:
 
 
 __all__ = ["EvaluatorConfig", "ToyEvaluator", "train_evaluator", "gates", "score_video", "head_sizes",
-           "render_valid", "render_invalid", "fingerprint", "chance_id_acc", "attributes_of"]
+           "render_valid", "render_invalid", "fingerprint", "chance_id_acc"]

@@ -78,8 +78,7 @@ class Elements:
     shot: int
     expression: int
 
-    def description(self) -> dict[str, str]:
-        """The seven AnyID elements (hairstyle, clothes and accessory empty: `similarity("", "") = 1` drops them)."""
+    def description(self) -> dict[str, str]:  # hairstyle, clothes, accessory empty: similarity("", "") = 1 drops them
         return {"shot type": f"{SHOTS[self.shot]} shot", "hairstyle": "", "clothes": "", "accessory": "",
                 "expression": EXPRESSIONS[self.expression], "action": ACTIONS[self.action],
                 "background": list(BACKGROUNDS)[self.background]}
