@@ -33,7 +33,7 @@ from .pretrain import PretrainConfig, pretrain
 from .reliance import held_out, reliance
 
 STAGES = ("world", "evaluator", "pretrain", "sft", "pairs", "dpo", "eval")
-VERSION = 2  # bump when a stage's code changes what it writes (invalidates cached stages)
+VERSION = 3  # bump when a stage's code changes what it writes (invalidates cached stages)
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ def preset(name: str) -> ToyPreset:
             EvalSettings(cases=8, base=8, swap=4, null=4, steps=6, sheet=4))
     if name == "bench":
         return ToyPreset("bench", W.WorldConfig(), TOY_DIT, EvaluatorConfig(),
-                         PretrainConfig(steps=3000, batch=16, shift=1.5), SFTSettings(steps=1500),
+                         PretrainConfig(steps=6000, batch=16, shift=1.5), SFTSettings(steps=1500),
                          PairsConfig(), DPOSettings())
     raise ValueError(f"unknown toy preset {name!r}; choose smoke or bench")
 

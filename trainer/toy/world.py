@@ -28,7 +28,8 @@ EXPRESSIONS = ("smiling", "frown", "surprised")
 ATTRIBUTES = ("shape", "skin", "eyes", "mark")  # identity: from the references only
 ELEMENT_HEADS = ("background", "shot", "expression")  # per frame; action comes from the displacement
 _DIRS = {"moving left": (-1, 0), "moving right": (1, 0), "moving up": (0, -1), "moving down": (0, 1), "still": (0, 0)}
-_OUTLINE, _FEATURE, _MARK = (0, 0, 0), (0, 0, 170), (40, 40, 40)  # mouth: dark blue, far from the outline and every skin
+# mouth dark blue and mark red: far from the black outline, from each other and from every skin colour
+_OUTLINE, _FEATURE, _MARK = (0, 0, 0), (0, 0, 170), (230, 0, 0)
 _RADIUS = {"close": 0.29, "wide": 0.22}  # head radius as a share of the frame
 STEP = 1 / 7  # motion per latent frame, as a share of the frame
 
@@ -107,7 +108,7 @@ def split(cfg: WorldConfig) -> tuple[list[int], list[int]]:
     raise ValueError(f"no split of {len(ids)} identities keeps every attribute value in training")
 
 
-def random_elements(rng: np.random.Generator) -> Elements:
+def random_elements(rng: np.random.Generator) -> Elements:  # uniform over every element's values
     return Elements(int(rng.integers(len(BACKGROUNDS))), int(rng.integers(len(ACTIONS))),
                     int(rng.integers(len(SHOTS))), int(rng.integers(len(EXPRESSIONS))))
 
@@ -126,8 +127,7 @@ def start_position(rng: np.random.Generator, e: Elements, E: int) -> tuple[float
 def render_sprites(E: int, ident: np.ndarray, bg: np.ndarray, shot: np.ndarray, expr: np.ndarray,
                    cx: np.ndarray, cy: np.ndarray) -> np.ndarray:
     """N frames at effective resolution, vectorised: ident [N, 4] value indices, the others [N]. uint8 [N, E, E, 3]."""
-    N = len(cx)
-    r = np.array([_RADIUS[s] for s in SHOTS])[shot] * E
+    N, r = len(cx), np.array([_RADIUS[s] for s in SHOTS])[shot] * E  # head radius per frame
     py, px = np.mgrid[0:E, 0:E]
     px, py = px[None] + 0.5, py[None] + 0.5  # pixel centres [1, E, E]
     dx, dy = (px - cx[:, None, None]) / r[:, None, None], (py - cy[:, None, None]) / r[:, None, None]
@@ -147,7 +147,7 @@ def render_sprites(E: int, ident: np.ndarray, bg: np.ndarray, shot: np.ndarray, 
     ix, iy = np.floor(px).astype(int), np.floor(py).astype(int)
     col = np.floor(cx).astype(int)[:, None, None]
     ox = np.maximum(np.round(0.38 * r), 2).astype(int)[:, None, None]
-    eye_row = np.floor(cy - 0.25 * r).astype(int)[:, None, None]
+    eye_row = np.floor(cy - 0.15 * r).astype(int)[:, None, None]  # >= 2 rows below the mark row
     oy = iy - eye_row
     for side in (-1, 1):
         ex = ix - (col + side * ox)
@@ -161,7 +161,7 @@ def render_sprites(E: int, ident: np.ndarray, bg: np.ndarray, shot: np.ndarray, 
     on_row = (iy == mark_row) & head
     spots = on_row & (abs(ix - col) <= 2) & ((ix - col) % 2 == 0)
     img[np.where(mark == 1, on_row, np.where(mark == 2, spots, False))] = _MARK
-    mx, my = ix - col, iy - np.floor(cy + 0.4 * r).astype(int)[:, None, None]
+    mx, my = ix - col, iy - np.floor(cy + 0.45 * r).astype(int)[:, None, None]
     e_ = expr[:, None, None]
     mouth = np.select([e_ == 0, e_ == 1],
                       [((abs(mx) == 2) & (my == 0)) | ((abs(mx) <= 1) & (my == 1)),
