@@ -232,7 +232,8 @@ class ToyRun:
             cases = W.read_cases(self.dir("world"), "train")
             return make_pairs(engine, self.load_evaluator(), self.p.world, self.dir("world"), cases, self.p.pairs, d,
                               self.log)
-        return self.stage("pairs", self.p.pairs, ("world", "evaluator", "sft"), run)
+        sampling = {"steps": self.p.eval.steps, "guidance": self.p.eval.guidance}  # the candidates' sampler
+        return self.stage("pairs", {"pairs": asdict(self.p.pairs), **sampling}, ("world", "evaluator", "sft"), run)
 
     def dpo_config(self, out: Path) -> DPOConfig:
         p, s = self.p, self.p.dpo
