@@ -100,8 +100,8 @@ def preset(name: str) -> ToyPreset:
             EvalSettings(cases=8, base=8, swap=4, null=4, steps=6, sheet=4))
     if name == "bench":
         return ToyPreset("bench", W.WorldConfig(), TOY_DIT, EvaluatorConfig(),
-                         PretrainConfig(steps=6000, batch=16, shift=1.5), SFTSettings(steps=1500),
-                         PairsConfig(), DPOSettings())
+                         PretrainConfig(steps=4000, batch=16, shift=1.5), SFTSettings(steps=1000, chunk=250),
+                         PairsConfig(), DPOSettings(steps=300))
     raise ValueError(f"unknown toy preset {name!r}; choose smoke or bench")
 
 
