@@ -1,9 +1,10 @@
 """The toy engine: the project's real `Engine`, `WanDiT` and tiny umT5, with `ToyCodec` in the VAE's place.
 
 TOY_DIT (dim 192, 4 layers, about 2.8 M parameters) is the benchmark's DiT; SMOKE_DIT (dim 64, 2 layers) the
-CI smoke's (it claims nothing, so its rank-deficient head is acceptable there). text_len 32: the toy prompts are 20 tokens, and the Wan default of 512 padded rows would double every
-step at these sizes (design section 1.1). TOY_LAYOUT keeps reference clips at their own 8 fps and at most 5
-frames (one clip of the world); everything else is the runtime's default conditioning layout.
+CI smoke's (it claims nothing, so its rank-deficient head is acceptable there). text_len 32: the toy prompts are
+20 tokens, and the Wan default of 512 padded rows would double every step at these sizes (design section 1.1).
+TOY_LAYOUT keeps reference clips at their own 8 fps and at most 5 frames (one clip of the world); everything else
+is the runtime's default conditioning layout.
 """
 from __future__ import annotations
 
