@@ -100,7 +100,7 @@ def preset(name: str) -> ToyPreset:
             EvalSettings(cases=8, base=8, swap=4, null=4, steps=6, sheet=4))
     if name == "bench":
         return ToyPreset("bench", W.WorldConfig(), TOY_DIT, EvaluatorConfig(),
-                         PretrainConfig(steps=4000, batch=16, shift=1.5), SFTSettings(steps=1000, chunk=250),
+                         PretrainConfig(steps=8000, batch=16, shift=1.5), SFTSettings(steps=1000, chunk=250),
                          PairsConfig(), DPOSettings(steps=300))
     raise ValueError(f"unknown toy preset {name!r}; choose smoke or bench")
 
