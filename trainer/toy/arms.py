@@ -61,8 +61,8 @@ def run_arms(run, arms: tuple[str, ...], out: Path) -> dict:
                 frames = engine.generate(prompt, references=r, seed=case.seed, progress=False).frames
             s = score_video(evaluator, frames, case.identity, case.elements, world)
             if arm == "swap":
-                s["id_acc_b"] = score_video(evaluator, frames, by_index[case.swap].identity, case.elements,
-                                            world)["id_acc"]
+                b = score_video(evaluator, frames, by_index[case.swap].identity, case.elements, world)
+                s["id_acc_b"], s["id_acc_raw_b"] = b["id_acc"], b["id_acc_raw"]
             s["case"] = case.index
             rows.append(s)
             if len(frames_kept) < p.eval.sheet:
@@ -95,7 +95,8 @@ def comparisons(scores: dict[str, list[dict]]) -> dict:
     """Paired comparisons on the cases both arms ran (the first n: arms share the case order)."""
     out = {}
     for a, b, key in (("base", "sft", "id_acc"), ("base", "sft", "elem_acc"), ("sft", "dpo", "id_acc"),
-                      ("sft", "dpo", "elem_acc"), ("base", "null", "id_acc")):
+                      ("sft", "dpo", "elem_acc"), ("base", "null", "id_acc"),
+                      ("base", "sft", "id_acc_raw"), ("sft", "dpo", "id_acc_raw")):  # the last two: diagnostics
         if a in scores and b in scores:
             n = min(len(scores[a]), len(scores[b]))
             c = compare([r[key] for r in scores[a][:n]], [r[key] for r in scores[b][:n]])
@@ -104,7 +105,9 @@ def comparisons(scores: dict[str, list[dict]]) -> dict:
         n = len(scores["swap"])
         out["swap"] = {"n": n, "sft_id_acc": float(np.mean([r["id_acc"] for r in scores["sft"][:n]])),
                        "id_acc_b": float(np.mean([r["id_acc_b"] for r in scores["swap"]])),
-                       "id_acc_a": float(np.mean([r["id_acc"] for r in scores["swap"]]))}
+                       "id_acc_a": float(np.mean([r["id_acc"] for r in scores["swap"]])),
+                       "id_acc_raw_b": float(np.mean([r["id_acc_raw_b"] for r in scores["swap"]])),
+                       "id_acc_raw_a": float(np.mean([r["id_acc_raw"] for r in scores["swap"]]))}
     return out
 
 

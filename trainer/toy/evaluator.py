@@ -198,7 +198,11 @@ def score_video(model: ToyEvaluator, frames: torch.Tensor, identity: tuple[int, 
         action = W.ACTIONS.index("moving down" if d[1] > 0 else "moving up")
     action_ok = float(action == elements.action and bool(valid.all()))
     elem = [right[k].float().mean() for k in W.ELEMENT_HEADS]
-    return {"valid": float(valid.float().mean()), "id_acc": float(id_right.mean()),
+    # diagnostic only (in no rule): identity heads read even on frames the valid head rejects, so a mushy sprite
+    # in the references' colours still shows whether identity transfers at all
+    raw = torch.stack([probs[a].argmax(1) == want[a] for a in id_heads]).float()
+    return {"valid": float(valid.float().mean()), "id_acc": float(id_right.mean()), "id_acc_raw": float(raw.mean()),
+            **{f"raw_{a}": float(r.mean()) for a, r in zip(id_heads, raw)},
             "id_exact": float(id_right.prod(0).mean()),
             "id_score": float(torch.stack([soft[a] for a in id_heads]).mean()),
             "elem_acc": float((sum(elem) + action_ok) / (len(elem) + 1)),

@@ -67,11 +67,14 @@ def markdown(rep: dict) -> str:
     ev = rep.get("eval") or {}
     if ev:
         lines += ["", "## Arms (unseen identities, same cases and seeds)", "",
-                  "| arm | n | id_acc | id_exact | elem_acc | valid |", "|---|---|---|---|---|---|"]
+                  "| arm | n | id_acc | id_exact | elem_acc | valid | id_acc_raw (diagnostic) | skin_raw |",
+                  "|---|---|---|---|---|---|---|---|"]
         for arm, s in ev["arms"].items():
             lines.append(f"| {arm} | {s['n']} | {s['id_acc']:.3f} | {s['id_exact']:.3f} | {s['elem_acc']:.3f} | "
-                         f"{s['valid']:.3f} |")
-        lines += ["", f"Chance id_acc {ev['chance_id_acc']:.3f}; copy rate (SFT) {rep['copy_rate']:.3f}.", "",
+                         f"{s['valid']:.3f} | {s.get('id_acc_raw', float('nan')):.3f} | "
+                         f"{s.get('raw_skin', float('nan')):.3f} |")
+        lines += ["", f"Chance id_acc {ev['chance_id_acc']:.3f}; copy rate (SFT) {rep['copy_rate']:.3f}. id_acc_raw and "
+                  "skin_raw read the identity heads also on frames the valid head rejects: a diagnostic, in no rule.", "",
                   "| comparison | n | mean a | mean b | b - a | 95 % CI | wins/ties/losses | sign p |",
                   "|---|---|---|---|---|---|---|---|"]
         for name, c in ev["comparisons"].items():
@@ -84,7 +87,8 @@ def markdown(rep: dict) -> str:
             s = ev["comparisons"]["swap"]
             lines += ["", f"Swapped references ({s['n']} cases): id_acc against the references' identity B "
                       f"{s['id_acc_b']:.3f} (SFT on the same cases {s['sft_id_acc']:.3f}); against the prompt's "
-                      f"case A {s['id_acc_a']:.3f}."]
+                      f"case A {s['id_acc_a']:.3f}. Diagnostic id_acc_raw: against B "
+                      f"{s.get('id_acc_raw_b', float('nan')):.3f}, against A {s.get('id_acc_raw_a', float('nan')):.3f}."]
     sft = rep.get("sft") or {}
     if sft.get("curve"):
         lines += ["", "## SFT reliance gap (held-out, unseen identities)", "", "| step | gap | probe id_acc |",
