@@ -9,7 +9,7 @@ setup(
     version="0.1.0",
     description="Inference runtime and minimal trainer for identity-preserving video generation (AnyID on Wan2.2-TI2V-5B)",
     python_requires=">=3.11",  # tomllib (trainer configs)
-    packages=["anyid_rt", "anyid_rt.models", "anyid_rt.kernels", "anyid_rt.export", "anyid_rt.trainer",
+    packages=["anyid_rt", "anyid_rt.models", "anyid_rt.kernels", "anyid_rt.export", "anyid_rt.trainer", "anyid_rt.trainer.toy",
               "anyid_rt.bench", "anyid_rt.eval"],
     package_dir={
         "anyid_rt": "anyid_rt",

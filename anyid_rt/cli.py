@@ -327,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_parser(sub)
     add_label_parser(sub)  # `anyid-rt label`: the preference-labelling page (trainer/label.py)
+    from .trainer.toy.cli import add_parser as add_toy_parser  # argparse only; stages import torch when run
+
+    add_toy_parser(sub)  # `anyid-rt toy ...`: the toy identity benchmark (docs/toy-identity.md)
     from .trainer.prompt_cli import add_parser as add_prompt_parser  # argparse only
 
     add_prompt_parser(sub)  # `anyid-rt prompt build|check|calibrate`: differential prompts (docs/prompts.md)

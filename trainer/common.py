@@ -35,6 +35,7 @@ from ..engine import Engine
 from ..files import atomic_path, write_text_atomic
 from ..models.dit import Segments, WanDiT
 from . import dist as dist_utils
+from .cache import module_fingerprint
 from .config import ConfigError, ModelSource, OptimConfig, RunConfig, ValidationConfig
 from .data import BatchPlan
 from .lora import load_lora_state_dict_, lora_parameters, lora_state_dict
@@ -68,6 +69,14 @@ def build_engine(src: ModelSource, dtype: torch.dtype, device: torch.device,
                            text_encoder_device=src.text_encoder_device)
     return Engine.from_pretrained(src.path, dtype=dtype, backend=src.backend, device=device,
                                   text_encoder_device=src.text_encoder_device, layout=layout)
+
+
+def engine_name(engine: Engine) -> str:
+    """The base model's name in LoRA metadata when a run is handed a built engine instead of `ModelSource`: its
+    DiT's size and a fingerprint of its weights (taken before any LoRA is injected), so a LoRA names the weights
+    it was trained on."""
+    c = engine.dit.cfg
+    return f"dit(dim={c.dim}, layers={c.num_layers}, weights={module_fingerprint(engine.dit)})"
 
 
 def check_geometry(engine: Engine, src: ModelSource) -> None:
@@ -426,6 +435,6 @@ def stack_refs(per_sample: Iterable[list[torch.Tensor]]) -> list[torch.Tensor]:
     return [torch.cat([r[j] for r in rows]) for j in range(len(rows[0]))] if rows and rows[0] else []
 
 
-__all__ = ["build_engine", "check_precision", "check_geometry", "GroupsForward", "target_layout", "train_segments",
+__all__ = ["build_engine", "check_precision", "check_geometry", "engine_name", "GroupsForward", "target_layout", "train_segments",
            "sample_seed", "add_noise", "make_optimizer", "rng_state", "set_rng_state", "Checkpoints", "MetricLog",
            "read_log", "validate", "LoopResult", "run_loop", "restore", "stack_refs"]

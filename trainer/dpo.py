@@ -20,12 +20,13 @@ import torch.nn.functional as F
 
 from ..conditioning import LAYOUT_METADATA_KEY, ConditioningLayout
 from ..config import TokenGeometry, parse_dtype
+from ..engine import Engine
 from ..lora import LoraWeights, merge_lora_, read_lora
 from ..sampling import sample_training_timesteps
 from . import dist as dist_utils
 from .cache import Encoders, TensorCache
-from .common import (GroupsForward, LoopResult, add_noise, build_engine, check_geometry, make_optimizer, restore,
-                     run_loop, sample_seed, stack_refs, target_layout, train_segments, validate, write_text_atomic)
+from .common import (GroupsForward, LoopResult, add_noise, build_engine, check_geometry, engine_name, make_optimizer,
+                     restore, run_loop, sample_seed, stack_refs, target_layout, train_segments, validate, write_text_atomic)
 from .config import DPOConfig, to_dict
 from .data import BatchPlan
 from .lora import inject_lora, lora_disabled, lora_metadata, lora_parameters, save_trained_lora
@@ -115,11 +116,12 @@ def evaluate_dpo(dit, layout: ConditioningLayout, batcher: DPOBatcher, beta: flo
             "loss": float(-F.logsigmoid(z).mean())}
 
 
-def build_dpo(cfg: DPOConfig, info: dist_utils.DistInfo, checks: Checks | None = None):
+def build_dpo(cfg: DPOConfig, info: dist_utils.DistInfo, checks: Checks | None = None, engine: Engine | None = None):
     """Engine with the SFT LoRA merged and a fresh LoRA injected, the pair data and the batcher (after the
-    config's checks, `preflight.check_dpo`, unless they are given)."""
-    checks = checks or check_dpo(cfg)
-    engine = build_engine(cfg.model, checks.dtype, info.device, cfg.layout)
+    config's checks, `preflight.check_dpo`, unless they are given). `engine`: a built base engine to use instead
+    of the model cfg.model names (its DiT is changed in place)."""
+    checks = checks or check_dpo(cfg, None if engine is None else engine.dit)
+    engine = engine or build_engine(cfg.model, checks.dtype, info.device, cfg.layout)
     check_geometry(engine, cfg.model)
     if checks.sft_lora is not None:
         load_sft_into(engine.dit, checks.sft_lora)
@@ -132,10 +134,11 @@ def build_dpo(cfg: DPOConfig, info: dist_utils.DistInfo, checks: Checks | None =
     return engine, layout, data, DPOBatcher(cfg, data, enc, info.device), targets, checks.pairs_total
 
 
-def train_dpo(cfg: DPOConfig, *, stop_after: int | None = None) -> LoopResult:
+def train_dpo(cfg: DPOConfig, *, stop_after: int | None = None, engine: Engine | None = None) -> LoopResult:
     """Run (or resume) Flow-DPO; the LoRA lands in OUTPUT/lora.safetensors (apply it after the SFT LoRA).
-    The config is checked completely before any model is loaded (`preflight.check_dpo`)."""
-    checks = check_dpo(cfg)
+    The config is checked completely before any model is loaded (`preflight.check_dpo`). `engine`: a built base
+    engine instead of the model cfg.model names (the LoRA metadata then names it, `engine_name`)."""
+    checks = check_dpo(cfg, None if engine is None else engine.dit)
     info = dist_utils.init_distributed(cfg.model.device, cfg.sequence_parallel)
     out = Path(cfg.output_dir)
     if info.is_main:
@@ -143,7 +146,8 @@ def train_dpo(cfg: DPOConfig, *, stop_after: int | None = None) -> LoopResult:
         for s in checks.pairs.skipped[:5]:
             print(f"  skipped: {s}")
         write_text_atomic(out / "config.json", json.dumps(to_dict(cfg), indent=2))
-    engine, layout, data, batcher, targets, total = build_dpo(cfg, info, checks)
+    name = cfg.model.name if engine is None else engine_name(engine)  # before the SFT merge changes the weights
+    engine, layout, data, batcher, targets, total = build_dpo(cfg, info, checks, engine)
     dit = engine.dit
     dit.gradient_checkpointing = cfg.gradient_checkpointing
     dit.train()
@@ -154,7 +158,7 @@ def train_dpo(cfg: DPOConfig, *, stop_after: int | None = None) -> LoopResult:
     if state is not None:
         restore(state, dit, optimizer, scheduler, checks.resume_path)
     plan = BatchPlan(lambda k, e: data.specs[k].key, len(data), cfg.batch_size * info.data_world, cfg.seed)
-    base = cfg.model.name + (f" + {Path(cfg.sft_lora).name}" if cfg.sft_lora else "")
+    base = name + (f" + {Path(cfg.sft_lora).name}" if cfg.sft_lora else "")
     metadata = lora_metadata(dit, layout=layout, base_model=base, targets=cfg.lora.targets, stage="dpo",
                              extra={"anyid.dpo_beta": repr(cfg.beta),
                                     "anyid.apply_after": Path(cfg.sft_lora).name if cfg.sft_lora else ""})

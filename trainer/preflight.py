@@ -172,8 +172,11 @@ def check_device(cfg: RunConfig) -> tuple[torch.device, torch.dtype, str]:
     return device, dtype, backend
 
 
-def model_heads(cfg: RunConfig) -> int:
-    """The DiT's attention heads: the preset's, or the model folder's config (nothing is loaded)."""
+def model_heads(cfg: RunConfig, dit: torch.nn.Module | None = None) -> int:
+    """The DiT's attention heads: a handed model's, the preset's, or the model folder's config (nothing is
+    loaded)."""
+    if dit is not None:
+        return dit.cfg.num_heads
     if cfg.model.preset is not None:
         return DiTConfig.preset(cfg.model.preset).num_heads
     from ..models.dit_loader import read_dit_config
@@ -182,10 +185,13 @@ def model_heads(cfg: RunConfig) -> int:
     return read_dit_config(ModelFiles.find(cfg.model.path).dit).num_heads
 
 
-def model_linears(cfg: RunConfig) -> dict[str, tuple[int, int]]:
+def model_linears(cfg: RunConfig, dit: torch.nn.Module | None = None) -> dict[str, tuple[int, int]]:
     """Every nn.Linear of the base DiT, name -> weight shape (out, in): the preset's structure built on the
     meta device, or a model folder's checkpoint header (a linear is a 2-D `.weight`; the patch embedding is
-    a Conv3d). Nothing is loaded."""
+    a Conv3d). Nothing is loaded. `dit`: a model already built (a run
+    handed an engine) is its own answer."""
+    if dit is not None:
+        return {n: tuple(mod.weight.shape) for n, mod in dit.named_modules() if isinstance(mod, torch.nn.Linear)}
     m = cfg.model
     if m.preset is not None:
         from ..models.dit import WanDiT
@@ -273,9 +279,9 @@ def check_validation(cfg: RunConfig) -> None:
         check_reference(f"validation.references[{i}]", r)
 
 
-def _common(cfg: RunConfig) -> tuple[Checks, dict[str, tuple[int, int]]]:
+def _common(cfg: RunConfig, dit: torch.nn.Module | None = None) -> tuple[Checks, dict[str, tuple[int, int]]]:
     device, dtype, backend = check_device(cfg)
-    linears = model_linears(cfg)
+    linears = model_linears(cfg, dit)
     check_lora_targets(cfg, linears)
     check_output(cfg)
     if cfg.tensorboard:
@@ -287,7 +293,7 @@ def _common(cfg: RunConfig) -> tuple[Checks, dict[str, tuple[int, int]]]:
         if world % cfg.sequence_parallel:
             raise ConfigError("sequence_parallel", f"must divide the {world} processes (each group of "
                               f"{cfg.sequence_parallel} shares its samples' tokens)", cfg.sequence_parallel)
-        heads = model_heads(cfg)
+        heads = model_heads(cfg, dit)
         if heads % cfg.sequence_parallel:
             raise ConfigError("sequence_parallel", f"must divide the DiT's {heads} attention heads",
                               cfg.sequence_parallel)
@@ -303,10 +309,10 @@ def _common(cfg: RunConfig) -> tuple[Checks, dict[str, tuple[int, int]]]:
 # SFT and DPO
 # ---------------------------------------------------------------------------------------------------------
 
-def check_sft(cfg: SFTConfig, dataset: IDGroupDataset | None = None) -> Checks:
+def check_sft(cfg: SFTConfig, dataset: IDGroupDataset | None = None, dit: torch.nn.Module | None = None) -> Checks:
     """Check an SFT config completely; returns the resolved run settings and the data set (built here from
-    data.root unless `dataset` is given)."""
-    checks, _ = _common(cfg)
+    data.root unless `dataset` is given). `dit`: the model of an engine the run was handed (else cfg.model's)."""
+    checks, _ = _common(cfg, dit)
     d = cfg.data
     if d.cache and d.cache_dir:
         check_writable("data.cache_dir", d.cache_dir)
@@ -366,10 +372,10 @@ def read_sft_lora(cfg: DPOConfig, linears: dict[str, tuple[int, int]]) -> tuple[
         raise ConfigError("sft_lora", f"its conditioning layout metadata does not read: {e}", cfg.sft_lora) from None
 
 
-def check_dpo(cfg: DPOConfig) -> Checks:
+def check_dpo(cfg: DPOConfig, dit: torch.nn.Module | None = None) -> Checks:
     """Check a DPO config completely; returns the resolved run settings, the SFT LoRA (read), the layout
-    and the pair data set."""
-    checks, linears = _common(cfg)
+    and the pair data set. `dit`: the model of an engine the run was handed (else cfg.model's)."""
+    checks, linears = _common(cfg, dit)
     if cfg.cache and cfg.cache_dir:
         check_writable("cache_dir", cfg.cache_dir)
     sft_layout = None

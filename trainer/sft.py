@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 
 from ..config import parse_dtype
+from ..engine import Engine
 from ..sampling import sample_training_timesteps
 from . import dist as dist_utils
 from .cache import Encoders, TensorCache
-from .common import (GroupsForward, LoopResult, add_noise, build_engine, check_geometry, make_optimizer, restore,
-                     run_loop, sample_seed, stack_refs, target_layout, train_segments, validate, write_text_atomic)
+from .common import (GroupsForward, LoopResult, add_noise, build_engine, check_geometry, engine_name, make_optimizer,
+                     restore, run_loop, sample_seed, stack_refs, target_layout, train_segments, validate, write_text_atomic)
 from .config import SFTConfig, to_dict
 from .data import BatchPlan, IDGroupDataset, InstanceSpec
 from .lora import inject_lora, lora_metadata, lora_parameters, save_trained_lora
@@ -80,15 +81,17 @@ class SFTBatcher:
         return x0, e, sigma, t, refs, ctx, nulls
 
 
-def train_sft(cfg: SFTConfig, *, stop_after: int | None = None, dataset: IDGroupDataset | None = None) -> LoopResult:
+def train_sft(cfg: SFTConfig, *, stop_after: int | None = None, dataset: IDGroupDataset | None = None,
+              engine: Engine | None = None) -> LoopResult:
     """Run (or resume) SFT; returns the per-step history and the final LoRA path (OUTPUT/lora.safetensors).
 
     The config is checked completely first (`preflight.check_sft`: paths, packages, device, resume), so a
     bad setting stops the run before any model is loaded. `stop_after=k` stops after step k as if the run
     were interrupted there (used to test resume). `dataset` may be given to reuse one already built (its
-    settings must match cfg.data).
+    settings must match cfg.data). `engine` replaces the model cfg.model names (e.g. the toy identity world's,
+    `anyid_rt.trainer.toy`); its DiT receives the LoRA, and the LoRA metadata names it (`engine_name`).
     """
-    checks = check_sft(cfg, dataset)
+    checks = check_sft(cfg, dataset, None if engine is None else engine.dit)
     info = dist_utils.init_distributed(cfg.model.device, cfg.sequence_parallel)
     out = Path(cfg.output_dir)
     if info.is_main:
@@ -96,7 +99,8 @@ def train_sft(cfg: SFTConfig, *, stop_after: int | None = None, dataset: IDGroup
         for s in checks.dataset.skipped[:5]:
             print(f"  skipped: {s}")
         write_text_atomic(out / "config.json", json.dumps(to_dict(cfg), indent=2))
-    engine = build_engine(cfg.model, checks.dtype, info.device, cfg.layout)
+    base_model = cfg.model.name if engine is None else engine_name(engine)
+    engine = engine or build_engine(cfg.model, checks.dtype, info.device, cfg.layout)
     check_geometry(engine, cfg.model)
     dit = engine.dit
     dataset = checks.dataset
@@ -116,7 +120,7 @@ def train_sft(cfg: SFTConfig, *, stop_after: int | None = None, dataset: IDGroup
     plan = BatchPlan(lambda i, e: dataset.instance(i, e).key, len(dataset), cfg.batch_size * info.data_world,
                      cfg.seed)
     layout, geometry = cfg.layout, engine.geometry
-    metadata = lora_metadata(dit, layout=layout, base_model=cfg.model.name, targets=cfg.lora.targets, stage="sft",
+    metadata = lora_metadata(dit, layout=layout, base_model=base_model, targets=cfg.lora.targets, stage="sft",
                              extra={"anyid.similarity": dataset.similarity.name,
                                     "anyid.null_prob": repr(cfg.null_prob), "anyid.train_shift": repr(cfg.train_shift)})
     if info.is_main:
