@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import os
 import random
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ from ..files import atomic_path, write_text_atomic
 from ..models.dit import Segments, WanDiT
 from . import dist as dist_utils
 from .cache import module_fingerprint
-from .config import ConfigError, ModelSource, OptimConfig, RunConfig, ValidationConfig
+from .config import ConfigError, ModelSource, OptimConfig, RunConfig, ValidationConfig, to_dict
 from .data import BatchPlan
 from .lora import load_lora_state_dict_, lora_parameters, lora_state_dict
 
@@ -84,6 +85,22 @@ def check_geometry(engine: Engine, src: ModelSource) -> None:
     if engine.geometry != src.geometry:
         raise ConfigError("model.path", f"this model's geometry {engine.geometry} is not Wan2.2-TI2V-5B's "
                           f"{src.geometry}, which the trainer's sizes were checked against", src.path)
+
+
+def start_run(cfg: RunConfig, checks, stage: str, skipped: Sequence[str],
+              engine: Engine | None) -> tuple[dist_utils.DistInfo, Path, str]:
+    """What SFT and DPO do once their config is checked (`checks`, preflight.Checks): join the process group; on
+    the main process print the run's line and the first inputs skipped, and write OUTPUT/config.json. Returns
+    (the process group, the output folder, the base model's name for the LoRA metadata: cfg.model's, or the
+    handed engine's)."""
+    info = dist_utils.init_distributed(cfg.model.device, cfg.sequence_parallel)
+    out = Path(cfg.output_dir)
+    if info.is_main:
+        print(checks.summary(cfg, stage), flush=True)
+        for s in skipped[:5]:
+            print(f"  skipped: {s}")
+        write_text_atomic(out / "config.json", json.dumps(to_dict(cfg), indent=2))
+    return info, out, cfg.model.name if engine is None else engine_name(engine)
 
 
 class GroupsForward(nn.Module):

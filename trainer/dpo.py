@@ -25,8 +25,8 @@ from ..lora import LoraWeights, merge_lora_, read_lora
 from ..sampling import sample_training_timesteps
 from . import dist as dist_utils
 from .cache import Encoders, TensorCache
-from .common import (GroupsForward, LoopResult, add_noise, build_engine, check_geometry, engine_name, make_optimizer,
-                     restore, run_loop, sample_seed, stack_refs, target_layout, train_segments, validate, write_text_atomic)
+from .common import (GroupsForward, LoopResult, add_noise, build_engine, check_geometry, make_optimizer, start_run,
+                     restore, run_loop, sample_seed, stack_refs, target_layout, train_segments, validate)
 from .config import DPOConfig, to_dict
 from .data import BatchPlan
 from .lora import inject_lora, lora_disabled, lora_metadata, lora_parameters, save_trained_lora
@@ -139,14 +139,8 @@ def train_dpo(cfg: DPOConfig, *, stop_after: int | None = None, engine: Engine |
     The config is checked completely before any model is loaded (`preflight.check_dpo`). `engine`: a built base
     engine instead of the model cfg.model names (the LoRA metadata then names it, `engine_name`)."""
     checks = check_dpo(cfg, None if engine is None else engine.dit)
-    info = dist_utils.init_distributed(cfg.model.device, cfg.sequence_parallel)
-    out = Path(cfg.output_dir)
-    if info.is_main:
-        print(checks.summary(cfg, "dpo"), flush=True)
-        for s in checks.pairs.skipped[:5]:
-            print(f"  skipped: {s}")
-        write_text_atomic(out / "config.json", json.dumps(to_dict(cfg), indent=2))
-    name = cfg.model.name if engine is None else engine_name(engine)  # before the SFT merge changes the weights
+    # the base's name is taken before the SFT merge changes the weights
+    info, out, name = start_run(cfg, checks, "dpo", checks.pairs.skipped, engine)
     engine, layout, data, batcher, targets, total = build_dpo(cfg, info, checks, engine)
     dit = engine.dit
     dit.gradient_checkpointing = cfg.gradient_checkpointing

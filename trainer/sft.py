@@ -20,8 +20,8 @@ from ..engine import Engine
 from ..sampling import sample_training_timesteps
 from . import dist as dist_utils
 from .cache import Encoders, TensorCache
-from .common import (GroupsForward, LoopResult, add_noise, build_engine, check_geometry, engine_name, make_optimizer,
-                     restore, run_loop, sample_seed, stack_refs, target_layout, train_segments, validate, write_text_atomic)
+from .common import (GroupsForward, LoopResult, add_noise, build_engine, check_geometry, make_optimizer, start_run,
+                     restore, run_loop, sample_seed, stack_refs, target_layout, train_segments, validate)
 from .config import SFTConfig, to_dict
 from .data import BatchPlan, IDGroupDataset, InstanceSpec
 from .lora import inject_lora, lora_metadata, lora_parameters, save_trained_lora
@@ -92,14 +92,7 @@ def train_sft(cfg: SFTConfig, *, stop_after: int | None = None, dataset: IDGroup
     `anyid_rt.trainer.toy`); its DiT receives the LoRA, and the LoRA metadata names it (`engine_name`).
     """
     checks = check_sft(cfg, dataset, None if engine is None else engine.dit)
-    info = dist_utils.init_distributed(cfg.model.device, cfg.sequence_parallel)
-    out = Path(cfg.output_dir)
-    if info.is_main:
-        print(checks.summary(cfg, "sft"), flush=True)
-        for s in checks.dataset.skipped[:5]:
-            print(f"  skipped: {s}")
-        write_text_atomic(out / "config.json", json.dumps(to_dict(cfg), indent=2))
-    base_model = cfg.model.name if engine is None else engine_name(engine)
+    info, out, base_model = start_run(cfg, checks, "sft", checks.dataset.skipped, engine)
     engine = engine or build_engine(cfg.model, checks.dtype, info.device, cfg.layout)
     check_geometry(engine, cfg.model)
     dit = engine.dit
