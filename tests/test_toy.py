@@ -215,3 +215,17 @@ def test_sign_test_and_bootstrap():
     assert (c.wins, c.ties, c.losses) == (30, 10, 0) and c.ci_low > 0.15 and c.p_sign < 1e-6
     with pytest.raises(ValueError):
         compare([1, 2], [1])
+
+
+def test_shift1_preset_is_bench_with_shift_one():
+    """The first lever of the design note (train and sample shift 1.0) changes nothing else of the bench preset;
+    an unknown preset names the known ones."""
+    from dataclasses import replace
+
+    from anyid_rt.trainer.toy.run import preset
+
+    bench, lever = preset("bench"), preset("bench-shift1")
+    assert lever.pretrain.shift == 1.0 and bench.pretrain.shift != 1.0
+    assert replace(lever, name="bench", pretrain=replace(lever.pretrain, shift=bench.pretrain.shift)) == bench
+    with pytest.raises(ValueError, match="smoke, bench, bench-shift1"):
+        preset("large")

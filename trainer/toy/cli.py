@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from . import PRESETS
+
 STAGE_HELP = {
     "world": "render the sprite world: ID groups (mp4 + meta.json) for training and unseen identities, cases.jsonl",
     "evaluator": "train the evaluator CNN on renders from its own seed and check its gates",
@@ -80,7 +82,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     sub = t.add_subparsers(dest="toy_command", required=True)
     for name, text in STAGE_HELP.items():
         s = sub.add_parser(name, help=text, description=text)
-        s.add_argument("--preset", default="bench", choices=["smoke", "bench"], help="sizes and step counts")
+        s.add_argument("--preset", default="bench", choices=list(PRESETS), help="sizes and step counts")
         s.add_argument("--out", default=None, help="the run folder (default runs/toy-PRESET)")
         s.add_argument("--threads", type=int, default=1, help="torch threads (default 1: reproducible)")
         if name in ("pretrain", "sft"):
