@@ -4,6 +4,7 @@ for `media.crop_center_to`; the runtime takes the size from the caller)."""
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -166,3 +167,8 @@ def wan_i2v_image(image, max_area: int = 1280 * 704, dw: int = 32, dh: int = 32)
     ow, oh = best_output_size(frames.shape[2], frames.shape[1], dw, dh, max_area)
     return to_model_range(crop_center_to(frames, ow, oh))
 
+
+def sigint_default() -> None:
+    """Popen's preexec_fn for tests that press Ctrl-C: a shell's background job starts its children with SIGINT
+    ignored, and Python then never raises KeyboardInterrupt; the child gets the default back."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -23,6 +23,7 @@ from anyid_rt.conditioning import LAYOUT_METADATA_KEY, ConditioningLayout
 from anyid_rt.engine import Engine
 from anyid_rt.lora import LoraWeights, read_lora, save_lora
 from anyid_rt.media import ASSET_DIR as ASSETS
+from helpers import sigint_default
 
 PNG, CLIP = str(ASSETS / "astronaut.png"), str(ASSETS / "astronaut_clip.mp4")
 
@@ -245,7 +246,7 @@ def test_ctrl_c_exits_130_with_one_line_and_no_partial_output(tmp_path):
     out = tmp_path / "v.mp4"
     p = subprocess.Popen([sys.executable, "-u", "-m", "anyid_rt.cli", "generate", "--tiny", "--prompt", "p",
                           "--steps", "2000", "--out", str(out), "--no-progress"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default)
     try:
         lines = []
         while not any(line.startswith("loaded in") for line in lines):  # interrupted inside the denoising loop

@@ -31,6 +31,7 @@ from anyid_rt.trainer.dpo import train_dpo
 from anyid_rt.trainer.pairs import PreferencePair, write_pairs
 from anyid_rt.trainer.sft import train_sft
 from anyid_rt.trainer.synthetic import make_id_groups
+from helpers import sigint_default
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -304,7 +305,7 @@ def test_ctrl_c_exits_130_with_one_line_and_the_run_resumes(tmp_path):
     args = [sys.executable, "-m", "anyid_rt.cli", "train", "sft", str(SFT_TINY), "--output", str(out),
             "--max-steps", "1000", "--set", "checkpoint_every=2", "--set", "progress=false"]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONPATH=str(ROOT / "tests")))
+                            env=dict(os.environ, PYTHONPATH=str(ROOT / "tests")), preexec_fn=sigint_default)
     try:
         deadline = time.time() + 240
         while not (out / "checkpoints" / "latest").is_file() and time.time() < deadline and proc.poll() is None:
