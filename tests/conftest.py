@@ -27,3 +27,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    """The tiny preset's engine (random weights, seed 0), once per module (export, serving and Triton tests)."""
+    from anyid_rt.engine import Engine
+
+    return Engine.tiny(seed=0)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """The tiny model exported to ONNX once per module (tests/helpers.tiny_export)."""
+    from helpers import tiny_export
+
+    return tiny_export(tmp_path_factory)

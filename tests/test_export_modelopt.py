@@ -21,9 +21,8 @@ pytest.importorskip("onnxruntime", reason="the export extra is not installed: pi
 mq = pytest.importorskip("modelopt.onnx.quantization",
                          reason="nvidia-modelopt is not installed (make test installs it; see the Makefile)")
 
-from helpers import check_against_fake_quant, tiny_export  # noqa: E402
+from helpers import check_against_fake_quant  # noqa: E402
 
-from anyid_rt import Engine  # noqa: E402
 from anyid_rt.export import cli as export_cli  # noqa: E402
 from anyid_rt.export.graph_engine import ort_dit_call, ort_session  # noqa: E402
 from anyid_rt.export.modelopt_qdq import MODELOPT_FP8_AMAX_LEVEL, quantize_modelopt  # noqa: E402
@@ -35,16 +34,6 @@ from anyid_rt.media import ASSET_DIR  # noqa: E402
 
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> Path:
-    return tiny_export(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def engine() -> Engine:
-    return Engine.tiny(seed=0)
 
 
 @pytest.fixture(scope="module")

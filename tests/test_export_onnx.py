@@ -7,7 +7,6 @@ shared folder that the export-trt and Triton tests reuse.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,9 +15,7 @@ import torch
 onnx = pytest.importorskip("onnx", reason="the export extra is not installed: pip install onnx onnxruntime")
 pytest.importorskip("onnxruntime", reason="the export extra is not installed: pip install onnxruntime")
 
-from helpers import tiny_export  # noqa: E402
 
-from anyid_rt import Engine  # noqa: E402
 from anyid_rt.media import ASSET_DIR as ASSETS  # noqa: E402
 from anyid_rt.export import cli as export_cli  # noqa: E402
 from anyid_rt.export.graph_engine import onnx_engine, ort_dit_call, ort_graph_call, ort_session  # noqa: E402
@@ -33,16 +30,6 @@ LAYOUTS = [
     ("image + clip refs, i2v", (3, 2, 2), ((1, 2, 2), (2, 2, 2)), 2, True),
     ("3 refs, 76 tokens", (2, 4, 4), ((1, 4, 4), (1, 4, 4), (3, 2, 2)), 2, False),
 ]
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> Path:
-    return tiny_export(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def engine() -> Engine:
-    return Engine.tiny(seed=0)
 
 
 def make_case(cfg, target, refs, batch, i2v, seed=0):

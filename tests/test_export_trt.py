@@ -19,7 +19,7 @@ import torch
 onnx = pytest.importorskip("onnx", reason="the export extra is not installed: pip install onnx onnxruntime")
 pytest.importorskip("onnxruntime", reason="the export extra is not installed: pip install onnxruntime")
 
-from helpers import check_against_fake_quant, tiny_export  # noqa: E402
+from helpers import check_against_fake_quant  # noqa: E402
 
 from anyid_rt import Engine  # noqa: E402
 from anyid_rt.media import ASSET_DIR as ASSETS  # noqa: E402
@@ -36,16 +36,6 @@ from anyid_rt.lora import LoraWeights, save_lora  # noqa: E402
 from anyid_rt.models.linears import HIGH_PRECISION_LINEARS  # noqa: E402
 
 HIGH_PRECISION = list(HIGH_PRECISION_LINEARS)
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> Path:
-    return tiny_export(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def engine() -> Engine:
-    return Engine.tiny(seed=0)
 
 
 @pytest.fixture(scope="module")

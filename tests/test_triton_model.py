@@ -12,7 +12,6 @@ import torch
 
 av = pytest.importorskip("av", reason="PyAV is not installed (the GPU machines lack it)")
 
-from anyid_rt import Engine
 from anyid_rt.conditioning import prepare_reference
 from anyid_rt.export import cli as export_cli
 from anyid_rt.export.triton_model import EngineSpec, Limits, RequestError, limits_from, parameters, parse_request
@@ -21,11 +20,6 @@ from anyid_rt.media import ASSET_DIR
 
 PNG = ASSET_DIR / "astronaut.png"
 MP4 = ASSET_DIR / "astronaut_clip.mp4"
-
-
-@pytest.fixture(scope="module")
-def engine() -> Engine:
-    return Engine.tiny(seed=0)
 
 
 @pytest.fixture(scope="module")

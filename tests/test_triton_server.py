@@ -38,7 +38,6 @@ import tritonclient.grpc as grpcclient  # noqa: E402
 import tritonclient.http as httpclient  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from anyid_rt import Engine  # noqa: E402
 from anyid_rt.media import ASSET_DIR as ASSETS  # noqa: E402
 from anyid_rt.export import cli as export_cli  # noqa: E402
 from anyid_rt.export.serve import ServerError, TritonServer, free_port  # noqa: E402
@@ -74,11 +73,6 @@ def server(repo):
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # reaped: the server is gone
     assert not _listening(s.http_port) and not _listening(s.grpc_port)
-
-
-@pytest.fixture(scope="module")
-def engine() -> Engine:
-    return Engine.tiny(seed=0)
 
 
 def _ready(port: int) -> bool:
